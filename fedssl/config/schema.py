@@ -1,0 +1,111 @@
+"""The typed recipe schema: one dataclass per component.
+
+A recipe YAML is merged onto `RecipeConfig` (OmegaConf structured config), so an
+unknown key or a wrong type is caught before anything runs. Every field's comment
+is its documentation; README's recipe reference is generated from the same words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = "iid"  # how the training pool is split across clients: iid | dirichlet | shards | natural
+    alpha: float = 0.5  # dirichlet: label-skew concentration; smaller is more skewed
+    classes_per_client: int = 2  # shards: how many classes each client holds
+    min_samples: int = 10  # dirichlet: redraw until every client holds at least this many samples
+    local_test_fraction: float = 0.2  # share of each client's samples kept as its local test split
+
+
+@dataclass
+class LabelsConfig:
+    mode: str = "all"  # who holds labels: all | client | server | mixed
+    per_class: int = 0  # client: labeled samples per class per client (0: use `fraction`)
+    fraction: float = 1.0  # client: share of each client's training samples that is labeled
+    server_per_class: int = 0  # server/mixed: labeled samples per class held by the server only
+    labeled_clients: float = 0.5  # mixed: share of clients that are fully labeled; the rest hold none
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic_faces"  # synthetic_faces | fer2013 | folder | idx
+    path: str = ""  # fer2013: the CSV file; folder: the root of class subfolders; idx: the folder of IDX files
+    image_size: int = 48  # side length images are resized to (folder); synthetic faces are drawn at this size
+    channels: int = 1  # 1 (grayscale) or 3 (RGB); folder images are converted to this
+    num_samples: int = 20000  # synthetic_faces: how many images to draw
+    num_identities: int = 100  # synthetic_faces: how many different people
+    test_fraction: float = 0.2  # share of the pool held out as the server test set when the source has no test split
+    skip_bad: bool = False  # skip (and count) malformed rows/images instead of stopping with an error
+    augment: str = "none"  # augmentation of supervised training batches: none | weak | strong
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fedavg_cnn"  # any timm model name, or one of fedssl's small FL CNNs
+    pretrained: bool = False  # load weights from `checkpoint` (never from the network)
+    checkpoint: str = ""  # local weights file (.pth/.safetensors) used when pretrained is true
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for timm.create_model
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01  # client learning rate
+    momentum: float = 0.0  # sgd momentum
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_epochs: int = 1  # passes over the client's labeled data per round
+    local_steps: int = 0  # if > 0, a fixed number of SGD steps per round instead of epochs
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "fedavg"  # the registered algorithm: fedavg | fedprox
+    proximal_mu: float = 0.0  # FedProx proximal term weight (mu); 0 disables it
+    server_lr: float = 1.0  # server learning rate applied to the averaged update
+    server_momentum: float = 0.0  # FedAvgM server momentum (beta); 0 is plain FedAvg
+
+
+@dataclass
+class FederationConfig:
+    backend: str = "inprocess"  # where clients run: inprocess
+    rounds: int = 10  # communication rounds
+    clients: int = 10  # population size
+    clients_per_round: int = 10  # clients sampled each round (ignored when client_fraction is set)
+    client_fraction: Optional[float] = None  # share of the population sampled each round, in (0, 1]
+    eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
+    device: str = "cpu"  # torch device for training: cpu | cuda | auto
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline (no account or network; `wandb sync` later) | online | disabled
+    project: str = "fedssl"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # runs of one recipe family share a group (default: the recipe name)
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # a progress bar over rounds showing the latest accuracy
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "run"  # run name; the run directory is output_dir/name
+    seed: int = 0  # one seed for data, partition, sampling, initialization and training
+    output_dir: str = "runs"  # where run directories are created
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
