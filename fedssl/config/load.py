@@ -1,0 +1,102 @@
+"""Recipe loading: schema + YAML recipe + CLI overrides -> a typed `RecipeConfig`.
+
+Every mistake a user can make here (a missing file, YAML that does not parse, an
+unknown key, a value of the wrong type) becomes a `UserError` naming the file or
+the dotted key, with the closest valid key for a misspelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from fedssl.config.schema import RecipeConfig
+from fedssl.config.validate import validate
+from fedssl.errors import UserError
+from fedssl.registry import did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A recipe path, or the name of a shipped recipe ('quickstart')."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.suffix and shipped.is_file():
+        return shipped
+    hint = did_you_mean(path.stem, [p.stem for p in shipped_recipes()])
+    raise UserError(f"recipe not found: {recipe}{hint}")
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Merge the schema, the recipe file and `key=value` overrides, in that order."""
+    path = resolve_recipe_path(str(recipe))
+    try:
+        recipe_cfg = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(recipe_cfg, DictConfig):
+        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+    return validate(merge_config([recipe_cfg, parse_overrides(overrides)], source=str(path)))
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override {item!r} must look like key=value, e.g. federation.rounds=5")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise UserError(f"overrides: {error}") from None
+
+
+def merge_config(layers: Sequence[Any], source: str = "overrides") -> RecipeConfig:
+    """Merge `layers` onto the schema and return the typed dataclass."""
+    merged = OmegaConf.structured(RecipeConfig)
+    for layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except ConfigKeyError as error:
+            key = error.full_key or error.key
+            raise UserError(f"{source}: unknown key {key!r}{did_you_mean(str(key), all_keys())}") from None
+        except ValidationError as error:
+            first_line = str(error).splitlines()[0]
+            raise UserError(f"{source}: key {error.full_key!r}: {first_line}") from None
+        except OmegaConfBaseException as error:
+            raise UserError(f"{source}: {str(error).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+def all_keys(schema: type = RecipeConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, leaves and sections alike."""
+    keys = []
+    for f in fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            keys.extend(all_keys(type(default), prefix=f"{key}."))
+    return keys
+
+
+def to_dict(cfg: RecipeConfig) -> dict[str, Any]:
+    """The resolved config as plain data, for the run directory and W&B."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+

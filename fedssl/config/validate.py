@@ -1,0 +1,54 @@
+"""Checks of values that the schema's types alone cannot express."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fedssl.config.schema import RecipeConfig
+from fedssl.errors import UserError
+from fedssl.registry import did_you_mean
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+WANDB_MODES = ("offline", "online", "disabled")
+BACKENDS = ("inprocess",)
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def check_choice(value: str, choices: Sequence[str], key: str) -> None:
+    """Raise a `UserError` naming `key` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise UserError(f"{key}: unknown value {value!r}{did_you_mean(value, list(choices))}; choose one of {', '.join(choices)}")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise UserError(f"{key}: {message}")
+
+
+def validate(cfg: RecipeConfig) -> RecipeConfig:
+    """Return `cfg` unchanged, or raise a `UserError` naming the first bad key."""
+    fed, train = cfg.federation, cfg.train
+    require(bool(cfg.name) and "/" not in cfg.name, "name", f"must be a non-empty name without '/', got {cfg.name!r}")
+    require(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
+    require(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
+    if fed.client_fraction is None:
+        require(
+            1 <= fed.clients_per_round <= fed.clients,
+            "federation.clients_per_round",
+            f"must be between 1 and federation.clients ({fed.clients}), got {fed.clients_per_round}",
+        )
+    else:
+        require(0 < fed.client_fraction <= 1, "federation.client_fraction", f"must be in (0, 1], got {fed.client_fraction}")
+    require(fed.eval_every >= 1, "federation.eval_every", f"must be >= 1, got {fed.eval_every}")
+    check_choice(fed.backend, BACKENDS, "federation.backend")
+    check_choice(fed.device, DEVICES, "federation.device")
+    check_choice(train.optimizer, OPTIMIZERS, "train.optimizer")
+    require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
+    require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")
+    require(train.local_epochs >= 1 or train.local_steps >= 1, "train.local_epochs", "set local_epochs or local_steps >= 1")
+    require(cfg.algorithm.proximal_mu >= 0, "algorithm.proximal_mu", f"must be >= 0, got {cfg.algorithm.proximal_mu}")
+    require(0 <= cfg.algorithm.server_momentum < 1, "algorithm.server_momentum", "must be in [0, 1)")
+    require(cfg.algorithm.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {cfg.algorithm.server_lr}")
+    require(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")
+    check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
+    return cfg

@@ -1,0 +1,417 @@
+"""The federated view of a dataset: who holds which samples, and which are labeled.
+
+`build_federated_data` turns a decoded `SourceData` and the recipe's `data` section
+into a `FederatedData`: a training pool, the server's test set, and per client the
+indices (into the pool) of its labeled, unlabeled and local-test samples. Everything
+is deterministic from one seed; every step draws from its own stream
+(`np.random.default_rng([seed, STEP, ...])`), so changing, say, the labeled split
+does not move the partition.
+
+Saving and loading: `FederatedData.save(path)` writes only the index arrays (one
+.npz, atomically). `FederatedData.load(path, pool, test)` rebuilds the view on the
+same pool and test set (typically rebuilt with `build_federated_data`, or decoded
+again from the source) and checks that the pool is the one the partition was made on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedssl.config.schema import DataConfig
+from fedssl.data.dataset import ImageDataset, SourceData
+from fedssl.data.partition import partition
+from fedssl.errors import UserError
+from fedssl.registry import did_you_mean
+
+LABEL_MODES = ("all", "client", "server", "mixed")
+
+# One random stream per step: np.random.default_rng([seed, STEP_*, ...]).
+STEP_SERVER_TEST = 1
+STEP_SERVER_LABELED = 2
+STEP_PARTITION = 3
+STEP_LOCAL_TEST = 4
+STEP_CLIENT_LABELS = 5
+STEP_MIXED_CLIENTS = 6
+
+PARTITION_FORMAT = 1
+_KINDS = ("labeled", "unlabeled", "test")
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def _index_array(values) -> np.ndarray:
+    return np.sort(np.asarray(values, dtype=np.int64).reshape(-1))
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's share of the pool; every array holds sorted int64 indices into
+    `FederatedData.pool`.
+
+    Attributes:
+        client_id: 0..num_clients-1.
+        labeled: training samples whose labels the client may use.
+        unlabeled: training samples the learner must treat as unlabeled (their labels
+            exist in the pool only to measure pseudo-label accuracy).
+        test: the client's local test split (labeled; evaluation only).
+    """
+
+    client_id: int
+    labeled: np.ndarray
+    unlabeled: np.ndarray
+    test: np.ndarray
+
+    @property
+    def train(self) -> np.ndarray:
+        """labeled and unlabeled together, sorted."""
+        return np.sort(np.concatenate([self.labeled, self.unlabeled]))
+
+    @property
+    def num_samples(self) -> int:
+        """labeled + unlabeled + test."""
+        return len(self.labeled) + len(self.unlabeled) + len(self.test)
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """The training pool, the server's test set, and who holds what.
+
+    Attributes:
+        pool: the training pool every index refers to.
+        test: the server's test set (separate images, not indexed).
+        clients: one `ClientData` per client, in client-id order.
+        server_labeled: indices into `pool` held, labeled, by the server; empty
+            unless `data.labels.mode` is server or mixed with server_per_class > 0.
+    """
+
+    pool: ImageDataset
+    test: ImageDataset
+    clients: tuple[ClientData, ...]
+    server_labeled: np.ndarray
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.pool.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.pool.num_classes
+
+    def class_counts(self, indices: np.ndarray) -> np.ndarray:
+        """Samples per class among pool[indices], shape (num_classes,)."""
+        return np.bincount(self.pool.labels[indices], minlength=self.num_classes).astype(np.int64)
+
+    def client_class_counts(self) -> np.ndarray:
+        """Training samples (labeled + unlabeled) per client and class, shape
+        (num_clients, num_classes)."""
+        return np.stack([self.class_counts(c.train) for c in self.clients]) if self.clients else (
+            np.zeros((0, self.num_classes), dtype=np.int64)
+        )
+
+    def check(self) -> None:
+        """Raise ValueError unless every index is in range and held at most once."""
+        arrays = [self.server_labeled] + [getattr(c, k) for c in self.clients for k in _KINDS]
+        everything = np.concatenate(arrays) if arrays else _EMPTY
+        if len(everything) and (everything.min() < 0 or everything.max() >= len(self.pool)):
+            raise ValueError(f"an index is outside the pool of {len(self.pool)} samples")
+        if len(np.unique(everything)) != len(everything):
+            raise ValueError("a pool index is held twice (by two clients, two splits, or client and server)")
+        if [c.client_id for c in self.clients] != list(range(len(self.clients))):
+            raise ValueError("client ids must be 0..num_clients-1 in order")
+
+    # -- persistence -------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the partition (all index arrays and client ids, plus a fingerprint
+        of the pool) as one .npz at `path`, atomically: a temporary file in the same
+        folder is written, flushed and then renamed over `path`."""
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {
+            "format": np.array(PARTITION_FORMAT, dtype=np.int64),
+            "client_ids": np.array([c.client_id for c in self.clients], dtype=np.int64),
+            "server_labeled": np.asarray(self.server_labeled, dtype=np.int64),
+            "pool_size": np.array(len(self.pool), dtype=np.int64),
+            "test_size": np.array(len(self.test), dtype=np.int64),
+            "pool_fingerprint": np.array(_fingerprint(self.pool)),
+        }
+        for kind in _KINDS:
+            parts = [np.asarray(getattr(c, kind), dtype=np.int64) for c in self.clients]
+            arrays[kind] = np.concatenate(parts) if parts else _EMPTY
+            arrays[f"{kind}_sizes"] = np.array([len(p) for p in parts], dtype=np.int64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    @staticmethod
+    def load_partition(path: str | os.PathLike) -> dict:
+        """The raw contents of a saved partition: {"client_ids", "server_labeled",
+        "labeled", "unlabeled", "test" (lists of arrays, one per client),
+        "pool_size", "test_size", "pool_fingerprint"}. A `UserError` naming the file
+        if it is missing or not a partition file."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if int(z["format"]) != PARTITION_FORMAT:
+                    raise UserError(f"{path}: partition format {int(z['format'])}, expected {PARTITION_FORMAT}")
+                out: dict = {
+                    "client_ids": z["client_ids"].astype(np.int64),
+                    "server_labeled": z["server_labeled"].astype(np.int64),
+                    "pool_size": int(z["pool_size"]),
+                    "test_size": int(z["test_size"]),
+                    "pool_fingerprint": str(z["pool_fingerprint"]),
+                }
+                for kind in _KINDS:
+                    sizes = z[f"{kind}_sizes"].astype(np.int64)
+                    out[kind] = np.split(z[kind].astype(np.int64), np.cumsum(sizes)[:-1])
+                    if len(out[kind]) != len(out["client_ids"]):
+                        raise KeyError(kind)
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such partition file") from None
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
+            raise UserError(f"{path}: not a fedssl partition file ({type(e).__name__}: {e})") from None
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, pool: ImageDataset, test: ImageDataset) -> FederatedData:
+        """Rebuild a saved partition on `pool` and `test`; a `UserError` if the file
+        was made on a different pool (size or labels differ) or test set size."""
+        raw = cls.load_partition(path)
+        if raw["pool_size"] != len(pool) or raw["pool_fingerprint"] != _fingerprint(pool):
+            raise UserError(
+                f"{path}: the partition was made on a different training pool "
+                f"({raw['pool_size']} samples, this one has {len(pool)} or different labels); "
+                "check data.* and seed"
+            )
+        if raw["test_size"] != len(test):
+            raise UserError(f"{path}: the partition was made with a server test set of {raw['test_size']} "
+                            f"samples, this one has {len(test)}")
+        clients = tuple(
+            ClientData(int(cid), _index_array(lab), _index_array(unl), _index_array(tst))
+            for cid, lab, unl, tst in zip(raw["client_ids"], raw["labeled"], raw["unlabeled"], raw["test"])
+        )
+        fed = cls(pool=pool, test=test, clients=clients, server_labeled=_index_array(raw["server_labeled"]))
+        try:
+            fed.check()
+        except ValueError as e:
+            raise UserError(f"{path}: inconsistent partition: {e}") from None
+        return fed
+
+
+def _fingerprint(dataset: ImageDataset) -> str:
+    """A short hash of the pool's size, labels and class names (not the pixels)."""
+    h = hashlib.sha1()
+    h.update(np.int64(len(dataset)).tobytes())
+    h.update(np.ascontiguousarray(dataset.labels, dtype=np.int64).tobytes())
+    h.update("\0".join(dataset.class_names).encode())
+    return h.hexdigest()[:16]
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def _round(x: float) -> int:
+    """Round half up (Python's round() rounds half to even)."""
+    return int(np.floor(x + 0.5))
+
+
+def _allocate(quotas: np.ndarray, total: int, caps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Integers close to `quotas`, summing to `total`, each <= its cap: floors
+    first, then the largest remainders (ties broken at random)."""
+    quotas = np.minimum(np.asarray(quotas, dtype=np.float64), caps)
+    take = np.floor(quotas).astype(np.int64)
+    remainder = quotas - take + rng.random(len(quotas)) * 1e-9
+    while take.sum() > total:  # only when the caller asks for less than the floors
+        candidates = np.flatnonzero(take > 0)
+        i = candidates[np.argmin(remainder[candidates])]
+        take[i] -= 1
+        remainder[i] += 1
+    for i in np.argsort(-remainder, kind="stable"):
+        if take.sum() >= total:
+            break
+        if take[i] < caps[i]:
+            take[i] += 1
+    while take.sum() < total:  # remainders exhausted; fill wherever there is room
+        room = np.flatnonzero(take < caps)
+        take[room[rng.integers(len(room))]] += 1
+    return take
+
+
+def _stratified_split(
+    indices: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pick `count` of `indices` at random, per class in proportion to the class's
+    share of `indices`. Returns (picked, rest), both sorted."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if count <= 0 or len(indices) == 0:
+        return _EMPTY.copy(), np.sort(indices)
+    classes, inverse, counts = np.unique(labels[indices], return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    take = _allocate(counts * (count / len(indices)), count, counts, rng)
+    picked = [rng.choice(indices[inverse == k], size=take[k], replace=False) for k in range(len(classes))]
+    picked_all = np.concatenate(picked)
+    rest = np.setdiff1d(indices, picked_all, assume_unique=True)
+    return np.sort(picked_all), np.sort(rest)
+
+
+def _check_fraction(value: float, key: str, *, low_open: bool = False, high_open: bool = False) -> None:
+    ok_low = value > 0 if low_open else value >= 0
+    ok_high = value < 1 if high_open else value <= 1
+    if not (np.isfinite(value) and ok_low and ok_high):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise UserError(f"{key}: must be in {interval}, got {value!r}")
+
+
+def _validate(cfg: DataConfig, has_test: bool) -> None:
+    labels = cfg.labels
+    if labels.mode not in LABEL_MODES:
+        raise UserError(
+            f"data.labels.mode: unknown mode {labels.mode!r}{did_you_mean(str(labels.mode), list(LABEL_MODES))}; "
+            f"choose one of {', '.join(LABEL_MODES)}"
+        )
+    if not has_test:
+        _check_fraction(cfg.test_fraction, "data.test_fraction", low_open=True, high_open=True)
+    _check_fraction(cfg.partition.local_test_fraction, "data.partition.local_test_fraction", high_open=True)
+    _check_fraction(labels.fraction, "data.labels.fraction")
+    _check_fraction(labels.labeled_clients, "data.labels.labeled_clients")
+    if labels.per_class < 0:
+        raise UserError(f"data.labels.per_class: must be >= 0, got {labels.per_class!r}")
+    if labels.server_per_class < 0:
+        raise UserError(f"data.labels.server_per_class: must be >= 0, got {labels.server_per_class!r}")
+    if labels.mode == "server" and labels.server_per_class <= 0:
+        raise UserError(
+            "data.labels.server_per_class: labels.mode server needs server_per_class > 0 "
+            "(the server holds the only labels)"
+        )
+
+
+# -- the steps ----------------------------------------------------------------------
+
+
+def _server_test(source: SourceData, cfg: DataConfig, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """(pool, server test set): the source's own test split, or a stratified
+    `test_fraction` held out of its training data."""
+    if source.test is not None:
+        return source.train, source.test
+    train = source.train
+    n = len(train)
+    count = min(max(_round(cfg.test_fraction * n), 1), n - 1) if n >= 2 else 0
+    rng = np.random.default_rng([seed, STEP_SERVER_TEST])
+    held, rest = _stratified_split(np.arange(n), train.labels, count, rng)
+    return train.subset(rest), train.subset(held)
+
+
+def _server_labeled(pool: ImageDataset, per_class: int, seed: int) -> np.ndarray:
+    if per_class <= 0:
+        return _EMPTY.copy()
+    rng = np.random.default_rng([seed, STEP_SERVER_LABELED])
+    counts = np.bincount(pool.labels, minlength=pool.num_classes)
+    short = [f"{pool.class_names[c]!r} has {counts[c]}" for c in range(pool.num_classes) if counts[c] < per_class]
+    if short:
+        raise UserError(
+            f"data.labels.server_per_class: the server needs {per_class} samples of every class but in "
+            f"the training pool {', '.join(short)}; lower data.labels.server_per_class"
+        )
+    picked = [rng.choice(np.flatnonzero(pool.labels == c), size=per_class, replace=False)
+              for c in range(pool.num_classes)]
+    return np.sort(np.concatenate(picked))
+
+
+def _local_test(indices: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator):
+    """(test, train) of one client: round(fraction * n) samples, stratified; at least
+    one if n >= 2 and fraction > 0, and never all of them."""
+    n = len(indices)
+    if fraction <= 0 or n < 2:
+        return _EMPTY.copy(), np.sort(indices)
+    count = min(max(_round(fraction * n), 1), n - 1)
+    return _stratified_split(indices, labels, count, rng)
+
+
+def _client_labels(train: np.ndarray, labels: np.ndarray, cfg: DataConfig, rng: np.random.Generator):
+    """(labeled, unlabeled) of one client's training samples under labels.mode client."""
+    lc = cfg.labels
+    if lc.per_class > 0:
+        picked = []
+        for c in np.unique(labels[train]):
+            members = train[labels[train] == c]
+            picked.append(rng.choice(members, size=min(lc.per_class, len(members)), replace=False))
+        labeled = np.concatenate(picked) if picked else _EMPTY
+    else:
+        labeled = rng.choice(train, size=_round(lc.fraction * len(train)), replace=False)
+    labeled = np.sort(labeled.astype(np.int64))
+    return labeled, np.setdiff1d(train, labeled, assume_unique=True)
+
+
+def build_federated_data(source: SourceData, cfg: DataConfig, num_clients: int, seed: int) -> FederatedData:
+    """Split `source` across `num_clients` clients as `cfg` (the recipe's `data`
+    section) says; deterministic from `seed`.
+
+    1. Server test set: `source.test`, else a stratified `cfg.test_fraction` of
+       `source.train`; the rest is the pool.
+    2. Labels at the server (labels.mode server or mixed, server_per_class > 0):
+       `server_per_class` samples of every class leave the pool for the server.
+    3. The rest of the pool is partitioned by `cfg.partition.scheme`.
+    4. A stratified `local_test_fraction` of each client becomes its local test split.
+    5. Each client's training samples are split into labeled and unlabeled by
+       `cfg.labels.mode`: all | client | server | mixed (see `LabelsConfig`).
+    """
+    _validate(cfg, has_test=source.test is not None)
+    pool, test = _server_test(source, cfg, seed)
+
+    lc = cfg.labels
+    server_per_class = lc.server_per_class if lc.mode in ("server", "mixed") else 0
+    server_labeled = _server_labeled(pool, server_per_class, seed)
+    rest = np.setdiff1d(np.arange(len(pool), dtype=np.int64), server_labeled, assume_unique=True)
+
+    identities = None if pool.identities is None else pool.identities[rest]
+    parts = partition(
+        cfg.partition, pool.labels[rest], identities, num_clients,
+        np.random.default_rng([seed, STEP_PARTITION]), source=cfg.source,
+    )
+
+    labeled_clients: set[int] = set()
+    if lc.mode == "mixed":
+        num_labeled = _round(lc.labeled_clients * num_clients)
+        rng = np.random.default_rng([seed, STEP_MIXED_CLIENTS])
+        labeled_clients = set(rng.choice(num_clients, size=num_labeled, replace=False).tolist())
+    clients = []
+    for cid, part in enumerate(parts):
+        held = rest[part]
+        test_idx, train = _local_test(
+            held, pool.labels, cfg.partition.local_test_fraction,
+            np.random.default_rng([seed, STEP_LOCAL_TEST, cid]),
+        )
+        if lc.mode == "all" or (lc.mode == "mixed" and cid in labeled_clients):
+            labeled, unlabeled = train, _EMPTY.copy()
+        elif lc.mode == "client":
+            labeled, unlabeled = _client_labels(
+                train, pool.labels, cfg, np.random.default_rng([seed, STEP_CLIENT_LABELS, cid])
+            )
+        else:  # server, or an unlabeled client of mixed
+            labeled, unlabeled = _EMPTY.copy(), train
+        clients.append(ClientData(cid, _index_array(labeled), _index_array(unlabeled), _index_array(test_idx)))
+
+    fed = FederatedData(pool=pool, test=test, clients=tuple(clients), server_labeled=server_labeled)
+    fed.check()
+    return fed

@@ -1,0 +1,46 @@
+"""FedAvg and its two common variants, FedProx and FedAvgM."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from fedssl.config.schema import RecipeConfig
+from fedssl.errors import UserError
+from fedssl.federation.aggregate import ServerState, server_step, weighted_average
+from fedssl.federation.algorithm import ALGORITHMS, Algorithm
+from fedssl.federation.messages import Update
+from fedssl.learners.supervised import SupervisedLearner
+
+
+@ALGORITHMS.register("fedavg")
+class FedAvg(Algorithm):
+    """Federated Averaging (McMahan et al., "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data", AISTATS 2017).
+
+    Clients run local SGD on their labeled data; the server averages the returned
+    weights by example count. `algorithm.proximal_mu > 0` adds FedProx's proximal
+    term on the clients; `algorithm.server_momentum > 0` makes it FedAvgM.
+    """
+
+    def make_learner(self, model: nn.Module) -> SupervisedLearner:
+        return SupervisedLearner(model, self.cfg.train, proximal_mu=self.cfg.algorithm.proximal_mu)
+
+    def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
+        trained = [u for u in updates if u.num_examples > 0]
+        if not trained:  # e.g. only unlabeled clients were sampled: nothing to learn from
+            return state
+        algo = self.cfg.algorithm
+        return server_step(state, weighted_average(trained), lr=algo.server_lr, momentum=algo.server_momentum)
+
+
+@ALGORITHMS.register("fedprox")
+class FedProx(FedAvg):
+    """FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys
+    2020): FedAvg whose clients add mu/2 * ||w - w_global||^2 to their loss."""
+
+    def __init__(self, cfg: RecipeConfig):
+        if cfg.algorithm.proximal_mu <= 0:
+            raise UserError("algorithm.proximal_mu: fedprox needs mu > 0 (e.g. 0.01)")
+        super().__init__(cfg)

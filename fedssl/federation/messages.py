@@ -1,0 +1,34 @@
+"""The plain data that crosses between server and clients.
+
+Only these travel (a backend's codec maps exactly these fields): arrays by name,
+scalars, and counts. Never images, labels or per-sample values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+Arrays = dict[str, torch.Tensor]
+Scalar = int | float | str | bool
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Server -> client for one round: the shared weights and config scalars."""
+
+    round: int
+    arrays: Arrays
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Update:
+    """Client -> server: the client's new shared weights, how many examples it
+    trained on (the aggregation weight), and scalar training metrics."""
+
+    client_id: int
+    arrays: Arrays
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,20 @@
+"""Which clients take part in a round."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedssl.config.schema import FederationConfig
+
+
+def clients_per_round(cfg: FederationConfig) -> int:
+    if cfg.client_fraction is None:
+        return cfg.clients_per_round
+    return max(1, round(cfg.client_fraction * cfg.clients))
+
+
+def sample_clients(num_clients: int, count: int, seed: int, round_index: int) -> list[int]:
+    """`count` distinct client ids, drawn from (seed, round) alone so that a resumed
+    run samples exactly what the uninterrupted run would have."""
+    rng = np.random.default_rng([seed, round_index, 0x5A3])
+    return sorted(rng.choice(num_clients, size=count, replace=False).tolist())

@@ -1,0 +1,57 @@
+"""Image pools decoded once into tensors on the training device, and batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fedssl.data.dataset import ImageDataset
+from fedssl.data.transforms import to_tensor
+
+
+@dataclass(frozen=True)
+class TensorPool:
+    """One dataset as normalized float tensors on `device`, plus its raw uint8 images
+    for augmentation. Clients index into it; nothing is decoded or copied per round."""
+
+    images: torch.Tensor  # float32 (N, C, H, W) in [-1, 1]
+    labels: torch.Tensor  # int64 (N,)
+    raw: np.ndarray  # uint8 (N, H, W, C)
+
+    @classmethod
+    def from_dataset(cls, dataset: ImageDataset, device: torch.device) -> TensorPool:
+        return cls(
+            images=to_tensor(dataset.images).to(device),
+            labels=torch.from_numpy(dataset.labels).to(device),
+            raw=dataset.images,
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def batch_indices(
+    indices: np.ndarray, batch_size: int, epochs: int, steps: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """Shuffled mini-batches of `indices`: `epochs` passes, or exactly `steps` batches
+    (reshuffling at each pass) when `steps` > 0. The last batch of a pass may be short."""
+    if len(indices) == 0:
+        return
+    produced, passes = 0, 0
+    while (steps > 0 and produced < steps) or (steps <= 0 and passes < epochs):
+        order = rng.permutation(indices)
+        for start in range(0, len(order), batch_size):
+            yield order[start : start + batch_size]
+            produced += 1
+            if 0 < steps <= produced:
+                return
+        passes += 1
+
+
+def client_seed(seed: int, round_index: int, client_id: int) -> int:
+    """A seed for one client's work in one round, independent of who ran before it,
+    so that resumed runs and other backends draw the same numbers."""
+    return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])

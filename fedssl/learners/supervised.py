@@ -1,0 +1,67 @@
+"""The supervised local learner: cross-entropy on a client's labeled batches."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedssl.config.schema import TrainConfig
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")  # the recipe validator rules this out
+
+
+class SupervisedLearner(pl.LightningModule):
+    """Cross-entropy on labeled batches, with FedProx's proximal term when mu > 0.
+
+    FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020)
+    adds mu/2 * ||w - w_global||^2 to each client's loss; as in Flower, the term lives
+    here on the client and the server only chooses mu.
+
+    The federation loop drives `training_step` and `configure_optimizers` directly
+    (no Trainer per client); a standard Lightning Trainer can fit it too.
+    """
+
+    def __init__(self, model: nn.Module, train_cfg: TrainConfig, proximal_mu: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.train_cfg = train_cfg
+        self.proximal_mu = proximal_mu
+        self.global_params: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def start_round(self, global_arrays: dict[str, torch.Tensor]) -> None:
+        """Remember the round's global weights (by reference) for the proximal term."""
+        if self.proximal_mu > 0:
+            self.global_params = {n: global_arrays[n] for n, _ in self.model.named_parameters() if n in global_arrays}
+
+    def proximal_term(self) -> torch.Tensor:
+        squared = [
+            (param - self.global_params[name]).pow(2).sum()
+            for name, param in self.model.named_parameters()
+            if name in self.global_params
+        ]
+        return 0.5 * self.proximal_mu * torch.stack(squared).sum()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        if self.proximal_mu > 0 and self.global_params:
+            loss = loss + self.proximal_term()
+        if self._trainer is not None:  # logging needs a Trainer; the federation loop collects losses itself
+            self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.model.parameters(), self.train_cfg)
