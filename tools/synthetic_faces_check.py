@@ -30,7 +30,9 @@ class FedAvgCNN(nn.Module):
             nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 512), nn.ReLU(), nn.Linear(512, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * (size // 4) ** 2, 512), nn.ReLU(), nn.Linear(512, num_classes)
+        )
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -105,7 +107,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--per-class", type=int, default=10)
-    parser.add_argument("--few-steps", type=int, default=300, help="SGD steps for the few-labels run")
+    parser.add_argument("--few-steps", type=int, default=100, help="SGD steps for the few-labels run")
     parser.add_argument("--seed", type=int, default=DATASET_SEED)
     parser.add_argument("--grid", default="/tmp/synthetic_faces_grid.png")
     args = parser.parse_args()

@@ -64,9 +64,16 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def merge_config(layers: Sequence[Any], source: str = "overrides") -> RecipeConfig:
-    """Merge `layers` onto the schema and return the typed dataclass."""
+    """Merge `layers` onto the schema and return the typed dataclass.
+
+    A layer may mark a key required with `???`; a later layer must then give it.
+    """
     merged = OmegaConf.structured(RecipeConfig)
+    required: set[str] = set()
     for layer in layers:
+        layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
+        given = set(leaf_keys(OmegaConf.to_container(layer)))
+        required = (required - given) | OmegaConf.missing_keys(layer)
         try:
             merged = OmegaConf.merge(merged, layer)
         except ConfigKeyError as error:
@@ -77,7 +84,21 @@ def merge_config(layers: Sequence[Any], source: str = "overrides") -> RecipeConf
             raise UserError(f"{source}: key {error.full_key!r}: {first_line}") from None
         except OmegaConfBaseException as error:
             raise UserError(f"{source}: {str(error).splitlines()[0]}") from None
+    if required:
+        key = sorted(required)[0]
+        raise UserError(f"{source}: key {key!r} needs a value, e.g. {key}=...")
     return OmegaConf.to_object(merged)
+
+
+def leaf_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves of a nested mapping whose value is given."""
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            keys.extend(leaf_keys(value, f"{prefix}{key}."))
+        elif value != "???":
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def all_keys(schema: type = RecipeConfig, prefix: str = "") -> list[str]:

@@ -57,8 +57,8 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01  # client learning rate
     momentum: float = 0.0  # sgd momentum
-    weight_decay: float = 0.0
-    batch_size: int = 32
+    weight_decay: float = 0.0  # L2 penalty of the client optimizer
+    batch_size: int = 32  # client mini-batch size
     local_epochs: int = 1  # passes over the client's labeled data per round
     local_steps: int = 0  # if > 0, a fixed number of SGD steps per round instead of epochs
 
@@ -85,11 +85,11 @@ class FederationConfig:
 @dataclass
 class WandbConfig:
     mode: str = "offline"  # offline (no account or network; `wandb sync` later) | online | disabled
-    project: str = "fedssl"
-    entity: Optional[str] = None
+    project: str = "fedssl"  # W&B project
+    entity: Optional[str] = None  # W&B team or user (default: your default entity)
     group: Optional[str] = None  # runs of one recipe family share a group (default: the recipe name)
-    job_type: str = "train"
-    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"  # W&B job type, to tell training from evaluation or sweeps
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass

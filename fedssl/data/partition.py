@@ -155,9 +155,11 @@ def partition_shards(
     Shards are cut along class boundaries (a class of n_c samples is cut into a
     number of shards proportional to n_c), so a shard never straddles two classes
     and every client holds at most `classes_per_client` classes; exactly that many
-    whenever no class needs more shards than there are clients. Shards are dealt
-    round-robin over a random class order to randomly permuted clients, which puts
-    the shards of one class on different clients.
+    whenever no class needs more shards than there are clients. Shards are dealt at
+    random, as in the paper; a client dealt two shards of one class then swaps one
+    with another client (random valid swaps). If no such swaps are found (or cannot
+    exist), the shards are dealt round-robin over a random class order instead,
+    which spreads each class's shards over as many clients as possible.
     """
     labels = _as_labels(labels)
     n = len(labels)
@@ -185,13 +187,47 @@ def partition_shards(
     counts = np.array([len(i) for i in class_indices])
     per_class = _shards_per_class(counts, num_shards, num_clients)
     shards: list[np.ndarray] = []
+    shard_class: list[int] = []
     for c in rng.permutation(len(classes)):
         shards.extend(np.array_split(class_indices[c], per_class[c]))
-    client_of_slot = rng.permutation(num_clients)
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for position, shard in enumerate(shards):
-        parts[client_of_slot[position % num_clients]].append(shard)
-    return _finish([np.concatenate(p) for p in parts])
+        shard_class.extend([c] * per_class[c])
+    table = None
+    if per_class.max() <= num_clients:
+        table = _deal_distinct(np.array(shard_class), num_clients, classes_per_client, rng)
+    if table is None:  # round-robin: shard at position p goes to slot p % num_clients
+        table = np.arange(num_shards).reshape(classes_per_client, num_clients).T[rng.permutation(num_clients)]
+    return _finish([np.concatenate([shards[s] for s in row]) for row in table])
+
+
+def _deal_distinct(
+    shard_class: np.ndarray, num_clients: int, per_client: int, rng: np.random.Generator, max_swaps: int | None = None
+) -> np.ndarray | None:
+    """Deal shards at random, `per_client` to each client, then repair clients holding
+    two shards of one class by random swaps that fix them without breaking the other
+    client. Returns a (num_clients, per_client) table of shard ids, or None if the
+    repair did not finish."""
+    table = rng.permutation(len(shard_class)).reshape(num_clients, per_client)
+    for _ in range(max_swaps if max_swaps is not None else 10 * len(shard_class) + 100):
+        cls = shard_class[table]
+        ordered = np.sort(cls, axis=1)
+        bad = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        if len(bad) == 0:
+            return table
+        i = int(bad[rng.integers(len(bad))])
+        row = cls[i]
+        values, counts = np.unique(row, return_counts=True)
+        dup_positions = np.flatnonzero(np.isin(row, values[counts > 1]))
+        a = int(dup_positions[rng.integers(len(dup_positions))])
+        # (j, b) is a valid partner if shard class cls[j, b] is new to client i and
+        # client j does not hold class row[a] yet.
+        ok = ~np.isin(cls, row) & ~(cls == row[a]).any(axis=1, keepdims=True)
+        ok[i] = False
+        candidates = np.argwhere(ok)
+        if len(candidates) == 0:
+            return None
+        j, b = candidates[rng.integers(len(candidates))]
+        table[i, a], table[j, b] = table[j, b], table[i, a]
+    return None
 
 
 def partition_natural(identities: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:

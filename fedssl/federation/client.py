@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from fedssl.config.schema import TrainConfig
-from fedssl.data.transforms import augment_batch, to_tensor
+from fedssl.data.transforms import augment_batch, reseed, to_tensor
 from fedssl.federation.messages import Payload, Update
 from fedssl.federation.tensors import TensorPool, batch_indices, client_seed
 
@@ -57,7 +57,7 @@ class ClientTrainer:
         seed = client_seed(self.seed, payload.round, client_id)
         torch.manual_seed(seed)
         if self.transform is not None:
-            self.transform.set_random_seed(seed)
+            reseed(self.transform, seed)
         self.load(payload.arrays)
         self.learner.start_round(payload.arrays)
         self.learner.train()

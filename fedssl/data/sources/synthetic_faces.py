@@ -46,17 +46,23 @@ _OCCLUDED_SHARE = 0.15
 # mouth curve (+ smile), mouth open, mouth width (x), mouth asymmetry,
 # brow raise, brow tilt (+ inner ends down: V), brow arch, eye opening (x),
 # nose wrinkle, brow furrow.
+_LOOK = ("face_a", "face_b", "skin", "hair_style", "hair", "hairline", "eye_x", "eye_y", "eye_w",
+         "brow_gap", "brow_t", "mouth_y", "mouth_w", "lip_t", "bg", "glasses", "beard")
 _PARAMS = ("curve", "open", "width", "asym", "raise", "tilt", "arch", "eye", "wrinkle", "furrow")
 _NEUTRAL = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
 _TARGETS = np.array([
     [-0.035, 0.00, 0.85, 0.00, -0.05, 0.40, 0.00, 0.75, 0.2, 1.0],  # angry
     [-0.045, 0.03, 0.90, 0.05, -0.03, 0.25, 0.00, 0.65, 1.0, 0.4],  # disgust
     [-0.025, 0.07, 1.15, 0.00, 0.07, -0.30, 0.02, 1.40, 0.0, 0.3],  # fear
-    [0.100, 0.05, 1.25, 0.00, 0.01, 0.00, 0.01, 0.75, 0.0, 0.0],  # happy
+    [0.110, 0.07, 1.25, 0.00, 0.01, 0.00, 0.01, 0.75, 0.0, 0.0],  # happy
     [-0.075, 0.00, 0.90, 0.00, 0.00, -0.35, 0.00, 0.85, 0.0, 0.0],  # sad
     [0.000, 0.20, 0.62, 0.00, 0.11, -0.05, 0.06, 1.50, 0.0, 0.0],  # surprise
     _NEUTRAL,  # neutral
 ])
+# Spread of a person's resting offsets (habitual half-smile, raised brows, ...) and
+# of each image's jitter around its expression, per parameter.
+_RESTING_SD = np.array([0.02, 0.01, 0.06, 0.0, 0.015, 0.1, 0.01, 0.1, 0.0, 0.0])
+_JITTER_SD = np.array([0.015, 0.01, 0.05, 0.01, 0.012, 0.08, 0.01, 0.08, 0.1, 0.1])
 
 
 def _validate(num_samples: int, num_identities: int, image_size: int, channels: int) -> None:
@@ -64,7 +70,9 @@ def _validate(num_samples: int, num_identities: int, image_size: int, channels: 
     if num_samples < 1:
         raise UserError(f"data.num_samples: must be >= 1, got {num_samples}")
     if not 1 <= num_identities <= num_samples:
-        raise UserError(f"data.num_identities: must be >= 1 and <= data.num_samples ({num_samples}), got {num_identities}")
+        raise UserError(
+            f"data.num_identities: must be >= 1 and <= data.num_samples ({num_samples}), got {num_identities}"
+        )
     if image_size < 24:
         raise UserError(f"data.image_size: synthetic faces need at least 24 pixels, got {image_size}")
     if channels not in (1, 3):
@@ -82,22 +90,24 @@ def _draw_people(rng: np.random.Generator, k: int) -> dict[str, np.ndarray]:
         "mouth_y": u(0.36, 0.46), "mouth_w": u(0.15, 0.22), "lip_t": u(0.018, 0.03),
         "bg": u(0.15, 0.85), "light_dir": u(0, 2 * np.pi), "light": u(0.0, 0.35),
         "glasses": rng.random(k) < 0.2, "beard": rng.random(k) < 0.15,
-        "tint": rng.uniform(0.75, 1.0, (k, 3)), "bg_tint": rng.uniform(0.6, 1.0, (k, 3)),
+        "tint": np.ones((k, 3)), "bg_tint": rng.uniform(0.6, 1.0, (k, 3)),
         # Person-specific gain on each expression parameter and a resting offset:
         # a model tuned to one person's way of smiling helps on that person.
         "gain": np.exp(rng.normal(0.0, 0.3, (k, len(_PARAMS)))),
-        "offset": rng.normal(0.0, 1.0, (k, len(_PARAMS))) * np.array([0.02, 0.01, 0.06, 0, 0.015, 0.1, 0.01, 0.1, 0, 0]),
+        "offset": rng.normal(0.0, 1.0, (k, len(_PARAMS))) * _RESTING_SD,
         "class_p": 0.8 * rng.dirichlet(np.ones(len(FER2013_CLASSES)), k) + 0.2 / len(FER2013_CLASSES),
     }
-    people["tint"][:, 0] = 1.0  # skin is reddish: red is the brightest channel
+    # Skin (and hair, drawn in the same tint) is red >= green >= blue.
+    people["tint"][:, 1] = rng.uniform(0.78, 0.95, k)
+    people["tint"][:, 2] = people["tint"][:, 1] * rng.uniform(0.78, 0.95, k)
     return people
 
 
 def _draw_expressions(rng: np.random.Generator, labels: np.ndarray, gain: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Per-image expression parameters (N, len(_PARAMS)) for the given labels."""
-    intensity = rng.uniform(0.2, 1.0, (len(labels), 1))
+    intensity = rng.uniform(0.3, 1.0, (len(labels), 1))
     params = _NEUTRAL + intensity * gain * (_TARGETS[labels] - _NEUTRAL) + offset
-    params += rng.normal(0.0, 1.0, params.shape) * np.array([0.015, 0.01, 0.05, 0.01, 0.012, 0.08, 0.01, 0.08, 0.1, 0.1])
+    params += rng.normal(0.0, 1.0, params.shape) * _JITTER_SD
     params[:, 3] *= rng.choice([-1.0, 1.0], len(labels))  # disgust raises either corner
     params[:, 1] = np.maximum(params[:, 1], 0.0)
     return params
@@ -127,8 +137,10 @@ def _paint(canvas, mask, value):
     canvas += mask * (value - canvas)
 
 
-def _render_canonical(p: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Upright faces (n, size, size) in [0, 1] and their skin/hair coverage (for tinting)."""
+def _render_canonical(
+    p: dict[str, np.ndarray], size: int, with_background: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Upright faces (n, size, size) in [0, 1] and, if asked, the coverage of the background (for tinting)."""
     n, px = len(p["skin"]), 2.0 / size
     grid = ((np.arange(size) + 0.5) * px - 1.0).astype(np.float32)
     u, v = grid[None, None, :], grid[None, :, None]
@@ -143,9 +155,9 @@ def _render_canonical(p: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, 
     _paint(canvas, face, col["skin"])
     fringe = face * _soft(v - (col["hairline"] + 0.25 * u**2), px) * (col["hair_style"] != 2)
     _paint(canvas, fringe, col["hair"])
-    beard = face * _soft(0.22 - v, px) * col["beard"]
-    _paint(canvas, beard, 0.6 * col["hair"] + 0.4 * col["skin"])
-    skin_cover = face - fringe - beard
+    # A beard follows the jaw: below the nose in the middle, higher at the sides.
+    beard = face * _soft(col["mouth_y"] - 0.08 - 0.6 * u**2 - v, px) * col["beard"]
+    _paint(canvas, beard, 0.35 * col["hair"] + 0.65 * col["skin"])
 
     # Eyes and brows only touch the upper-middle rows: restrict work to them.
     rows = slice(int(size * 0.15), int(size * 0.55))
@@ -160,7 +172,7 @@ def _render_canonical(p: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, 
         _paint(sub, white * _ellipse(u, vr, ex, ey, 0.55 * ew, 0.55 * ew, px), 0.1)
         # Positive tilt lowers the inner ends (toward the nose): the angry V.
         brow = _bar(u, vr, ex, brow_y, 1.3 * ew, col["brow_t"], -side * 0.5 * col["tilt"], col["arch"], px)
-        _paint(sub, brow, 0.8 * col["hair"])
+        _paint(sub, brow, np.minimum(0.8 * col["hair"], 0.5 * col["skin"]))  # brows stay visible on dark skin
         glasses = col["glasses"] * (_ellipse(u, vr, ex, ey, 1.6 * ew, 1.3 * ew, px)
                                     - _ellipse(u, vr, ex, ey, 1.6 * ew - 0.025, 1.3 * ew - 0.025, px))
         _paint(sub, glasses, 0.08)
@@ -182,51 +194,58 @@ def _render_canonical(p: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, 
     mw = col["mouth_w"] * col["width"]
     s = np.clip(u / mw, -1.0, 1.0)
     envelope = np.sqrt(np.clip(1.0 - (u / mw) ** 2, 0.0, 1.0))
-    centre = col["mouth_y"] - col["curve"] * (s**2 - 0.33) - col["asym"] * np.maximum(s * np.sign(col["asym"] + 1e-9), 0) ** 2
+    # Asymmetry raises the corner on the side of its sign (the disgust sneer).
+    raised = np.abs(col["asym"]) * np.maximum(s * np.sign(col["asym"]), 0.0) ** 2
+    centre = col["mouth_y"] - col["curve"] * (s**2 - 0.33) - raised
     dist = np.abs(vr - centre)
     half_open = 0.5 * col["open"] * envelope
     lips = _soft(np.maximum(dist - half_open - col["lip_t"] * envelope**0.3, np.abs(u) - mw), px)
     _paint(sub, lips, 0.6 * col["skin"])
-    _paint(sub, _soft(np.maximum(dist - half_open, np.abs(u) - mw), px) * (col["open"] > 0.004), 0.12)
-    background = (1.0 - hair) * (1.0 - face)
-    return canvas, np.stack([skin_cover, background], axis=1)
+    inside = _soft(np.maximum(dist - half_open, np.abs(u) - mw), px) * (col["open"] > 0.004)
+    _paint(sub, inside, 0.12)
+    # Smiles show the upper teeth: the clearest cue of happiness, as in real faces.
+    teeth = inside * _soft(vr - (centre - 0.15 * col["open"] * envelope), px) * np.clip(col["curve"] / 0.05, 0, 1)
+    _paint(sub, teeth, 0.9)
+    return canvas, ((1.0 - hair) * (1.0 - face) if with_background else None)
 
 
 def _warp(images: np.ndarray, dx, dy, angle, scale) -> np.ndarray:
     """Bilinearly resample (n, c, S, S) images under a per-image similarity transform."""
     n, c, size, _ = images.shape
-    grid = (np.arange(size) + 0.5) * (2.0 / size) - 1.0
-    x, y = grid[None, None, :] - dx[:, None, None], grid[None, :, None] - dy[:, None, None]
-    cos, sin = (np.cos(angle) / scale)[:, None, None], (np.sin(angle) / scale)[:, None, None]
+    f32 = lambda a: a.astype(np.float32)[:, None, None]  # noqa: E731
+    grid = ((np.arange(size) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
+    x, y = grid[None, None, :] - f32(dx), grid[None, :, None] - f32(dy)
+    cos, sin = f32(np.cos(angle) / scale), f32(np.sin(angle) / scale)
     # Inverse map: where in the canonical face each output pixel comes from.
-    sx = ((cos * x + sin * y) + 1.0) * (size / 2.0) - 0.5
-    sy = ((-sin * x + cos * y) + 1.0) * (size / 2.0) - 0.5
-    x0 = np.clip(np.floor(sx), 0, size - 2).astype(np.intp)
-    y0 = np.clip(np.floor(sy), 0, size - 2).astype(np.intp)
-    fx = np.clip(sx - x0, 0.0, 1.0).astype(np.float32)[:, None]
-    fy = np.clip(sy - y0, 0.0, 1.0).astype(np.float32)[:, None]
-    flat = images.reshape(n, c, size * size)
-    idx = (y0 * size + x0).reshape(n, 1, -1)
-    take = lambda off: np.take_along_axis(flat, idx + off, axis=2).reshape(n, c, size, size)  # noqa: E731
-    top = take(0) * (1 - fx) + take(1) * fx
-    bottom = take(size) * (1 - fx) + take(size + 1) * fx
+    half = np.float32(size / 2.0)
+    sx = np.clip((cos * x + sin * y + 1.0) * half - 0.5, 0, size - 1.001)
+    sy = np.clip((cos * y - sin * x + 1.0) * half - 0.5, 0, size - 1.001)
+    x0, y0 = sx.astype(np.intp), sy.astype(np.intp)  # floor: both are >= 0
+    fx, fy = (sx - x0)[:, None], (sy - y0)[:, None]
+    # Index the flattened chunk directly: one gather per corner for all channels.
+    base = (np.arange(n * c, dtype=np.intp) * size * size).reshape(n, c, 1, 1)
+    idx = base + (y0 * size + x0)[:, None]
+    flat = images.ravel()
+    top = flat[idx] * (1 - fx) + flat[idx + 1] * fx
+    bottom = flat[idx + size] * (1 - fx) + flat[idx + size + 1] * fx
     return top * (1 - fy) + bottom * fy
 
 
 def _occlude(img: np.ndarray, o: dict[str, np.ndarray]) -> None:
-    """Paint a grey rectangle or a skin-toned hand blob on each image (in place)."""
-    n, size, _ = img.shape
+    """Paint a rectangle or a hand blob of colour o["color"] (n, C) on (n, H, W, C) images, in place."""
+    n, size = img.shape[:2]
     px = 2.0 / size
     grid = ((np.arange(size) + 0.5) * px - 1.0).astype(np.float32)
     u, v = grid[None, None, :], grid[None, :, None]
-    c = {k: val.reshape(n, 1, 1).astype(np.float32) for k, val in o.items()}
+    c = {k: val.reshape(n, 1, 1).astype(np.float32) for k, val in o.items() if k != "color"}
     rect = _soft(np.maximum(np.abs(u - c["x"]) - c["w"], np.abs(v - c["y"]) - c["h"]), px)
     # A palm with three fingers pointing up.
     hand = _ellipse(u, v, c["x"], c["y"], c["w"], 0.8 * c["w"], px)
     for k in (-1.0, 0.0, 1.0):
         finger = _ellipse(u, v, c["x"] + k * 0.55 * c["w"], c["y"] - 0.9 * c["w"], 0.2 * c["w"], 0.6 * c["w"], px)
         hand = np.maximum(hand, finger)
-    _paint(img, np.where(c["hand"] > 0, hand, rect), c["value"])
+    mask = np.where(c["hand"] > 0, hand, rect)[..., None]
+    _paint(img, mask, o["color"][:, None, None, :].astype(np.float32))
 
 
 def _labels_per_identity(rng: np.random.Generator, identities: np.ndarray, class_p: np.ndarray) -> np.ndarray:
@@ -236,10 +255,59 @@ def _labels_per_identity(rng: np.random.Generator, identities: np.ndarray, class
     return np.minimum((draw > cdf).sum(axis=1), class_p.shape[1] - 1).astype(np.int64)
 
 
+def _draw_nuisance(rng: np.random.Generator, people: dict[str, np.ndarray], identities: np.ndarray) -> dict:
+    """Per-image pose, illumination, occluder and noise parameters."""
+    n = len(identities)
+    skin_rgb = people["skin"][identities, None] * people["tint"][identities] * rng.uniform(0.9, 1.1, (n, 1))
+    grey = np.repeat(rng.uniform(0.0, 1.0, (n, 1)), 3, axis=1)
+    hand = rng.random(n) < 0.5
+    return {
+        "dx": rng.normal(0, 0.06, n), "dy": rng.normal(0, 0.06, n),
+        "angle": rng.normal(0, 0.12, n), "scale": rng.uniform(0.85, 1.12, n),
+        # People keep roughly their own lighting: a person-level nuisance a
+        # personalized model can learn to discount.
+        "light_dir": people["light_dir"][identities] + rng.normal(0, 0.4, n),
+        "light": people["light"][identities] * rng.uniform(0.5, 1.5, n),
+        "contrast": rng.uniform(0.75, 1.15, n), "brightness": rng.normal(0, 0.06, n),
+        "occluded": rng.random(n) < _OCCLUDED_SHARE,
+        "occluder": {"x": rng.uniform(-0.45, 0.45, n), "y": rng.uniform(-0.3, 0.6, n), "w": rng.uniform(0.15, 0.3, n),
+                     "h": rng.uniform(0.1, 0.25, n), "hand": hand, "color": np.where(hand[:, None], skin_rgb, grey)},
+        "noise": rng.uniform(0.01, 0.05, n),
+        "tint": people["tint"][identities], "bg_tint": people["bg_tint"][identities],
+    }
+
+
+def _finish(warped: np.ndarray, nz: dict, rng: np.random.Generator, channels: int) -> np.ndarray:
+    """Light, tint, occlude and add noise to warped (n, 1 or 2, S, S) faces; uint8 (n, S, S, channels)."""
+    n, _, size, _ = warped.shape
+    col = lambda a: a.astype(np.float32).reshape(n, 1, 1)  # noqa: E731
+    grid = ((np.arange(size) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
+    ramp = col(np.cos(nz["light_dir"])) * grid[None, None, :] + col(np.sin(nz["light_dir"])) * grid[None, :, None]
+    img = warped[:, 0] * (1.0 + 0.5 * col(nz["light"]) * ramp)
+    img = ((img - 0.5) * col(nz["contrast"]) + 0.5 + col(nz["brightness"]))[..., None]
+    if channels == 3:
+        background = warped[:, 1, ..., None]
+        tint = nz["tint"][:, None, None, :] + background * (nz["bg_tint"] - nz["tint"])[:, None, None, :]
+        img = img * tint.astype(np.float32)
+    hit = np.flatnonzero(nz["occluded"])
+    if len(hit):
+        sub = img[hit]
+        occluder = {k: val[hit] for k, val in nz["occluder"].items()}
+        occluder["color"] = occluder["color"][:, :channels]  # red of a skin tint is 1: channel 0 is grey
+        _occlude(sub, occluder)
+        img[hit] = sub
+    img += rng.standard_normal(img.shape, dtype=np.float32) * col(nz["noise"])[..., None]
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 def generate_synthetic_faces(
     num_samples: int, num_identities: int, seed: int, image_size: int = 48, channels: int = 1
 ) -> ImageDataset:
-    """Draw `num_samples` face images of `num_identities` people (see the module docstring)."""
+    """Draw `num_samples` face images of `num_identities` people (see the module docstring).
+
+    Identities get num_samples // num_identities images each (the remainder goes
+    one each to the first identities), in shuffled order.
+    """
     _validate(num_samples, num_identities, image_size, channels)
     rng = np.random.default_rng(seed)
     people = _draw_people(rng, num_identities)
@@ -248,48 +316,19 @@ def generate_synthetic_faces(
     identities = rng.permutation(np.repeat(np.arange(num_identities), counts)).astype(np.int64)
     labels = _labels_per_identity(rng, identities, people["class_p"])
     expressions = _draw_expressions(rng, labels, people["gain"][identities], people["offset"][identities])
+    looks = {k: people[k][identities] for k in _LOOK}
+    looks.update({name: expressions[:, i] for i, name in enumerate(_PARAMS)})
+    nuisance = _draw_nuisance(rng, people, identities)
 
-    n = num_samples
-    per_image = {k: people[k][identities] for k in people if people[k].ndim == 1}
-    per_image.update({name: expressions[:, i] for i, name in enumerate(_PARAMS)})
-    pose = {"dx": rng.normal(0, 0.06, n), "dy": rng.normal(0, 0.06, n),
-            "angle": rng.normal(0, 0.12, n), "scale": rng.uniform(0.85, 1.12, n)}
-    light_dir = per_image.pop("light_dir") + rng.normal(0, 0.4, n)
-    light = per_image.pop("light") * rng.uniform(0.5, 1.5, n)
-    contrast, brightness = rng.uniform(0.75, 1.15, n), rng.normal(0, 0.06, n)
-    occluded = rng.random(n) < _OCCLUDED_SHARE
-    occluder = {"x": rng.uniform(-0.45, 0.45, n), "y": rng.uniform(-0.3, 0.6, n), "w": rng.uniform(0.15, 0.3, n),
-                "h": rng.uniform(0.1, 0.25, n), "hand": rng.random(n) < 0.5, "value": rng.uniform(0, 1, n)}
-    occluder["value"] = np.where(occluder["hand"], per_image["skin"] * rng.uniform(0.9, 1.1, n), occluder["value"])
-    noise_sigma = rng.uniform(0.01, 0.05, n)
-    tints = (people["tint"][identities], people["bg_tint"][identities])
-
-    size = image_size
-    grid = ((np.arange(size) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
-    out = np.empty((n, size, size, channels), dtype=np.uint8)
-    for lo in range(0, n, _CHUNK):
-        sl = slice(lo, min(lo + _CHUNK, n))
-        m = sl.stop - lo
-        canvas, cover = _render_canonical({k: val[sl] for k, val in per_image.items()}, size)
-        layers = canvas[:, None] if channels == 1 else np.concatenate([canvas[:, None], cover], axis=1)
-        warped = _warp(layers, *(pose[k][sl] for k in ("dx", "dy", "angle", "scale")))
-        img = warped[:, 0]
-        lx, ly = np.cos(light_dir[sl]), np.sin(light_dir[sl])
-        img *= 1.0 + (light[sl] * 0.5)[:, None, None] * (lx[:, None, None] * grid[None, None, :] + ly[:, None, None] * grid[None, :, None])
-        img = (img - 0.5) * contrast[sl, None, None] + 0.5 + brightness[sl, None, None]
-        hit = np.flatnonzero(occluded[sl])
-        if len(hit):
-            sub = img[hit]
-            _occlude(sub, {k: val[sl][hit] for k, val in occluder.items()})
-            img[hit] = sub
-        if channels == 3:
-            skin, bg = warped[:, 1, ..., None], warped[:, 2, ..., None]
-            tint = 1.0 + skin * (tints[0][sl, None, None] - 1.0) + bg * (tints[1][sl, None, None] - 1.0)
-            img = img[..., None] * tint.astype(np.float32)
-        else:
-            img = img[..., None]
-        img += rng.standard_normal(img.shape, dtype=np.float32) * noise_sigma[sl, None, None, None].astype(np.float32)
-        out[sl] = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out = np.empty((num_samples, image_size, image_size, channels), dtype=np.uint8)
+    for lo in range(0, num_samples, _CHUNK):
+        sl = slice(lo, min(lo + _CHUNK, num_samples))
+        canvas, background = _render_canonical({k: val[sl] for k, val in looks.items()}, image_size, channels == 3)
+        layers = canvas[:, None] if channels == 1 else np.stack([canvas, background], axis=1)
+        warped = _warp(layers, *(nuisance[k][sl] for k in ("dx", "dy", "angle", "scale")))
+        chunk_nuisance = {k: (val[sl] if k != "occluder" else {j: w[sl] for j, w in val.items()})
+                          for k, val in nuisance.items()}
+        out[sl] = _finish(warped, chunk_nuisance, rng, channels)
     return ImageDataset(images=out, labels=labels, class_names=FER2013_CLASSES, identities=identities)
 
 

@@ -1,0 +1,107 @@
+"""The command line as a user runs it: real processes, exit codes, files left behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedssl.config.load import shipped_recipes
+
+
+def fedssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedssl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_recipes_lists_one_line_each():
+    result = fedssl("recipes")
+    assert result.returncode == 0
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(shipped_recipes())
+    assert any(line.startswith("quickstart ") for line in lines)
+
+
+def test_misspelt_key_exits_2_with_one_line(tiny_recipe):
+    assert_user_error(fedssl("run", str(tiny_recipe), "federation.roundz=2"), "federation.roundz", "federation.rounds")
+
+
+def test_wrong_type_exits_2(tiny_recipe):
+    assert_user_error(fedssl("run", str(tiny_recipe), "federation.rounds=two"), "federation.rounds")
+
+
+def test_missing_recipe_exits_2():
+    assert_user_error(fedssl("run", "no/such/recipe.yaml"), "no/such/recipe.yaml")
+
+
+def test_missing_data_file_exits_2(tiny_recipe):
+    result = fedssl("run", str(tiny_recipe), "data.source=fer2013", "data.path=/nonexistent/fer2013.csv")
+    assert_user_error(result, "/nonexistent/fer2013.csv")
+
+
+def test_run_writes_the_run_directory(tiny_recipe, tmp_path):
+    result = fedssl("run", str(tiny_recipe), "logging.wandb.mode=offline")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert all(0.0 <= m["global_acc"] <= 1.0 for m in metrics)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["global_acc"] == metrics[-1]["global_acc"] and summary["seconds"] > 0
+    assert "rounds: 3" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "partition.npz").is_file()
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
+    # the same name again is refused rather than overwritten
+    assert_user_error(fedssl("run", str(tiny_recipe)), "already holds a run", "--resume")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["server_state"]["params"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_recipe, tmp_path):
+    rounds = ["federation.rounds=12"]
+    assert fedssl("run", str(tiny_recipe), *rounds, "name=whole").returncode == 0
+
+    killed_dir = tmp_path / "runs" / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "run", str(tiny_recipe), *rounds, "name=killed"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed_dir / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(killed_dir / "checkpoint.pt", weights_only=False)["round"]
+    assert killed_at < 12, "the run finished before it could be killed"
+
+    result = fedssl("run", str(tiny_recipe), *rounds, "name=killed", "--resume")
+    assert result.returncode == 0, result.stderr
+    whole, resumed = final_weights(tmp_path / "runs" / "whole"), final_weights(killed_dir)
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    metrics = [json.loads(line)["round"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == list(range(1, 13))
+
+
+def test_resume_under_a_changed_recipe_is_refused(tiny_recipe):
+    assert fedssl("run", str(tiny_recipe), "federation.rounds=1").returncode == 0
+    assert_user_error(fedssl("run", str(tiny_recipe), "train.lr=0.5", "--resume"), "train.lr")
+
+
+def test_resume_without_checkpoint(tiny_recipe):
+    assert_user_error(fedssl("run", str(tiny_recipe), "--resume"), "checkpoint")

@@ -1,0 +1,50 @@
+"""Print the recipe reference (every key, its default, its meaning) as a markdown table.
+
+The meanings are the comments beside each field in fedssl/config/schema.py, so the
+README's table is regenerated from the schema rather than kept in step by hand:
+
+    python tools/recipe_reference.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+
+from fedssl.config import schema
+
+FIELD_LINE = re.compile(r"^\s+(\w+): [^=]+= (.+?)\s+#\s*(.*)$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = FIELD_LINE.match(line)
+        if match:
+            comments[match.group(1)] = match.group(3)
+    return comments
+
+
+def rows(cls: type = schema.RecipeConfig, prefix: str = ""):
+    comments = field_comments(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from rows(type(value), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, comments.get(f.name, "")
+
+
+def markdown() -> str:
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, meaning in rows():
+        shown = "null" if default is None else repr(default) if isinstance(default, str) else str(default).lower() if isinstance(default, bool) else default
+        escaped = meaning.replace("|", r"\|")  # a bare | would end the table cell
+        lines.append(f"| `{key}` | `{shown}` | {escaped} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown())
