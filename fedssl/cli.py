@@ -44,10 +44,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedssl.config.load import load_recipe, to_yaml
+
+    cfg = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a typo fails fast
     from fedssl.federation.checkpoint import atomic_write_text
     from fedssl.federation.loop import run_federation
 
-    cfg = load_recipe(args.recipe, args.overrides)
     run_dir = Path(cfg.output_dir) / cfg.name
     prepare_run_dir(run_dir, args.resume, args.overwrite)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))

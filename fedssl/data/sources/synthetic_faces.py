@@ -39,15 +39,18 @@ from fedssl.errors import UserError
 # different seeds then differ only in partition, sampling and training.
 DATASET_SEED = 2026
 
-_CHUNK = 500  # images rendered together; bounds memory and keeps arrays cache-friendly
+_CHUNK = 128  # images rendered together: small enough for the arrays to stay in cache
 _OCCLUDED_SHARE = 0.15
+
+# A person's attributes that the renderer reads. Lengths are in the canonical face
+# frame: x and y in [-1, 1] across the image, y pointing down.
+_LOOK = ("face_a", "face_b", "skin", "hair_style", "hair", "hairline", "eye_x", "eye_y", "eye_w",
+         "brow_gap", "brow_t", "mouth_y", "mouth_w", "lip_t", "bg", "glasses", "beard")
 
 # Expression parameters, one row per class in FER2013_CLASSES order:
 # mouth curve (+ smile), mouth open, mouth width (x), mouth asymmetry,
 # brow raise, brow tilt (+ inner ends down: V), brow arch, eye opening (x),
 # nose wrinkle, brow furrow.
-_LOOK = ("face_a", "face_b", "skin", "hair_style", "hair", "hairline", "eye_x", "eye_y", "eye_w",
-         "brow_gap", "brow_t", "mouth_y", "mouth_w", "lip_t", "bg", "glasses", "beard")
 _PARAMS = ("curve", "open", "width", "asym", "raise", "tilt", "arch", "eye", "wrinkle", "furrow")
 _NEUTRAL = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0])
 _TARGETS = np.array([
@@ -212,23 +215,26 @@ def _render_canonical(
 def _warp(images: np.ndarray, dx, dy, angle, scale) -> np.ndarray:
     """Bilinearly resample (n, c, S, S) images under a per-image similarity transform."""
     n, c, size, _ = images.shape
-    f32 = lambda a: a.astype(np.float32)[:, None, None]  # noqa: E731
-    grid = ((np.arange(size) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
-    x, y = grid[None, None, :] - f32(dx), grid[None, :, None] - f32(dy)
-    cos, sin = f32(np.cos(angle) / scale), f32(np.sin(angle) / scale)
-    # Inverse map: where in the canonical face each output pixel comes from.
-    half = np.float32(size / 2.0)
-    sx = np.clip((cos * x + sin * y + 1.0) * half - 0.5, 0, size - 1.001)
-    sy = np.clip((cos * y - sin * x + 1.0) * half - 0.5, 0, size - 1.001)
+    half = size / 2.0
+    # Inverse map, in pixel units: where in the canonical face each output pixel
+    # comes from. Per-image constants go into the small (n, 1, S) and (n, S, 1)
+    # terms so that only their sum is full size.
+    cos, sin = [(f(angle) / scale * half).astype(np.float32)[:, None, None] for f in (np.cos, np.sin)]
+    grid = ((np.arange(size) + 0.5) / half - 1.0).astype(np.float32)
+    dx, dy = (d.astype(np.float32)[:, None, None] for d in (dx, dy))
+    x, y = grid[None, None, :] - dx, grid[None, :, None] - dy
+    sx = np.clip((cos * x + (half - 0.5)) + sin * y, 0, size - 1.001)
+    sy = np.clip((cos * y + (half - 0.5)) - sin * x, 0, size - 1.001)
     x0, y0 = sx.astype(np.intp), sy.astype(np.intp)  # floor: both are >= 0
     fx, fy = (sx - x0)[:, None], (sy - y0)[:, None]
     # Index the flattened chunk directly: one gather per corner for all channels.
-    base = (np.arange(n * c, dtype=np.intp) * size * size).reshape(n, c, 1, 1)
-    idx = base + (y0 * size + x0)[:, None]
+    idx = (np.arange(n * c) * size * size).reshape(n, c, 1, 1) + (y0 * size + x0)[:, None]
     flat = images.ravel()
-    top = flat[idx] * (1 - fx) + flat[idx + 1] * fx
-    bottom = flat[idx + size] * (1 - fx) + flat[idx + size + 1] * fx
-    return top * (1 - fy) + bottom * fy
+    corner = lambda offset: np.take(flat, idx + offset, mode="clip")  # noqa: E731
+    top, bottom = corner(0), corner(size)
+    top += (corner(1) - top) * fx
+    bottom += (corner(size + 1) - bottom) * fx
+    return top + (bottom - top) * fy
 
 
 def _occlude(img: np.ndarray, o: dict[str, np.ndarray]) -> None:
@@ -282,9 +288,14 @@ def _finish(warped: np.ndarray, nz: dict, rng: np.random.Generator, channels: in
     n, _, size, _ = warped.shape
     col = lambda a: a.astype(np.float32).reshape(n, 1, 1)  # noqa: E731
     grid = ((np.arange(size) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
-    ramp = col(np.cos(nz["light_dir"])) * grid[None, None, :] + col(np.sin(nz["light_dir"])) * grid[None, :, None]
-    img = warped[:, 0] * (1.0 + 0.5 * col(nz["light"]) * ramp)
-    img = ((img - 0.5) * col(nz["contrast"]) + 0.5 + col(nz["brightness"]))[..., None]
+    # Work in 0..255 from here: contrast, brightness and the scale fold into one affine map.
+    gain = 255.0 * nz["contrast"]
+    offset = 255.0 * (0.5 - 0.5 * nz["contrast"] + nz["brightness"]) + 0.5
+    lx, ly = 0.5 * nz["light"] * np.cos(nz["light_dir"]), 0.5 * nz["light"] * np.sin(nz["light_dir"])
+    shading = col(gain * lx) * grid[None, None, :] + (col(gain * ly) * grid[None, :, None] + col(gain))
+    img = warped[:, 0] * shading
+    img += col(offset)
+    img = img[..., None]
     if channels == 3:
         background = warped[:, 1, ..., None]
         tint = nz["tint"][:, None, None, :] + background * (nz["bg_tint"] - nz["tint"])[:, None, None, :]
@@ -293,11 +304,13 @@ def _finish(warped: np.ndarray, nz: dict, rng: np.random.Generator, channels: in
     if len(hit):
         sub = img[hit]
         occluder = {k: val[hit] for k, val in nz["occluder"].items()}
-        occluder["color"] = occluder["color"][:, :channels]  # red of a skin tint is 1: channel 0 is grey
+        occluder["color"] = 255.0 * occluder["color"][:, :channels]  # red of a skin tint is 1: channel 0 is grey
         _occlude(sub, occluder)
         img[hit] = sub
-    img += rng.standard_normal(img.shape, dtype=np.float32) * col(nz["noise"])[..., None]
-    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise *= (255.0 * nz["noise"]).astype(np.float32)[:, None, None, None]
+    img += noise
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)
 
 
 def generate_synthetic_faces(
