@@ -31,7 +31,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
-        return  # the checkpoint loader names the missing file if there is none
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise UserError(f"cannot resume: {run_dir / 'checkpoint.pt'} does not exist")
+        return
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(
@@ -46,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedssl.config.load import load_recipe, to_yaml
 
     cfg = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a typo fails fast
-    from fedssl.federation.checkpoint import atomic_write_text
+    from fedssl.io import atomic_write_text
     from fedssl.federation.loop import run_federation
 
     run_dir = Path(cfg.output_dir) / cfg.name

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from fedssl.config.schema import DataConfig
 from fedssl.data.dataset import ImageDataset, SourceData
 from fedssl.data.partition import partition
 from fedssl.errors import UserError
+from fedssl.io import atomic_write
 from fedssl.registry import did_you_mean
 
 LABEL_MODES = ("all", "client", "server", "mixed")
@@ -149,20 +149,7 @@ class FederatedData:
             parts = [np.asarray(getattr(c, kind), dtype=np.int64) for c in self.clients]
             arrays[kind] = np.concatenate(parts) if parts else _EMPTY
             arrays[f"{kind}_sizes"] = np.array([len(p) for p in parts], dtype=np.int64)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(path, lambda file: np.savez(file, **arrays))
 
     @staticmethod
     def load_partition(path: str | os.PathLike) -> dict:

@@ -7,13 +7,12 @@ pyplot, so importing this module changes no global backend state.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
 from fedssl.data.dataset import ImageDataset
 from fedssl.data.federated import FederatedData
+from fedssl.io import atomic_write
 
 SHORT_NAME = 6
 
@@ -75,21 +74,7 @@ def client_table(fed: FederatedData) -> str:
 
 
 def _save_atomic(fig, path: str | os.PathLike, dpi: int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _figure(width: float, height: float):

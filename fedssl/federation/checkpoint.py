@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,25 +11,9 @@ import numpy as np
 import torch
 
 from fedssl.errors import UserError
+from fedssl.io import atomic_write
 
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename the finished file onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def rng_states() -> dict[str, Any]:
@@ -46,7 +28,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
     payload = {"format": FORMAT_VERSION, **checkpoint, "rng": rng_states()}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda file: torch.save(payload, file))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

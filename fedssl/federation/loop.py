@@ -60,9 +60,11 @@ class Federation:
     store: ClientStateStore
 
     @classmethod
-    def build(cls, cfg: RecipeConfig) -> Federation:
+    def build(cls, cfg: RecipeConfig, data: FederatedData | None = None) -> Federation:
+        """Build from the recipe; `data` replaces the recipe's data source (benchmarks)."""
         device = resolve_device(cfg.federation.device)
-        data = build_federated_data(load_source(cfg.data), cfg.data, cfg.federation.clients, cfg.seed)
+        if data is None:
+            data = build_federated_data(load_source(cfg.data), cfg.data, cfg.federation.clients, cfg.seed)
         torch.manual_seed(cfg.seed)  # the initial weights
         model = build_model(cfg.model, data.pool.num_classes, data.pool.channels, cfg.data.image_size)
         algorithm = build_algorithm(cfg)

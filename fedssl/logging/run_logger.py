@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedssl.config.schema import RecipeConfig
-from fedssl.federation.checkpoint import atomic_write_text
+from fedssl.io import atomic_write_text
 
 
 def jsonable(value: Any) -> Any:
