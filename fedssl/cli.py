@@ -46,14 +46,16 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedssl.config.load import load_recipe, to_yaml
-
-    cfg = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a typo fails fast
     from fedssl.io import atomic_write_text
-    from fedssl.federation.loop import run_federation
 
+    # Recipe and run directory are checked before the heavy imports: a typo fails fast.
+    cfg = load_recipe(args.recipe, args.overrides)
     run_dir = Path(cfg.output_dir) / cfg.name
     prepare_run_dir(run_dir, args.resume, args.overwrite)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+    from fedssl.federation.loop import run_federation
+
     summary = run_federation(cfg, run_dir, resume=args.resume)
     print(
         f"{cfg.name}: global_acc {summary['global_acc']:.4f}, client_acc_mean {summary['client_acc_mean']:.4f} "

@@ -105,3 +105,13 @@ def test_resume_under_a_changed_recipe_is_refused(tiny_recipe):
 
 def test_resume_without_checkpoint(tiny_recipe):
     assert_user_error(fedssl("run", str(tiny_recipe), "--resume"), "checkpoint")
+
+
+def test_data_prints_the_partition_and_writes_pngs(tiny_recipe, tmp_path):
+    result = fedssl("data", str(tiny_recipe), "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for client in range(6):
+        assert any(line.split() and line.split()[0] == str(client) for line in lines), client
+    for png in ("partition.png", "samples.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,66 @@
+"""The in-process loop, driven from Python."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from fedssl.config.load import load_recipe
+from fedssl.errors import UserError
+from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.federation.loop import Federation, run_federation
+
+
+def test_federated_training_beats_chance(tiny_recipe, tmp_path):
+    cfg = load_recipe(tiny_recipe, ["federation.rounds=6"])
+    summary = run_federation(cfg, tmp_path / "run")
+    assert summary["rounds"] == 6
+    assert summary["global_acc"] > 1 / 7 + 0.05, summary
+
+
+def test_a_failing_client_is_named(tiny_recipe, monkeypatch):
+    federation = Federation.build(load_recipe(tiny_recipe))
+    fit = federation.trainer.fit
+
+    def fit_or_fail(client_id, labeled, payload):
+        if client_id == federation.data.clients[-1].client_id:
+            raise ValueError("disk on fire")
+        return fit(client_id, labeled, payload)
+
+    monkeypatch.setattr(federation.trainer, "fit", fit_or_fail)
+    state = federation.initial_state()
+    with pytest.raises(RuntimeError, match=r"client \d+ failed in round \d+: ValueError: disk on fire"):
+        for round_index in range(1, 10):
+            state, _ = federation.fit_round(round_index, state)
+
+
+def test_proximal_term_pulls_toward_the_global_weights(tiny_recipe):
+    cfg = load_recipe(tiny_recipe, ["algorithm.name=fedprox", "algorithm.proximal_mu=0.5"])
+    federation = Federation.build(cfg)
+    learner = federation.trainer.learner
+    global_arrays = {n: torch.zeros_like(p) for n, p in learner.model.named_parameters()}
+    learner.start_round(global_arrays)
+    expected = 0.25 * sum(float(p.detach().pow(2).sum()) for p in learner.model.parameters())
+    assert float(learner.proximal_term()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fedprox_without_mu_is_refused(tiny_recipe):
+    with pytest.raises(UserError, match="algorithm.proximal_mu"):
+        Federation.build(load_recipe(tiny_recipe, ["algorithm.name=fedprox"]))
+
+
+def test_the_learner_also_fits_under_a_lightning_trainer(tiny_recipe):
+    federation = Federation.build(load_recipe(tiny_recipe))
+    learner, pool = federation.trainer.learner, federation.pool
+    dataset = torch.utils.data.TensorDataset(pool.images[:64], pool.labels[:64])
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(learner, torch.utils.data.DataLoader(dataset, batch_size=16))
+    assert any(not torch.equal(before[n], p) for n, p in learner.model.named_parameters())
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="checkpoint.pt"):
+        load_checkpoint(path)
