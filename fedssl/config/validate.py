@@ -49,6 +49,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(cfg.algorithm.proximal_mu >= 0, "algorithm.proximal_mu", f"must be >= 0, got {cfg.algorithm.proximal_mu}")
     require(0 <= cfg.algorithm.server_momentum < 1, "algorithm.server_momentum", "must be in [0, 1)")
     require(cfg.algorithm.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {cfg.algorithm.server_lr}")
+    require(cfg.data.channels in (1, 3), "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
+    require(cfg.data.image_size >= 1, "data.image_size", f"must be >= 1, got {cfg.data.image_size}")
     require(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")
     check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     return cfg

@@ -58,10 +58,6 @@ def load(cfg: DataConfig) -> SourceData:
         UserError: the file is missing or malformed (the message names the line).
     """
     path = _csv_path(cfg.path)
-    if cfg.channels not in (1, 3) or cfg.image_size < 1:
-        raise UserError(
-            f"data.channels must be 1 or 3 and data.image_size positive, got {cfg.channels} and {cfg.image_size}"
-        )
     rows, columns, total, skipped = _read_csv(path, cfg.skip_bad)
     if skipped:
         log.warning("skipped %d of %d rows in %s (first: %s)", len(skipped), total, path, skipped[0])

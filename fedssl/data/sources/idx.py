@@ -66,10 +66,6 @@ def load(cfg: DataConfig) -> SourceData:
             that differ, or a label out of range (unless `skip_bad`).
     """
     folder = _folder(cfg.path)
-    if cfg.channels not in (1, 3) or cfg.image_size < 1:
-        raise UserError(
-            f"data.channels must be 1 or 3 and data.image_size positive, got {cfg.channels} and {cfg.image_size}"
-        )
     paths = find_files(folder)
     splits = {split: _read_split(*paths[split]) for split in FILES}
     is_fashion = "fashion" in cfg.path.lower() or "fashion" in str(folder.resolve()).lower()

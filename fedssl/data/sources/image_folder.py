@@ -46,10 +46,6 @@ def load(cfg: DataConfig) -> SourceData:
             classes, or an unreadable image (unless `skip_bad`).
     """
     root = _root(cfg.path)
-    if cfg.channels not in (1, 3) or cfg.image_size < 1:
-        raise UserError(
-            f"data.channels must be 1 or 3 and data.image_size positive, got {cfg.channels} and {cfg.image_size}"
-        )
     train_dir, test_dir = split_folders(root)
     if test_dir is None:
         return SourceData(train=_load_tree(root, cfg))
