@@ -79,6 +79,10 @@ def test_required_value_left_out(tmp_path):
         ("train.optimizer=sgdd", "train.optimizer"),
         ("logging.wandb.mode=offlin", "logging.wandb.mode"),
         ("train.lr=0", "train.lr"),
+        ("data.partition.scheme=dirichlt", "data.partition.scheme"),
+        ("data.source=synthetic", "data.source"),
+        ("data.labels.mode=clients", "data.labels.mode"),
+        ("data.channels=2", "data.channels"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):
