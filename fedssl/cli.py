@@ -1,10 +1,9 @@
-"""The `fedssl` command line: run | recipes | data."""
+"""The `fedssl` command line: run | recipes | data | sweep | compare."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,38 +28,75 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise UserError(f"cannot resume: {run_dir / 'checkpoint.pt'} does not exist")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"run directory {run_dir} already holds a run: pass --resume to continue it, "
-                f"--overwrite to start over, or choose another name=..."
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedssl.config.load import load_recipe, to_yaml
-    from fedssl.io import atomic_write_text
+    from fedssl.launch import launch
 
-    # Recipe and run directory are checked before the heavy imports: a typo fails fast.
-    cfg = load_recipe(args.recipe, args.overrides)
-    run_dir = Path(cfg.output_dir) / cfg.name
-    prepare_run_dir(run_dir, args.resume, args.overwrite)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-
-    from fedssl.federation.loop import run_federation
-
-    summary = run_federation(cfg, run_dir, resume=args.resume)
+    cfg, run_dir, summary = launch(args.recipe, args.overrides, args.resume, args.overwrite, args.name_from)
     print(
         f"{cfg.name}: global_acc {summary['global_acc']:.4f}, client_acc_mean {summary['client_acc_mean']:.4f} "
         f"after {summary['rounds']} rounds in {summary['seconds']:.1f}s; run directory {run_dir}"
     )
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedssl.config.load import load_recipe
+    from fedssl.io import atomic_write_text
+    from fedssl.launch import CHECKPOINT, SUMMARY, launch, named_after
+    from fedssl.sweep import grid, parse_param, seed_values, wandb_sweep_config
+
+    if not args.param:
+        raise UserError("sweep: give at least one --param key=value1,value2")
+    params = [parse_param(text) for text in args.param]
+    base = load_recipe(args.recipe, args.overrides)
+    sweep_name = args.name or f"{base.name}-sweep"
+    seeds = seed_values(base.seed, args.seeds)
+    recipe = args.recipe  # as the user gave it: the W&B agent resolves it where it runs
+    name_from = [p.key for p in params] + ["seed"]
+
+    config_path = Path(base.output_dir) / f"{sweep_name}.sweep.yaml"
+    atomic_write_text(config_path, yaml.safe_dump(wandb_sweep_config(recipe, sweep_name, params, seeds, args.overrides), sort_keys=False))
+    grid_overrides = [[*args.overrides, *combo, f"logging.wandb.group={sweep_name}"] for combo in grid(params, seeds)]
+    print(f"wrote the W&B sweep configuration {config_path} ({len(grid_overrides)} runs)")
+    if not args.local:
+        print(f"start it with: wandb sweep {config_path}  (then run the 'wandb agent ...' it prints)")
+        print(f"or run the grid here, one run after another: fedssl sweep {args.recipe} ... --local")
+        return 0
+    for overrides in grid_overrides:
+        cfg = named_after(load_recipe(recipe, overrides), name_from)
+        run_dir = Path(cfg.output_dir) / cfg.name
+        if (run_dir / SUMMARY).is_file():
+            print(f"{cfg.name}: finished before, kept")
+            continue
+        _, _, summary = launch(recipe, overrides, resume=(run_dir / CHECKPOINT).is_file(), name_from=name_from)
+        print(f"{cfg.name}: global_acc {summary['global_acc']:.4f}")
+    print(f"compare them with: fedssl compare --group {sweep_name} --runs-root {base.output_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedssl.io import atomic_write_text
+    from fedssl.logging.compare import comparison_table, group_variants, plot_curves
+    from fedssl.logging.runs import find_group, read_run_dir, read_wandb_group
+
+    if not args.run_dirs and not args.group:
+        raise UserError("compare: give run directories, or --group NAME")
+    if args.wandb and not args.group:
+        raise UserError("compare: --wandb needs --group NAME")
+    if args.wandb:
+        records = read_wandb_group(args.wandb, args.group)
+    else:
+        run_dirs = [Path(d) for d in args.run_dirs] or find_group(Path(args.runs_root), args.group)
+        records = [read_run_dir(d) for d in run_dirs]
+    variants = group_variants(records)
+    table = comparison_table(variants)
+    out = Path(args.out)
+    atomic_write_text(out / "comparison.md", table + "\n")
+    plot_curves(variants, out / f"{args.metric}.png", metric=args.metric)
+    print(table)
+    print(f"wrote {out / 'comparison.md'} and {out / (args.metric + '.png')}")
     return 0
 
 
@@ -90,10 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5")
     run.add_argument("--resume", action="store_true", help="continue the run in output_dir/name from its last checkpoint")
     run.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name first")
+    run.add_argument("--name-from", type=lambda text: text.split(","), default=[], metavar="KEY,...",
+                     help="append these keys' values to the run name (as sweeps do)")
     run.set_defaults(func=cmd_run)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
+
+    sweep = commands.add_parser("sweep", help="a grid of runs: a W&B sweep configuration, or run it here with --local")
+    sweep.add_argument("recipe")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    sweep.add_argument("--param", action="append", default=[], help="key=value1,value2,... (repeatable; the grid is their product)")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per combination: the recipe's seed, seed+1, ...")
+    sweep.add_argument("--name", help="the sweep's name and W&B group (default: NAME-sweep)")
+    sweep.add_argument("--local", action="store_true", help="run the grid here, sequentially, without a W&B agent")
+    sweep.set_defaults(func=cmd_sweep)
+
+    compare = commands.add_parser("compare", help="a table and plot comparing finished runs, averaged over seeds")
+    compare.add_argument("run_dirs", nargs="*", help="run directories")
+    compare.add_argument("--group", help="every finished run of this W&B group (under --runs-root, or in --wandb)")
+    compare.add_argument("--runs-root", default="runs", help="where to look for the group's run directories")
+    compare.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the group from this W&B project (online)")
+    compare.add_argument("--metric", default="global_acc", help="the metric plotted against round")
+    compare.add_argument("--out", default="comparison", help="folder for comparison.md and the PNG")
+    compare.set_defaults(func=cmd_compare)
 
     data = commands.add_parser("data", help="show how a recipe splits its data across clients")
     data.add_argument("recipe")

@@ -31,10 +31,10 @@ from fedssl.federation.messages import Payload, Update
 from fedssl.federation.sampling import clients_per_round, sample_clients
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
+from fedssl.launch import CHECKPOINT
 from fedssl.logging.run_logger import RunLogger
 from fedssl.models.factory import build_model
 
-CHECKPOINT = "checkpoint.pt"
 # Keys that may differ between a killed run and its resumption.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.")
 
@@ -180,5 +180,5 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
         "client_acc_mean": metrics["client_acc_mean"],
         "seconds": elapsed,
     }
-    logger.finish(summary, rows)
+    logger.finish(summary, rows, last_round=fed.rounds)
     return summary

@@ -75,7 +75,9 @@ class RunLogger:
         if self.wandb:
             self.wandb.log(metrics, step=round_index)
 
-    def finish(self, summary: dict[str, Any], client_rows: list[dict[str, Any]]) -> None:
+    def finish(self, summary: dict[str, Any], client_rows: list[dict[str, Any]], last_round: int) -> None:
+        """Write summary.json; in W&B, the summary, a per-client table and a histogram
+        of per-client accuracy at the last round's step."""
         atomic_write_text(self.run_dir / "summary.json", json.dumps(jsonable(summary), indent=2) + "\n")
         if self.wandb:
             import wandb
@@ -84,7 +86,8 @@ class RunLogger:
             if client_rows:
                 columns = list(client_rows[0])
                 table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in client_rows])
-                self.wandb.log({"clients": table})
+                accuracies = [row["acc"] for row in client_rows if row["test_samples"]]
+                self.wandb.log({"clients": table, "client_acc_histogram": wandb.Histogram(accuracies)}, step=last_round)
             self.wandb.finish()
 
     def abort(self) -> None:

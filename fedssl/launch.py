@@ -1,0 +1,68 @@
+"""Starting a run from a recipe: the run directory, the resolved config, the loop."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import MISSING, OmegaConf
+
+from fedssl.config.load import load_recipe, to_dict, to_yaml
+from fedssl.config.schema import RecipeConfig
+from fedssl.errors import UserError
+from fedssl.io import atomic_write_text
+from fedssl.sweep import run_name
+
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (run_dir / CHECKPOINT).is_file():
+            raise UserError(f"cannot resume: {run_dir / CHECKPOINT} does not exist")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"run directory {run_dir} already holds a run: pass --resume to continue it, "
+                f"--overwrite to start over, or choose another name=..."
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def named_after(cfg: RecipeConfig, keys: Sequence[str]) -> RecipeConfig:
+    """`cfg` renamed `NAME-key1=value1-...` after the resolved values of `keys`
+    (a sweep's runs get distinct, readable names this way)."""
+    resolved = OmegaConf.create(to_dict(cfg))
+    values = []
+    for key in keys:
+        if OmegaConf.select(resolved, key, default=MISSING) is MISSING:
+            raise UserError(f"--name-from: unknown key {key!r}")
+        values.append(f"{key}={OmegaConf.select(resolved, key)}")
+    return replace(cfg, name=run_name(cfg.name, values))
+
+
+def launch(
+    recipe: str,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    name_from: Sequence[str] = (),
+) -> tuple[RecipeConfig, Path, dict[str, Any]]:
+    """Load the recipe, prepare `output_dir/name`, and run the federation in it.
+
+    The recipe and the run directory are checked before the heavy imports, so that
+    a typo fails in a fraction of a second.
+    """
+    cfg = named_after(load_recipe(recipe, overrides), name_from)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    prepare_run_dir(run_dir, resume, overwrite)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+
+    from fedssl.federation.loop import run_federation
+
+    return cfg, run_dir, run_federation(cfg, run_dir, resume=resume)

@@ -1,0 +1,124 @@
+"""Comparison of runs: variants averaged over seeds, as a markdown table and a plot.
+
+Runs are variants of one another when their resolved configs agree on everything
+but the seed and the bookkeeping (name, output directory, logging). A variant is
+labelled by its algorithm and the keys on which the variants differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fedssl.io import atomic_write
+from fedssl.logging.runs import RunRecord
+
+# Final metrics a table shows, in this order, where any run has them.
+METRICS = ("global_acc", "personal_acc", "client_acc_mean", "bytes_up", "bytes_down", "epsilon", "seconds")
+IGNORED = ("seed", "name", "output_dir", "logging")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def variant_key(record: RunRecord) -> tuple[tuple[str, str], ...]:
+    """The config without seed and bookkeeping, as sorted (key, JSON value) pairs."""
+    flat = flatten(record.config)
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in flat.items() if k.split(".")[0] not in IGNORED))
+
+
+def shown(key: tuple[tuple[str, str], ...], name: str) -> str:
+    value = dict(key).get(name)
+    return "-" if value is None else str(json.loads(value))
+
+
+def group_variants(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Label -> the runs (seeds) of that variant, in first-seen order."""
+    by_key: dict[tuple, list[RunRecord]] = defaultdict(list)
+    for record in records:
+        by_key[variant_key(record)].append(record)
+    keys = list(by_key)
+    varying = sorted({k for key in keys for k, v in key if any(dict(other).get(k) != v for other in keys)})
+    labels = {}
+    for key in keys:
+        details = [f"{k.rsplit('.', 1)[-1]}={shown(key, k)}" for k in varying if k != "algorithm.name"]
+        labels[key] = " ".join([shown(key, "algorithm.name"), *details])
+    return {labels[key]: by_key[key] for key in keys}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single run)."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def format_cell(metric: str, values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    if metric.startswith("bytes"):
+        return f"{mean / 1e6:.2f} ± {std / 1e6:.2f} MB"
+    if metric == "seconds":
+        return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def comparison_table(variants: dict[str, list[RunRecord]]) -> str:
+    """Markdown: one row per variant, mean ± std over its seeds of each final metric."""
+    def present(metric: str) -> bool:
+        return any(_finite(r.summary.get(metric)) for runs in variants.values() for r in runs)
+
+    metrics = [m for m in METRICS if present(m)]
+    lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "| --- | --- |" + " --- |" * len(metrics)]
+    for label, runs in variants.items():
+        cells = []
+        for metric in metrics:
+            values = [r.summary[metric] for r in runs if _finite(r.summary.get(metric))]
+            cells.append(format_cell(metric, values) if values else "—")
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds every run evaluated, with the mean and std over runs of `metric` there."""
+    per_run = [{row["round"]: row[metric] for row in r.history if _finite(row.get(metric))} for r in runs]
+    rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    values = np.array([[p[t] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
+    std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(rounds))
+    return np.array(rounds), values.mean(axis=0), std
+
+
+def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = "global_acc") -> None:
+    """PNG: `metric` against round, one line per variant, a band of ± one std over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, runs in variants.items():
+        rounds, mean, std = curve(runs, metric)
+        line, = axes.plot(rounds, mean, label=f"{label} (n={len(runs)})")
+        axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("round")
+    axes.set_ylabel(metric)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))

@@ -1,0 +1,90 @@
+"""Sweeps run locally and compared: the table's numbers come from the runs' summaries."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from fedssl.errors import UserError
+from fedssl.logging.compare import comparison_table, group_variants, mean_std
+from fedssl.logging.runs import RunRecord
+from fedssl.sweep import Param, grid, parse_param, run_name, wandb_sweep_config
+
+
+def fedssl(*args):
+    return subprocess.run([sys.executable, "-m", "fedssl.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_local_sweep_then_compare(tiny_recipe, tmp_path):
+    runs = tmp_path / "runs"
+    sweep = fedssl("sweep", str(tiny_recipe), "federation.rounds=2", "--param", "train.lr=0.01,0.1", "--seeds", "2", "--local")
+    assert sweep.returncode == 0, sweep.stderr
+    run_dirs = sorted(p.parent for p in runs.glob("*/summary.json"))
+    assert [d.name for d in run_dirs] == ["tiny-lr=0.01-seed=0", "tiny-lr=0.01-seed=1", "tiny-lr=0.1-seed=0", "tiny-lr=0.1-seed=1"]
+    sweep_config = yaml.safe_load((runs / "tiny-sweep.sweep.yaml").read_text())
+    assert sweep_config["parameters"] == {"train.lr": {"values": [0.01, 0.1]}, "seed": {"values": [0, 1]}}
+
+    out = tmp_path / "comparison"
+    compare = fedssl("compare", "--group", "tiny-sweep", "--runs-root", str(runs), "--out", str(out))
+    assert compare.returncode == 0, compare.stderr
+    table = (out / "comparison.md").read_text()
+    for lr in ("0.01", "0.1"):
+        summaries = [json.loads((runs / f"tiny-lr={lr}-seed={s}" / "summary.json").read_text()) for s in (0, 1)]
+        row = next(line for line in table.splitlines() if line.startswith(f"| fedavg lr={lr} |"))
+        mean, std = mean_std([s["global_acc"] for s in summaries])
+        assert f"{mean:.4f} ± {std:.4f}" in row
+        assert np.isclose(std, np.std([s["global_acc"] for s in summaries], ddof=1))
+        assert "| 2 |" in row
+    with Image.open(out / "global_acc.png") as image:
+        image.verify()
+        assert image.format == "PNG"
+
+    again = fedssl("sweep", str(tiny_recipe), "federation.rounds=2", "--param", "train.lr=0.01,0.1", "--seeds", "2", "--local")
+    assert again.stdout.count("finished before, kept") == 4
+
+
+def record(seed, lr, acc, **summary):
+    config = {"name": f"r{seed}", "seed": seed, "algorithm": {"name": "fedavg"}, "train": {"lr": lr},
+              "logging": {"wandb": {"group": "g"}}, "output_dir": "runs"}
+    history = [{"round": 1, "global_acc": acc / 2}, {"round": 2, "global_acc": acc}]
+    return RunRecord(source=f"r{seed}", config=config, summary={"global_acc": acc, **summary}, history=history)
+
+
+def test_variants_differ_only_in_what_is_not_seed():
+    variants = group_variants([record(0, 0.1, 0.5), record(1, 0.1, 0.7), record(0, 0.2, 0.9)])
+    assert list(variants) == ["fedavg lr=0.1", "fedavg lr=0.2"]
+    assert [len(v) for v in variants.values()] == [2, 1]
+
+
+def test_table_shows_only_metrics_some_run_has():
+    table = comparison_table(group_variants([record(0, 0.1, 0.5, epsilon=3.0), record(1, 0.1, 0.7, epsilon=5.0)]))
+    header = table.splitlines()[0]
+    assert "epsilon" in header and "bytes_up" not in header and "personal_acc" not in header
+    assert "0.6000 ± 0.1414" in table and "4.0000 ± 1.4142" in table
+
+
+def test_grid_and_names():
+    params = [Param("train.lr", (0.01, 0.1)), Param("algorithm.name", ("fedavg",))]
+    combos = grid(params, [0, 1])
+    assert combos[0] == ["train.lr=0.01", "algorithm.name=fedavg", "seed=0"] and len(combos) == 4
+    assert run_name("q", ["train.lr=0.01", "seed=1"]) == "q-lr=0.01-seed=1"
+
+
+def test_param_parsing_and_errors():
+    assert parse_param("train.lr=0.01,0.1") == Param("train.lr", (0.01, 0.1))
+    with pytest.raises(UserError, match="train.lr"):
+        parse_param("train.lrr=0.1")
+    with pytest.raises(UserError, match="--seeds"):
+        parse_param("seed=1,2")
+
+
+def test_wandb_sweep_launches_fedssl_run_with_plain_overrides():
+    config = wandb_sweep_config("quickstart", "qs", [Param("train.lr", (0.01,))], [0, 1])
+    assert config["method"] == "grid"
+    assert config["command"][:3] == ["fedssl", "run", "quickstart"]
+    assert config["command"][-1] == "${args_no_hyphens}"
+    assert "logging.wandb.group=qs" in config["command"]
