@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from itertools import islice
 
 import numpy as np
 import torch
@@ -22,7 +23,8 @@ from fedssl.config.load import merge_config
 from fedssl.data.dataset import ImageDataset, SourceData
 from fedssl.data.federated import build_federated_data
 from fedssl.federation.loop import Federation
-from fedssl.federation.tensors import TensorPool, batch_indices
+from fedssl.federation.client import round_steps
+from fedssl.federation.tensors import TensorPool, cycle_batches
 from fedssl.models.factory import build_model
 
 
@@ -67,7 +69,10 @@ def main() -> None:
     }])
     data = build_federated_data(random_source(args.clients * args.samples), cfg.data, args.clients, cfg.seed)
     federation = Federation.build(cfg, data)
-    batches = [list(batch_indices(c.labeled, 10, 1, 0, np.random.default_rng(c.client_id))) for c in data.clients]
+    batches = [
+        list(islice(cycle_batches(c.labeled, 10, np.random.default_rng(c.client_id)), round_steps(len(c.labeled), 0, cfg.train, 0)))
+        for c in data.clients
+    ]
     steps = sum(len(b) for b in batches)
 
     fl_times, ideal_times = [], []

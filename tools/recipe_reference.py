@@ -3,7 +3,8 @@
 The meanings are the comments beside each field in fedssl/config/schema.py, so the
 README's table is regenerated from the schema rather than kept in step by hand:
 
-    python tools/recipe_reference.py
+    python tools/recipe_reference.py            # print it
+    python tools/recipe_reference.py --readme   # rewrite the table at the end of README.md
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import sys
+from pathlib import Path
 
 from fedssl.config import schema
 
@@ -46,5 +49,15 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
+def rewrite_readme(path: Path) -> None:
+    """Replace the reference table, the last thing in the README, with a fresh one."""
+    text = path.read_text()
+    start = text.index("| key | default | meaning |")
+    path.write_text(text[:start] + markdown() + "\n")
+
+
 if __name__ == "__main__":
-    print(markdown())
+    if "--readme" in sys.argv:
+        rewrite_readme(Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(markdown())

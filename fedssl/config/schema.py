@@ -64,11 +64,35 @@ class TrainConfig:
 
 
 @dataclass
+class SSLConfig:
+    unlabeled_ratio: int = 7  # mu: unlabeled images per labeled image in a step (FixMatch: 7)
+    lambda_u: float = 1.0  # weight of the unlabeled loss
+    threshold: str = "fixed"  # pseudo-label confidence threshold: fixed | flexmatch (class-wise adaptive)
+    tau: float = 0.95  # confidence threshold (FlexMatch: its upper bound)
+    distribution_alignment: bool = False  # align predicted class distributions to the labeled one (ReMixMatch)
+    server_steps: int = 0  # labels at the server: server fine-tuning steps on its labeled set per round (SemiFL)
+
+
+@dataclass
+class FedMatchConfig:
+    lambda_s: float = 10.0  # weight of the labeled loss on sigma
+    lambda_iccs: float = 1e-2  # weight of the inter-client consistency (KL to helpers)
+    lambda_l1: float = 1e-4  # L1 sparsity of psi (the paper uses 1e-5 with labels at the server)
+    lambda_l2: float = 10.0  # L2 tie of psi to the frozen sigma
+    tau: float = 0.85  # confidence threshold of agreement-based pseudo-labels
+    helpers: int = 2  # H: nearest client models sent as helpers
+    helper_every: int = 10  # h: rounds between helper refreshes
+    sparsity: float = 1e-5  # delta entries with |value| below this are not sent
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = "fedavg"  # the registered algorithm: fedavg | fedprox
+    name: str = "fedavg"  # the registered algorithm: fedavg | fedprox | fixmatch | fedmatch | semifl
     proximal_mu: float = 0.0  # FedProx proximal term weight (mu); 0 disables it
     server_lr: float = 1.0  # server learning rate applied to the averaged update
     server_momentum: float = 0.0  # FedAvgM server momentum (beta); 0 is plain FedAvg
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    fedmatch: FedMatchConfig = field(default_factory=FedMatchConfig)
 
 
 @dataclass

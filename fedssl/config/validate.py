@@ -61,6 +61,11 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     check_choice(cfg.data.augment, AUGMENTATIONS, "data.augment")
     require(cfg.data.channels in (1, 3), "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
     require(cfg.data.image_size >= 1, "data.image_size", f"must be >= 1, got {cfg.data.image_size}")
+    ssl = cfg.algorithm.ssl
+    check_choice(ssl.threshold, ("fixed", "flexmatch"), "algorithm.ssl.threshold")
+    require(0 < ssl.tau <= 1, "algorithm.ssl.tau", f"must be in (0, 1], got {ssl.tau}")
+    require(ssl.unlabeled_ratio >= 1, "algorithm.ssl.unlabeled_ratio", f"must be >= 1, got {ssl.unlabeled_ratio}")
+    require(ssl.server_steps >= 0, "algorithm.ssl.server_steps", f"must be >= 0, got {ssl.server_steps}")
     require(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")
     check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     return cfg

@@ -3,19 +3,25 @@
 An algorithm is three small things: a client learner (a LightningModule), a pure
 server aggregation, and a declaration of which arrays are shared. Backends drive
 these and know nothing of the algorithm; algorithms know nothing of transport.
+Algorithms that need more (helper models sent to clients, training on the server's
+labeled data) override the optional hooks below.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib
+from typing import Callable, Sequence
 
-import pytorch_lightning as pl
 from torch import nn
 
 from fedssl.config.schema import RecipeConfig
 from fedssl.federation.aggregate import ServerState
-from fedssl.federation.messages import Arrays, Scalar, Update
+from fedssl.federation.messages import Arrays, Payload, Scalar, Update
+from fedssl.learners.base import FederatedLearner
 from fedssl.registry import Registry
+
+# Runs the algorithm's learner on the server's labeled set from a payload.
+ServerTrainer = Callable[[Payload], Update]
 
 
 class Algorithm:
@@ -24,28 +30,44 @@ class Algorithm:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
 
-    def make_learner(self, model: nn.Module) -> pl.LightningModule:
+    def make_learner(self, model: nn.Module) -> FederatedLearner:
         raise NotImplementedError
 
-    def shared_names(self, model: nn.Module) -> list[str]:
-        """Names (state_dict keys) of the arrays that travel; the rest stay on the client."""
-        return list(model.state_dict().keys())
+    def shared_names(self, learner: FederatedLearner) -> list[str]:
+        """Names of the arrays that travel; the rest stay on the client."""
+        return list(learner.model.state_dict().keys())
 
     def init_server_state(self, arrays: Arrays) -> ServerState:
         return ServerState(params=arrays)
+
+    def payload(self, round_index: int, state: ServerState, client_id: int) -> Payload:
+        """What client `client_id` receives this round."""
+        return Payload(round=round_index, arrays=state.params, config=self.client_config(round_index))
 
     def client_config(self, round_index: int) -> dict[str, Scalar]:
         """Scalars sent down with the weights each round."""
         return {}
 
+    def server_round(self, round_index: int, state: ServerState, train_on_server: ServerTrainer | None) -> ServerState:
+        """Before the broadcast: training on the server's labeled data, where there is
+        any (`train_on_server` is None otherwise)."""
+        return state
+
     def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
         raise NotImplementedError
+
+    def global_weights(self, state: ServerState) -> Arrays:
+        """The model weights (state_dict names) that are evaluated and exported."""
+        return state.params
 
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
 
+# Modules that register algorithms, imported when an algorithm is first looked up.
+ALGORITHM_MODULES = ("fedssl.federation.fedavg", "fedssl.federation.fixmatch")
+
 
 def build_algorithm(cfg: RecipeConfig) -> Algorithm:
-    import fedssl.federation.fedavg  # noqa: F401  (registers fedavg, fedprox)
-
+    for module in ALGORITHM_MODULES:
+        importlib.import_module(module)
     return ALGORITHMS.get(cfg.algorithm.name, key="algorithm.name")(cfg)

@@ -9,7 +9,7 @@ from torch import nn
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.federation.aggregate import ServerState, server_step, weighted_average
-from fedssl.federation.algorithm import ALGORITHMS, Algorithm
+from fedssl.federation.algorithm import ALGORITHMS, Algorithm, ServerTrainer
 from fedssl.federation.messages import Update
 from fedssl.learners.supervised import SupervisedLearner
 
@@ -26,6 +26,13 @@ class FedAvg(Algorithm):
 
     def make_learner(self, model: nn.Module) -> SupervisedLearner:
         return SupervisedLearner(model, self.cfg.train, proximal_mu=self.cfg.algorithm.proximal_mu)
+
+    def server_round(self, round_index: int, state: ServerState, train_on_server: ServerTrainer | None) -> ServerState:
+        """With labels at the server, fine-tune the global model on them first."""
+        if train_on_server is None:
+            return state
+        update = train_on_server(self.payload(round_index, state, client_id=-1))
+        return ServerState(params=update.arrays, momentum=state.momentum)
 
     def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
         trained = [u for u in updates if u.num_examples > 0]

@@ -18,14 +18,14 @@ from tqdm import tqdm
 
 from fedssl.config.load import to_dict
 from fedssl.config.schema import RecipeConfig
-from fedssl.data.federated import FederatedData, build_federated_data
+from fedssl.data.federated import ClientData, FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.data.transforms import build_transform
 from fedssl.errors import UserError
 from fedssl.federation.aggregate import ServerState
 from fedssl.federation.algorithm import Algorithm, build_algorithm
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
-from fedssl.federation.client import ClientTrainer
+from fedssl.federation.client import Augmentations, ClientTrainer
 from fedssl.federation.evaluate import score
 from fedssl.federation.messages import Payload, Update
 from fedssl.federation.sampling import clients_per_round, sample_clients
@@ -36,7 +36,7 @@ from fedssl.logging.run_logger import RunLogger
 from fedssl.models.factory import build_model
 
 # Keys that may differ between a killed run and its resumption.
-RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.")
+RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +45,32 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("federation.device: cuda was asked for but no CUDA device is available")
     return torch.device(name)
+
+
+SERVER_ID = -1
+
+
+def client_kind(client: ClientData) -> str:
+    """labeled (labels only), unlabeled (no labels) or mixed; metrics keep them apart."""
+    if len(client.labeled) and len(client.unlabeled):
+        return "mixed"
+    return "labeled" if len(client.labeled) else "unlabeled"
+
+
+def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, float]:
+    """Training metrics of a round: mean loss, bytes, and pseudo-label quality pooled
+    over clients, overall and per kind of client."""
+    losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates),
+               "bytes_up": sum(u.num_bytes for u in updates)}
+    groups = {"": updates} | {f"/{kind}": [u for u in updates if kinds[u.client_id] == kind] for kind in sorted(set(kinds.values()))}
+    for suffix, members in groups.items():
+        seen = sum(u.metrics.get("pl_seen", 0) for u in members)
+        masked = sum(u.metrics.get("pl_masked", 0) for u in members)
+        if seen:
+            metrics[f"pl_mask_rate{suffix}"] = masked / seen
+            metrics[f"pl_acc{suffix}"] = sum(u.metrics["pl_correct"] for u in members) / masked if masked else float("nan")
+    return metrics
 
 
 @dataclass
@@ -70,47 +96,72 @@ class Federation:
         algorithm = build_algorithm(cfg)
         learner = algorithm.make_learner(model).to(device)
         pool = TensorPool.from_dataset(data.pool, device)
-        transform = None if cfg.data.augment == "none" else build_transform(cfg.data.augment, cfg.data.image_size)
-        trainer = ClientTrainer(learner, pool, cfg.train, algorithm.shared_names(model), cfg.seed, transform)
+        size = cfg.data.image_size
+        augmentations = Augmentations(
+            labeled=None if cfg.data.augment == "none" else build_transform(cfg.data.augment, size),
+            weak=build_transform("weak", size),
+            strong=build_transform("strong", size),
+        )
+        trainer = ClientTrainer(learner, pool, cfg.train, cfg.algorithm.ssl, algorithm.shared_names(learner),
+                                cfg.seed, augmentations)
         return cls(cfg, data, algorithm, trainer, pool, TensorPool.from_dataset(data.test, device), ClientStateStore())
 
     @property
     def model(self) -> torch.nn.Module:
         return self.trainer.learner.model
 
-    def initial_state(self) -> ServerState:
-        weights = self.trainer.weights
-        return self.algorithm.init_server_state({n: weights[n].detach().clone() for n in self.trainer.shared_names})
+    @property
+    def kinds(self) -> dict[int, str]:
+        return {c.client_id: client_kind(c) for c in self.data.clients}
 
-    def fit_round(self, round_index: int, state: ServerState) -> tuple[ServerState, list[Update]]:
+    def initial_state(self) -> ServerState:
+        return self.algorithm.init_server_state(self.trainer.learner.arrays(self.trainer.shared_names))
+
+    def train_on_server(self, payload: Payload) -> Update:
+        steps = self.cfg.algorithm.ssl.server_steps
+        update, _ = self.trainer.fit(SERVER_ID, self.data.server_labeled, self.data.server_labeled[:0], payload, steps=steps)
+        return update
+
+    def fit_round(self, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
         fed = self.cfg.federation
+        has_server_labels = len(self.data.server_labeled) > 0 and self.cfg.algorithm.ssl.server_steps > 0
+        state = self.algorithm.server_round(round_index, state, self.train_on_server if has_server_labels else None)
         sampled = sample_clients(fed.clients, clients_per_round(fed), self.cfg.seed, round_index)
-        payload = Payload(round=round_index, arrays=state.params, config=self.algorithm.client_config(round_index))
-        updates = []
+        updates, bytes_down = [], 0
         for client_id in sampled:
             client = self.data.clients[client_id]
+            payload = self.algorithm.payload(round_index, state, client_id)
+            bytes_down += payload.num_bytes
             try:
-                updates.append(self.trainer.fit(client_id, client.labeled, payload))
+                update, kept = self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, self.store.get(client_id))
             except Exception as error:
                 raise RuntimeError(f"client {client_id} failed in round {round_index}: {type(error).__name__}: {error}") from error
-        return self.algorithm.aggregate(updates, state), updates
+            if kept:
+                self.store.put(client_id, kept)
+            updates.append(update)
+        metrics = round_metrics(updates, self.kinds) | {"bytes_down": bytes_down}
+        return self.algorithm.aggregate(updates, state), metrics
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The global model on the server test set and on every client's local test split."""
-        self.trainer.load(state.params)
+        self.trainer.learner.load_arrays(self.algorithm.global_weights(state))
         server = score(self.model, self.test.images, self.test.labels)
         rows = []
         for client in self.data.clients:
             index = torch.from_numpy(client.test).to(self.pool.labels.device)
             local = score(self.model, self.pool.images[index], self.pool.labels[index])
-            rows.append({"client": client.client_id, "test_samples": local.count, "acc": local.accuracy, "loss": local.loss})
-        client_accs = [r["acc"] for r in rows if r["test_samples"]]
-        metrics = {
-            "global_acc": server.accuracy,
-            "global_loss": server.loss,
-            "client_acc_mean": float(np.mean(client_accs)) if client_accs else float("nan"),
-        }
+            rows.append({"client": client.client_id, "kind": client_kind(client), "test_samples": local.count,
+                         "acc": local.accuracy, "loss": local.loss})
+        metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
+        kinds = sorted({row["kind"] for row in rows})
+        if len(kinds) > 1:
+            metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}
         return metrics, rows
+
+
+def mean_acc(rows: list[dict[str, Any]]) -> float:
+    accs = [r["acc"] for r in rows if r["test_samples"]]
+    return float(np.mean(accs)) if accs else float("nan")
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
@@ -133,11 +184,13 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
     federation = Federation.build(cfg)
     federation.data.save(run_dir / "partition.npz")
     state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
+    totals = {"bytes_up": 0, "bytes_down": 0}
     if checkpoint:
         state = ServerState(**checkpoint["server_state"])
         federation.store.load_state_dict(checkpoint["client_states"])
         restore_rng_states(checkpoint["rng"])
         start, elapsed, wandb_id = checkpoint["round"] + 1, checkpoint["seconds"], checkpoint["wandb_id"]
+        totals = checkpoint["totals"]
 
     fed = cfg.federation
     logger = RunLogger(cfg, run_dir, config_dict, resume_after=start - 1, wandb_id=wandb_id)
@@ -147,9 +200,9 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
     try:
         for round_index in progress:
             began = time.perf_counter()
-            state, updates = federation.fit_round(round_index, state)
-            losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
-            metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates)}
+            state, metrics = federation.fit_round(round_index, state)
+            totals["bytes_up"] += metrics["bytes_up"]
+            totals["bytes_down"] += metrics["bytes_down"]
             if round_index % fed.eval_every == 0 or round_index == fed.rounds:
                 evaluated, rows = federation.evaluate(state)
                 metrics |= evaluated
@@ -163,6 +216,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
                 "server_state": {"params": state.params, "momentum": state.momentum},
                 "client_states": federation.store.state_dict(),
                 "seconds": elapsed,
+                "totals": totals,
                 "wandb_id": logger.wandb_id,
             })
     except BaseException:
@@ -178,6 +232,8 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
         "global_acc": metrics["global_acc"],
         "global_loss": metrics["global_loss"],
         "client_acc_mean": metrics["client_acc_mean"],
+        **{k: v for k, v in metrics.items() if k.startswith(("client_acc_mean/", "pl_"))},
+        **totals,
         "seconds": elapsed,
     }
     logger.finish(summary, rows, last_round=fed.rounds)

@@ -33,25 +33,16 @@ class TensorPool:
         return len(self.labels)
 
 
-def batch_indices(
-    indices: np.ndarray, batch_size: int, epochs: int, steps: int, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """Shuffled mini-batches of `indices`: `epochs` passes, or exactly `steps` batches
-    (reshuffling at each pass) when `steps` > 0. The last batch of a pass may be short."""
-    if len(indices) == 0:
-        return
-    produced, passes = 0, 0
-    while (steps > 0 and produced < steps) or (steps <= 0 and passes < epochs):
+def cycle_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Endless shuffled mini-batches of `indices`, reshuffled at every pass; the last
+    batch of a pass may be short."""
+    while True:
         order = rng.permutation(indices)
         for start in range(0, len(order), batch_size):
             yield order[start : start + batch_size]
-            produced += 1
-            if 0 < steps <= produced:
-                return
-        passes += 1
 
 
 def client_seed(seed: int, round_index: int, client_id: int) -> int:
     """A seed for one client's work in one round, independent of who ran before it,
     so that resumed runs and other backends draw the same numbers."""
-    return int(np.random.SeedSequence([seed, round_index, client_id]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, round_index, client_id + 1]).generate_state(1)[0])  # the server is -1

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedssl.config.schema import TrainConfig
+from fedssl.federation.messages import Payload
+from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -20,31 +21,24 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")  # the recipe validator rules this out
 
 
-class SupervisedLearner(pl.LightningModule):
+class SupervisedLearner(FederatedLearner):
     """Cross-entropy on labeled batches, with FedProx's proximal term when mu > 0.
 
     FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020)
     adds mu/2 * ||w - w_global||^2 to each client's loss; as in Flower, the term lives
     here on the client and the server only chooses mu.
-
-    The federation loop drives `training_step` and `configure_optimizers` directly
-    (no Trainer per client); a standard Lightning Trainer can fit it too.
     """
 
     def __init__(self, model: nn.Module, train_cfg: TrainConfig, proximal_mu: float = 0.0):
-        super().__init__()
-        self.model = model
+        super().__init__(model)
         self.train_cfg = train_cfg
         self.proximal_mu = proximal_mu
         self.global_params: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-    def start_round(self, global_arrays: dict[str, torch.Tensor]) -> None:
+    def start_round(self, payload: Payload, context: ClientContext) -> None:
         """Remember the round's global weights (by reference) for the proximal term."""
         if self.proximal_mu > 0:
-            self.global_params = {n: global_arrays[n] for n, _ in self.model.named_parameters() if n in global_arrays}
+            self.global_params = {n: payload.arrays[n] for n, _ in self.model.named_parameters() if n in payload.arrays}
 
     def proximal_term(self) -> torch.Tensor:
         squared = [
@@ -54,11 +48,14 @@ class SupervisedLearner(pl.LightningModule):
         ]
         return 0.5 * self.proximal_mu * torch.stack(squared).sum()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
+    def supervised_loss(self, batch: Batch) -> torch.Tensor:
+        loss = F.cross_entropy(self(batch["x"]), batch["y"])
         if self.proximal_mu > 0 and self.global_params:
             loss = loss + self.proximal_term()
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self.supervised_loss(batch)
         if self._trainer is not None:  # logging needs a Trainer; the federation loop collects losses itself
             self.log("train_loss", loss, prog_bar=True)
         return loss

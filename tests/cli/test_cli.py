@@ -87,7 +87,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_recipe, tmp_path):
     killed_at = torch.load(killed_dir / "checkpoint.pt", weights_only=False)["round"]
     assert killed_at < 12, "the run finished before it could be killed"
 
-    result = fedssl("run", str(tiny_recipe), *rounds, "name=killed", "--resume")
+    result = fedssl("run", str(tiny_recipe), "--resume", *rounds, "name=killed")  # overrides may follow flags
     assert result.returncode == 0, result.stderr
     whole, resumed = final_weights(tmp_path / "runs" / "whole"), final_weights(killed_dir)
     assert whole.keys() == resumed.keys()

@@ -8,12 +8,14 @@ from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.messages import Payload
+from fedssl.learners.base import ClientContext
 
 
 def test_federated_training_beats_chance(tiny_recipe, tmp_path):
-    cfg = load_recipe(tiny_recipe, ["federation.rounds=6"])
+    cfg = load_recipe(tiny_recipe, ["federation.rounds=12", "federation.clients_per_round=6"])
     summary = run_federation(cfg, tmp_path / "run")
-    assert summary["rounds"] == 6
+    assert summary["rounds"] == 12
     assert summary["global_acc"] > 1 / 7 + 0.05, summary
 
 
@@ -21,10 +23,10 @@ def test_a_failing_client_is_named(tiny_recipe, monkeypatch):
     federation = Federation.build(load_recipe(tiny_recipe))
     fit = federation.trainer.fit
 
-    def fit_or_fail(client_id, labeled, payload):
+    def fit_or_fail(client_id, *args, **kwargs):
         if client_id == federation.data.clients[-1].client_id:
             raise ValueError("disk on fire")
-        return fit(client_id, labeled, payload)
+        return fit(client_id, *args, **kwargs)
 
     monkeypatch.setattr(federation.trainer, "fit", fit_or_fail)
     state = federation.initial_state()
@@ -38,7 +40,7 @@ def test_proximal_term_pulls_toward_the_global_weights(tiny_recipe):
     federation = Federation.build(cfg)
     learner = federation.trainer.learner
     global_arrays = {n: torch.zeros_like(p) for n, p in learner.model.named_parameters()}
-    learner.start_round(global_arrays)
+    learner.start_round(Payload(round=1, arrays=global_arrays), ClientContext(0, 10, 0))
     expected = 0.25 * sum(float(p.detach().pow(2).sum()) for p in learner.model.parameters())
     assert float(learner.proximal_term()) == pytest.approx(expected, rel=1e-5)
 
@@ -51,7 +53,7 @@ def test_fedprox_without_mu_is_refused(tiny_recipe):
 def test_the_learner_also_fits_under_a_lightning_trainer(tiny_recipe):
     federation = Federation.build(load_recipe(tiny_recipe))
     learner, pool = federation.trainer.learner, federation.pool
-    dataset = torch.utils.data.TensorDataset(pool.images[:64], pool.labels[:64])
+    dataset = [{"x": x, "y": y} for x, y in zip(pool.images[:64], pool.labels[:64])]
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")
