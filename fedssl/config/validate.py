@@ -66,6 +66,11 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(0 < ssl.tau <= 1, "algorithm.ssl.tau", f"must be in (0, 1], got {ssl.tau}")
     require(ssl.unlabeled_ratio >= 1, "algorithm.ssl.unlabeled_ratio", f"must be >= 1, got {ssl.unlabeled_ratio}")
     require(ssl.server_steps >= 0, "algorithm.ssl.server_steps", f"must be >= 0, got {ssl.server_steps}")
+    fm = cfg.algorithm.fedmatch
+    require(0 <= fm.tau <= 1, "algorithm.fedmatch.tau", f"must be in [0, 1], got {fm.tau}")
+    require(fm.helpers >= 0, "algorithm.fedmatch.helpers", f"must be >= 0, got {fm.helpers}")
+    require(fm.helper_every >= 1, "algorithm.fedmatch.helper_every", f"must be >= 1, got {fm.helper_every}")
+    require(fm.sparsity >= 0, "algorithm.fedmatch.sparsity", f"must be >= 0, got {fm.sparsity}")
     require(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")
     check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     return cfg

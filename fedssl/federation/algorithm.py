@@ -64,7 +64,7 @@ class Algorithm:
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
 
 # Modules that register algorithms, imported when an algorithm is first looked up.
-ALGORITHM_MODULES = ("fedssl.federation.fedavg", "fedssl.federation.fixmatch")
+ALGORITHM_MODULES = ("fedssl.federation.fedavg", "fedssl.federation.fixmatch", "fedssl.federation.fedmatch")
 
 
 def build_algorithm(cfg: RecipeConfig) -> Algorithm:

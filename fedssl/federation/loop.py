@@ -69,7 +69,8 @@ def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, flo
         masked = sum(u.metrics.get("pl_masked", 0) for u in members)
         if seen:
             metrics[f"pl_mask_rate{suffix}"] = masked / seen
-            metrics[f"pl_acc{suffix}"] = sum(u.metrics["pl_correct"] for u in members) / masked if masked else float("nan")
+            correct = sum(u.metrics.get("pl_correct", 0) for u in members)
+            metrics[f"pl_acc{suffix}"] = correct / masked if masked else float("nan")
     return metrics
 
 

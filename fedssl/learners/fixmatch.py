@@ -51,6 +51,14 @@ class FixMatchLearner(SupervisedLearner):
             self.teacher.load_state_dict(self.model.state_dict())  # the weights just received
             self.teacher.eval()
 
+    def train(self, mode: bool = True) -> FixMatchLearner:
+        """Training mode for the student only: the teacher predicts with its running
+        statistics and never updates them."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
     def end_round(self) -> dict[str, torch.Tensor]:
         kept = self.threshold.state()
         if self.ssl_cfg.distribution_alignment:

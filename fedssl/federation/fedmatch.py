@@ -1,0 +1,196 @@
+"""FedMatch's server side (Jeong et al., "Federated Semi-Supervised Learning with
+Inter-Client Consistency & Disjoint Learning", ICLR 2021, arXiv:2006.12097).
+
+The global model is kept decomposed, "sigma/<param>" + "psi/<param>" plus buffers
+under their own names (see `fedssl.learners.fedmatch` for the client's loss). Each
+round the server:
+
+1. with labels at the server, trains sigma on them (the learner's "server" role);
+2. every `helper_every` rounds, picks for every client that has reported its H
+   nearest other client models, by their softmax outputs on a fixed random probe
+   (a KD-tree over these embeddings, as the authors do), and keeps copies of the
+   chosen models, which go to that client as frozen helpers ("helper<j>/<name>" in
+   `Payload.extras`) until the next refresh;
+3. decodes each client's sparse deltas against the weights it broadcast, averages
+   sigma and psi separately over the clients that sent them (weighted by example
+   count, as FedAvg), averages the buffers, and embeds each client's new model.
+
+Everything the server remembers between rounds (each client's latest model and
+embedding, the chosen helpers) lives in `ServerState.params` under "server/", so
+that aggregation stays a pure function and a resumed run picks helpers exactly as
+the killed one would have. The authors' code differs in two ways we do not follow:
+it sends a helper's psi only (the receiver adds its own sigma), and only on refresh
+rounds (no helpers in between); here a helper is the full sigma + psi model of that
+client and the cached choice is sent every round.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from torch import nn
+from torch.func import functional_call
+
+from fedssl.config.schema import RecipeConfig
+from fedssl.errors import UserError
+from fedssl.federation.aggregate import ServerState, weighted_average
+from fedssl.federation.algorithm import ALGORITHMS, Algorithm, ServerTrainer
+from fedssl.federation.messages import Arrays, Payload, Update
+from fedssl.learners.fedmatch import PSI, SIGMA, FedMatchLearner, decode_delta
+
+SERVER = "server/"  # server-only arrays in ServerState.params, never broadcast
+PROBES = 10  # random images that embed a model
+
+
+def nearest_helpers(embeddings: np.ndarray, num_helpers: int) -> list[list[int]]:
+    """For each row of `embeddings`, the rows of its `num_helpers` nearest other rows
+    (Euclidean), nearest first; fewer where there are fewer other rows."""
+    n = len(embeddings)
+    if num_helpers <= 0 or n < 2:
+        return [[] for _ in range(n)]
+    k = min(num_helpers + 1, n)  # +1: each row finds itself too
+    _, found = cKDTree(embeddings).query(embeddings, k=k)
+    found = np.asarray(found).reshape(n, k)
+    return [[int(j) for j in row if j != i][:num_helpers] for i, row in enumerate(found)]
+
+
+def decomposed_names(params: Arrays) -> list[str]:
+    return [k[len(SIGMA):] for k in params if k.startswith(SIGMA)]
+
+
+def plain_names(params: Arrays) -> list[str]:
+    """Buffers (and any non-floating parameter): shared as they are."""
+    return [k for k in params if not k.startswith((SIGMA, PSI, SERVER))]
+
+
+def broadcast(params: Arrays) -> Arrays:
+    return {k: v for k, v in params.items() if not k.startswith(SERVER)}
+
+
+def client_ids(params: Arrays, kind: str) -> list[int]:
+    prefix = f"{SERVER}{kind}/"
+    return sorted({int(k[len(prefix):].split("/")[0]) for k in params if k.startswith(prefix)})
+
+
+@ALGORITHMS.register("fedmatch")
+class FedMatch(Algorithm):
+    """FedMatch: inter-client consistency with helper models, and disjoint learning
+    of sigma (labels) and psi (unlabeled data), with sparse uploads.
+
+    Labels at the clients (`data.labels.mode` client, all or mixed): clients train
+    sigma on their labels and psi on their unlabeled data. Labels at the server
+    (`server`): clients train and upload psi only. Wherever the server holds labels
+    (`data.labels.server_per_class` and `algorithm.ssl.server_steps` > 0) it trains
+    sigma on them before each broadcast. Averaging is plain (`algorithm.server_lr`
+    and `server_momentum` are not used).
+    """
+
+    def __init__(self, cfg: RecipeConfig):
+        super().__init__(cfg)
+        self.labels_at_server = cfg.data.labels.mode == "server"
+        if self.labels_at_server and (cfg.algorithm.ssl.server_steps <= 0 or cfg.data.labels.server_per_class <= 0):
+            raise UserError("algorithm.ssl.server_steps: fedmatch with data.labels.mode=server trains sigma on the "
+                            "server's labels: set server_steps > 0 and data.labels.server_per_class > 0")
+        self.model: nn.Module | None = None
+        # A fixed probe, drawn from the run seed, in the data's [-1, 1] range.
+        generator = torch.Generator().manual_seed(cfg.seed)
+        shape = (PROBES, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        self.probe = torch.rand(shape, generator=generator) * 2 - 1
+
+    def make_learner(self, model: nn.Module) -> FedMatchLearner:
+        self.model = model  # the architecture the server embeds client models with
+        return FedMatchLearner(model, self.cfg.train, self.cfg.algorithm.fedmatch)
+
+    def shared_names(self, learner: FedMatchLearner) -> list[str]:
+        return learner.shared_names()
+
+    def payload(self, round_index: int, state: ServerState, client_id: int) -> Payload:
+        params = state.params
+        extras = {}
+        helpers = params.get(f"{SERVER}helpers/{client_id}")
+        if helpers is not None:
+            names = decomposed_names(params) + plain_names(params)
+            for j, helper in enumerate(helpers.tolist()):
+                extras |= {f"helper{j}/{n}": params[f"{SERVER}snapshot/{helper}/{n}"] for n in names}
+        config = {"role": "client", "train_sigma": not self.labels_at_server}
+        return Payload(round=round_index, arrays=broadcast(params), config=config, extras=extras)
+
+    def server_round(self, round_index: int, state: ServerState, train_on_server: ServerTrainer | None) -> ServerState:
+        params = dict(state.params)
+        if train_on_server is not None:
+            update = train_on_server(Payload(round=round_index, arrays=broadcast(params), config={"role": "server"}))
+            params |= {k: v for k, v in update.arrays.items() if not k.startswith(PSI)}  # sigma and buffers
+        return ServerState(params=self.refresh_helpers(round_index, params), momentum=state.momentum)
+
+    def refresh_helpers(self, round_index: int, params: Arrays) -> Arrays:
+        """Choose new helpers if `helper_every` rounds have passed since the last choice
+        (or none was made yet) and at least two clients have reported."""
+        cfg = self.cfg.algorithm.fedmatch
+        ids = client_ids(params, "embedding")
+        last = params.get(f"{SERVER}refreshed")
+        if cfg.helpers <= 0 or len(ids) < 2 or (last is not None and round_index - int(last) < cfg.helper_every):
+            return params
+        embeddings = torch.stack([params[f"{SERVER}embedding/{c}"] for c in ids]).cpu().numpy()
+        nearest = nearest_helpers(embeddings, cfg.helpers)
+        fresh = {k: v for k, v in params.items() if not k.startswith((f"{SERVER}helpers/", f"{SERVER}snapshot/"))}
+        names = decomposed_names(params) + plain_names(params)
+        for row, client in zip(nearest, ids):
+            fresh[f"{SERVER}helpers/{client}"] = torch.tensor([ids[j] for j in row], dtype=torch.int64)
+        for helper in {ids[j] for row in nearest for j in row}:
+            # The models as they are now, kept until the next refresh (no copy: arrays are never changed in place).
+            fresh |= {f"{SERVER}snapshot/{helper}/{n}": params[f"{SERVER}model/{helper}/{n}"] for n in names}
+        fresh[f"{SERVER}refreshed"] = torch.tensor(round_index, dtype=torch.int64)
+        return fresh
+
+    def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
+        trained = [u for u in updates if u.num_examples > 0]
+        if not trained:
+            return state
+        params = dict(state.params)
+        names, plain = decomposed_names(params), plain_names(params)
+        models = {u.client_id: self.decode(u, params, names, plain) for u in trained}
+        for part in (SIGMA, PSI):
+            senders = [u for u in trained if any(k.startswith(part) for k in u.arrays)]
+            if senders:  # a part nobody trained stays as it was
+                params |= weighted_average([Update(u.client_id, {part + n: models[u.client_id][part + n] for n in names},
+                                                   u.num_examples) for u in senders])
+        if plain:
+            params |= weighted_average([Update(u.client_id, {n: models[u.client_id][n] for n in plain}, u.num_examples)
+                                        for u in trained])
+        for client, arrays in models.items():
+            theta = {n: arrays[SIGMA + n] + arrays[PSI + n] for n in names} | {n: arrays[n] for n in plain}
+            params |= {f"{SERVER}model/{client}/{n}": v for n, v in theta.items()}
+            params[f"{SERVER}embedding/{client}"] = self.embed(theta)
+        return ServerState(params=params, momentum=state.momentum)
+
+    @staticmethod
+    def decode(update: Update, params: Arrays, names: list[str], plain: list[str]) -> Arrays:
+        """A client's sigma, psi and buffers: sparse deltas applied to the broadcast
+        weights; what it did not send is the broadcast value."""
+        out = {}
+        for key in [SIGMA + n for n in names] + [PSI + n for n in names]:
+            if f"{key}/index" in update.arrays:
+                out[key] = decode_delta(params[key], update.arrays[f"{key}/index"], update.arrays[f"{key}/value"])
+            else:
+                out[key] = update.arrays.get(key, params[key])
+        return out | {n: update.arrays.get(n, params[n]) for n in plain}
+
+    def embed(self, theta: Arrays) -> torch.Tensor:
+        """A model's softmax outputs on the fixed probe, flattened."""
+        if self.model is None:
+            raise RuntimeError("FedMatch.make_learner must be called before aggregating")
+        device = next(iter(theta.values())).device
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            out = functional_call(self.model, theta, (self.probe.to(device),)).softmax(1).flatten().float()
+        self.model.train(was_training)
+        return out
+
+    def global_weights(self, state: ServerState) -> Arrays:
+        params = state.params
+        return ({n: params[SIGMA + n] + params[PSI + n] for n in decomposed_names(params)}
+                | {n: params[n] for n in plain_names(params)})

@@ -1,0 +1,68 @@
+"""Run a named set of semi-supervised recipes on one partition and budget, then
+write a markdown table and accuracy curves (one line per recipe).
+
+    python tools/bench_ssl.py faces [--budget cpu|full] [--seeds 1] [--out runs/bench-faces]
+
+`--budget full` runs the recipes as written (meant for a GPU); `cpu` applies the
+reduced budget below, which fits a 2-core CPU. Finished runs are kept, so a killed
+benchmark continues where it stopped. The table is written to OUT/table.md and the
+curves to OUT/global_acc.png; BENCHMARKS.md records them with the command and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedssl.io import atomic_write_text
+from fedssl.launch import SUMMARY, launch
+from fedssl.logging.compare import comparison_table, plot_curves
+from fedssl.logging.runs import read_run_dir
+
+ALGORITHMS = ("supervised_only", "fixmatch", "fedprox_fixmatch", "fedmatch_client", "fedmatch_server", "semifl")
+SETS = {
+    "faces": [f"ssl_{a}_faces" for a in ALGORITHMS],
+    "fashion_mnist": [f"ssl_{a}_fashion_mnist" for a in ALGORITHMS],
+}
+# Budgets that fit a 2-core CPU in well under an hour per set.
+CPU_BUDGETS = {
+    "faces": ["federation.rounds=30"],
+    "fashion_mnist": ["federation.rounds=10"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("set", choices=sorted(SETS))
+    parser.add_argument("--budget", choices=("cpu", "full"), default="cpu")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--only", nargs="*", help="run only these recipes of the set")
+    parser.add_argument("--out", help="default: runs/bench-SET-BUDGET")
+    args = parser.parse_args()
+
+    out = Path(args.out or f"runs/bench-{args.set}-{args.budget}")
+    budget = CPU_BUDGETS[args.set] if args.budget == "cpu" else []
+    variants = {}
+    for recipe in SETS[args.set]:
+        if args.only and recipe not in args.only:
+            continue
+        runs = []
+        for seed in range(args.seeds):
+            name = f"{recipe}-seed{seed}"
+            run_dir = out / name
+            if not (run_dir / SUMMARY).is_file():
+                overrides = [*budget, f"seed={seed}", f"name={name}", f"output_dir={out}",
+                             f"logging.wandb.group=bench-{args.set}-{args.budget}", "logging.progress=false"]
+                launch(recipe, overrides, resume=(run_dir / "checkpoint.pt").is_file())
+            runs.append(read_run_dir(run_dir))
+            print(f"{name}: global_acc {runs[-1].summary['global_acc']:.4f}", flush=True)
+        variants[recipe] = runs
+    table = comparison_table(variants)
+    atomic_write_text(out / "table.md", table + "\n")
+    plot_curves(variants, out / "global_acc.png")
+    print(table)
+    print(f"wrote {out / 'table.md'} and {out / 'global_acc.png'}")
+
+
+if __name__ == "__main__":
+    main()
