@@ -39,7 +39,7 @@ SETS = {
 # Budgets that fit a 2-core CPU in well under an hour per set.
 CPU_BUDGETS = {
     "faces": ["federation.rounds=30"],
-    "fashion_mnist": ["federation.rounds=10"],
+    "fashion_mnist": ["federation.rounds=5"],
 }
 
 
