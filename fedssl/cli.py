@@ -44,7 +44,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from fedssl.config.load import load_recipe
     from fedssl.io import atomic_write_text
-    from fedssl.launch import CHECKPOINT, SUMMARY, launch, named_after
+    from fedssl.launch import complete
     from fedssl.sweep import grid, parse_param, seed_values, wandb_sweep_config
 
     if not args.param:
@@ -65,13 +65,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"or run the grid here, one run after another: fedssl sweep {args.recipe} ... --local")
         return 0
     for overrides in grid_overrides:
-        cfg = named_after(load_recipe(recipe, overrides), name_from)
-        run_dir = Path(cfg.output_dir) / cfg.name
-        if (run_dir / SUMMARY).is_file():
-            print(f"{cfg.name}: finished before, kept")
-            continue
-        _, _, summary = launch(recipe, overrides, resume=(run_dir / CHECKPOINT).is_file(), name_from=name_from)
-        print(f"{cfg.name}: global_acc {summary['global_acc']:.4f}")
+        run_dir, kept = complete(recipe, overrides, name_from)
+        print(f"{run_dir.name}: finished before, kept" if kept else f"{run_dir.name}: finished")
     print(f"compare them with: fedssl compare --group {sweep_name} --runs-root {base.output_dir}")
     return 0
 

@@ -66,3 +66,16 @@ def launch(
     from fedssl.federation.loop import run_federation
 
     return cfg, run_dir, run_federation(cfg, run_dir, resume=resume)
+
+
+def complete(recipe: str, overrides: Sequence[str] = (), name_from: Sequence[str] = ()) -> tuple[Path, bool]:
+    """Make sure the run exists and has finished: kept if it finished before,
+    resumed if it was killed, started otherwise. Returns its directory and whether
+    it was already finished (sweeps and benchmarks re-run this way complete
+    themselves)."""
+    cfg = named_after(load_recipe(recipe, overrides), name_from)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if (run_dir / SUMMARY).is_file():
+        return run_dir, True
+    launch(recipe, overrides, resume=(run_dir / CHECKPOINT).is_file(), name_from=name_from)
+    return run_dir, False

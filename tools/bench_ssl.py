@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from fedssl.io import atomic_write_text
-from fedssl.launch import SUMMARY, launch
+from fedssl.launch import complete
 from fedssl.logging.compare import comparison_table, plot_curves
 from fedssl.logging.runs import read_run_dir
 
@@ -60,14 +60,11 @@ def main() -> None:
             continue
         runs = []
         for seed in range(args.seeds):
-            name = f"{label}-seed{seed}"
-            run_dir = out / name
-            if not (run_dir / SUMMARY).is_file():
-                overrides = [*budget, *extra, f"seed={seed}", f"name={name}", f"output_dir={out}",
-                             f"logging.wandb.group=bench-{args.set}-{args.budget}", "logging.progress=false"]
-                launch(recipe, overrides, resume=(run_dir / "checkpoint.pt").is_file())
+            overrides = [*budget, *extra, f"seed={seed}", f"name={label}-seed{seed}", f"output_dir={out}",
+                         f"logging.wandb.group=bench-{args.set}-{args.budget}", "logging.progress=false"]
+            run_dir, _ = complete(recipe, overrides)
             runs.append(read_run_dir(run_dir))
-            print(f"{name}: global_acc {runs[-1].summary['global_acc']:.4f}", flush=True)
+            print(f"{run_dir.name}: global_acc {runs[-1].summary['global_acc']:.4f}", flush=True)
         variants[label] = runs
     table = comparison_table(variants)
     atomic_write_text(out / "table.md", table + "\n")
