@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from fedssl.config.load import to_dict
 from fedssl.config.schema import RecipeConfig
-from fedssl.data.federated import ClientData, FederatedData, build_federated_data
+from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.data.transforms import build_transform
 from fedssl.errors import UserError
@@ -28,6 +27,7 @@ from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, sa
 from fedssl.federation.client import Augmentations, ClientTrainer
 from fedssl.federation.evaluate import score
 from fedssl.federation.messages import Payload, Update
+from fedssl.federation.metrics import client_kind, mean_acc, round_metrics
 from fedssl.federation.sampling import clients_per_round, sample_clients
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
@@ -35,6 +35,7 @@ from fedssl.launch import CHECKPOINT
 from fedssl.logging.run_logger import RunLogger
 from fedssl.models.factory import build_model
 
+SERVER_ID = -1  # the server's "client id" when it trains on its own labeled data
 # Keys that may differ between a killed run and its resumption.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir")
 
@@ -45,33 +46,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("federation.device: cuda was asked for but no CUDA device is available")
     return torch.device(name)
-
-
-SERVER_ID = -1
-
-
-def client_kind(client: ClientData) -> str:
-    """labeled (labels only), unlabeled (no labels) or mixed; metrics keep them apart."""
-    if len(client.labeled) and len(client.unlabeled):
-        return "mixed"
-    return "labeled" if len(client.labeled) else "unlabeled"
-
-
-def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, float]:
-    """Training metrics of a round: mean loss, bytes, and pseudo-label quality pooled
-    over clients, overall and per kind of client."""
-    losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates),
-               "bytes_up": sum(u.num_bytes for u in updates)}
-    groups = {"": updates} | {f"/{kind}": [u for u in updates if kinds[u.client_id] == kind] for kind in sorted(set(kinds.values()))}
-    for suffix, members in groups.items():
-        seen = sum(u.metrics.get("pl_seen", 0) for u in members)
-        masked = sum(u.metrics.get("pl_masked", 0) for u in members)
-        if seen:
-            metrics[f"pl_mask_rate{suffix}"] = masked / seen
-            correct = sum(u.metrics.get("pl_correct", 0) for u in members)
-            metrics[f"pl_acc{suffix}"] = correct / masked if masked else float("nan")
-    return metrics
 
 
 @dataclass
@@ -158,11 +132,6 @@ class Federation:
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}
         return metrics, rows
-
-
-def mean_acc(rows: list[dict[str, Any]]) -> float:
-    accs = [r["acc"] for r in rows if r["test_samples"]]
-    return float(np.mean(accs)) if accs else float("nan")
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:

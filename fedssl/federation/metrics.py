@@ -1,0 +1,40 @@
+"""Round metrics: training loss, bytes, pseudo-label quality and accuracy, kept
+apart by kind of client (labeled, unlabeled, mixed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedssl.data.federated import ClientData
+from fedssl.federation.messages import Update
+
+
+def client_kind(client: ClientData) -> str:
+    """labeled (labels only), unlabeled (no labels) or mixed; metrics keep them apart."""
+    if len(client.labeled) and len(client.unlabeled):
+        return "mixed"
+    return "labeled" if len(client.labeled) else "unlabeled"
+
+
+def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, float]:
+    """Training metrics of a round: mean loss, bytes, and pseudo-label quality pooled
+    over clients, overall and per kind of client."""
+    losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates),
+               "bytes_up": sum(u.num_bytes for u in updates)}
+    groups = {"": updates} | {f"/{kind}": [u for u in updates if kinds[u.client_id] == kind] for kind in sorted(set(kinds.values()))}
+    for suffix, members in groups.items():
+        seen = sum(u.metrics.get("pl_seen", 0) for u in members)
+        masked = sum(u.metrics.get("pl_masked", 0) for u in members)
+        if seen:
+            metrics[f"pl_mask_rate{suffix}"] = masked / seen
+            correct = sum(u.metrics.get("pl_correct", 0) for u in members)
+            metrics[f"pl_acc{suffix}"] = correct / masked if masked else float("nan")
+    return metrics
+
+
+def mean_acc(rows: list[dict[str, Any]]) -> float:
+    accs = [r["acc"] for r in rows if r["test_samples"]]
+    return float(np.mean(accs)) if accs else float("nan")
