@@ -70,13 +70,14 @@ class ClientTrainer:
         self.seed = seed
         self.augmentations = augmentations
 
-    def images(self, indices: np.ndarray, transform: A.Compose | None) -> torch.Tensor:
+    def images(self, indices: np.ndarray, index: torch.Tensor, transform: A.Compose | None) -> torch.Tensor:
+        """The pooled images at `indices` (`index`: the same on the device), augmented."""
         if transform is None:
-            return self.pool.images[torch.from_numpy(indices).to(self.pool.labels.device)]
-        return to_tensor(augment_batch(transform, self.pool.raw[indices])).to(self.pool.labels.device)
+            return self.pool.images[index]
+        return to_tensor(augment_batch(transform, self.pool.raw[indices])).to(index.device)
 
     def batches(self, labeled: np.ndarray, unlabeled: np.ndarray, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
-        cfg, aug = self.train_cfg, self.augmentations
+        cfg, aug, device = self.train_cfg, self.augmentations, self.pool.labels.device
         labeled_stream = cycle_batches(labeled, cfg.batch_size, rng) if len(labeled) else None
         positions = np.arange(len(unlabeled))
         unlabeled_stream = cycle_batches(positions, self.unlabeled_batch, rng) if self.unlabeled_batch and len(unlabeled) else None
@@ -84,12 +85,15 @@ class ClientTrainer:
             batch: Batch = {}
             if labeled_stream is not None:
                 indices = next(labeled_stream)
-                batch["x"] = self.images(indices, aug.labeled)
-                batch["y"] = self.pool.labels[torch.from_numpy(indices).to(self.pool.labels.device)]
+                index = torch.from_numpy(indices).to(device)
+                batch["x"] = self.images(indices, index, aug.labeled)
+                batch["y"] = self.pool.labels[index]
             if unlabeled_stream is not None:
                 picked = next(unlabeled_stream)
-                batch["u_weak"] = self.images(unlabeled[picked], aug.weak)
-                batch["u_strong"] = self.images(unlabeled[picked], aug.strong)
+                indices = unlabeled[picked]
+                index = torch.from_numpy(indices).to(device)
+                batch["u_weak"] = self.images(indices, index, aug.weak)
+                batch["u_strong"] = self.images(indices, index, aug.strong)
                 batch["u_index"] = torch.from_numpy(picked)
             yield batch
 

@@ -56,7 +56,6 @@ class Federation:
     data: FederatedData
     algorithm: Algorithm
     trainer: ClientTrainer
-    pool: TensorPool
     test: TensorPool
     store: ClientStateStore
 
@@ -79,7 +78,11 @@ class Federation:
         )
         trainer = ClientTrainer(learner, pool, cfg.train, cfg.algorithm.ssl, algorithm.shared_names(learner),
                                 cfg.seed, augmentations)
-        return cls(cfg, data, algorithm, trainer, pool, TensorPool.from_dataset(data.test, device), ClientStateStore())
+        return cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), ClientStateStore())
+
+    @property
+    def pool(self) -> TensorPool:
+        return self.trainer.pool
 
     @property
     def model(self) -> torch.nn.Module:
