@@ -1,4 +1,4 @@
-"""The `fedssl` command line: run | recipes | data | sweep | compare."""
+"""The `fedssl` command line: run | recipes | data | sweep | compare | personalize | predict."""
 
 from __future__ import annotations
 
@@ -112,6 +112,30 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from fedssl.personalize import FineTuneOptions, personalize
+
+    # Lightning's device banner ("GPU available: False ...") tells a CPU fine-tuning nothing.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    options = FineTuneOptions(
+        mode=args.mode, epochs=args.epochs, patience=args.patience, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, holdout=args.holdout, augment=args.augment, seed=args.seed,
+        skip_bad=args.skip_bad, progress=not args.no_progress,
+    )
+    personalize(args.run, args.data, options, out_dir=args.out, export_format=args.format)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedssl.export import load_exported
+
+    model = load_exported(args.model)
+    images = model.read_images(args.images)  # every file is checked before anything is printed
+    for path, prediction in zip(args.images, model.predict(images)):
+        print(f"{path}\t{prediction.label}\t{prediction.confidence:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedssl", description="Semi-supervised and personalized federated learning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("overrides", nargs="*")
     data.add_argument("--out", help="folder for the PNGs (default: output_dir/data-NAME)")
     data.set_defaults(func=cmd_data)
+
+    personal = commands.add_parser("personalize", help="fine-tune a run's model on your labeled images and export it")
+    personal.add_argument("run", help="a run directory, or its checkpoint.pt")
+    personal.add_argument("--data", required=True, help="a folder of class subfolders, or a FER2013-style CSV")
+    personal.add_argument("--mode", default="head",
+                          help="head: the classifier only (default); full: every layer; maml: --steps SGD steps on every layer")
+    personal.add_argument("--out", help="folder for the model, personalize.json and logs (default: RUN/personalized-MODE)")
+    personal.add_argument("--format", default="torchscript", help="torchscript (default) or onnx (needs onnx, onnxscript)")
+    personal.add_argument("--epochs", type=int, default=20, help="head/full: at most this many epochs")
+    personal.add_argument("--patience", type=int, default=3, help="head/full: stop after this many epochs without a lower held-out loss")
+    personal.add_argument("--steps", type=int, default=5, help="maml: adaptation steps")
+    personal.add_argument("--lr", type=float, help="learning rate (maml: the inner lr; default: the recipe's train.lr)")
+    personal.add_argument("--batch-size", type=int, help="default: the recipe's train.batch_size")
+    personal.add_argument("--holdout", type=float, default=0.2, help="share held out for evaluation when the data has no test split")
+    personal.add_argument("--augment", help="none | weak | strong (default: the recipe's data.augment)")
+    personal.add_argument("--seed", type=int, help="default: the recipe's seed")
+    personal.add_argument("--skip-bad", action="store_true", help="skip unreadable images and bad CSV rows, and count them")
+    personal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    personal.set_defaults(func=cmd_personalize)
+
+    predict = commands.add_parser("predict", help="label images with a model exported by fedssl personalize")
+    predict.add_argument("model", help="model.pt (TorchScript) or model.onnx (needs onnxruntime)")
+    predict.add_argument("images", nargs="+", help="image files; one line each: path, label, confidence")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 

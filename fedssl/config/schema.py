@@ -86,13 +86,31 @@ class FedMatchConfig:
 
 
 @dataclass
+class PersonalConfig:
+    patterns: list[str] = field(default_factory=list)  # fedper/fedrep/fedbn: fnmatch patterns of the state_dict arrays that stay on the client (default: fedper/fedrep the classifier, fedbn the normalization layers)
+    head_epochs: int = 1  # fedrep: epochs training the head (body frozen) before train.local_epochs training the body (head frozen)
+    lam: float = 0.1  # ditto: lambda, the pull of each client's personal model toward the global one
+    ssl: bool = False  # fedper/fedrep/fedbn/ditto: clients also learn from unlabeled data with FixMatch (algorithm.ssl)
+
+
+@dataclass
+class MetaConfig:
+    variant: str = "fo"  # perfedavg: fo (first-order) | hf (Hessian-free, finite-difference Hessian-vector product)
+    inner_lr: float = 0.01  # perfedavg: alpha, the inner (adaptation) step size; train.lr is the outer step beta
+    hf_delta: float = 0.001  # perfedavg hf: delta of the finite-difference Hessian-vector product
+    adapt_steps: int = 1  # perfedavg/reptile: SGD steps on a client's labeled data that adapt the global model before its personal evaluation
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = "fedavg"  # the registered algorithm: fedavg | fedprox | fixmatch | fedmatch | semifl
+    name: str = "fedavg"  # the registered algorithm: fedavg | fedprox | fixmatch | fedmatch | semifl | fedper | fedrep | fedbn | ditto | perfedavg | reptile
     proximal_mu: float = 0.0  # FedProx proximal term weight (mu); 0 disables it
     server_lr: float = 1.0  # server learning rate applied to the averaged update
     server_momentum: float = 0.0  # FedAvgM server momentum (beta); 0 is plain FedAvg
     ssl: SSLConfig = field(default_factory=SSLConfig)
     fedmatch: FedMatchConfig = field(default_factory=FedMatchConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
 
 
 @dataclass
@@ -104,6 +122,28 @@ class FederationConfig:
     client_fraction: Optional[float] = None  # share of the population sampled each round, in (0, 1]
     eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
     device: str = "cpu"  # torch device for training: cpu | cuda | auto
+    states_in_memory: int = 100  # clients whose kept state (personal layers, ...) stays in memory; the rest are spilled to disk
+    state_dir: str = ""  # where spilled client states go, one file per client (default: a temporary directory)
+    aggregator: str = "mean"  # how FedAvg-family servers combine updates: mean (example-weighted) | median | trimmed_mean | krum | multi_krum
+    trim_fraction: float = 0.1  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate (beta)
+    byzantine: int = 1  # krum, multi_krum: f, the attackers tolerated; needs clients_per_round >= 2f + 3
+    krum_select: int = 0  # multi_krum: m, how many best-scored updates are averaged (0: n - f)
+    min_clients: int = 1  # a round needs this many usable updates, else it is retried (round_retries) or the run stops
+    round_retries: int = 0  # times a round with too few usable updates is redrawn from the clients that did not fail
+
+
+@dataclass
+class PrivacyConfig:
+    mechanism: str = "none"  # none | central: user-level DP-FedAvg (clipped client deltas, Gaussian noise on their average)
+    clip: float = 1.0  # L2 bound on each client's delta (its change to the global arrays); with adaptive_clip, the first bound
+    adaptive_clip: bool = False  # track a quantile of the delta norms (Andrew et al. 2021) instead of a fixed bound
+    target_quantile: float = 0.5  # adaptive_clip: share of deltas the bound should leave unclipped
+    clip_lr: float = 0.2  # adaptive_clip: geometric step of the bound per round
+    count_stddev: Optional[float] = None  # adaptive_clip: noise std of the unclipped count (default: max(m / 20, noise_multiplier))
+    noise_multiplier: float = 1.0  # z: noise std on the delta sum = z * clip (0: clipping only, no privacy)
+    target_epsilon: Optional[float] = None  # if set, the noise multiplier is computed so the whole run spends this epsilon
+    delta: float = 1e-5  # delta of (epsilon, delta); must be below 1 / federation.clients, keep it far below
+    accountant: str = "rdp"  # rdp | pld: dp-accounting's Renyi DP or privacy loss distribution accountant
 
 
 @dataclass
@@ -132,4 +172,5 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -9,13 +9,21 @@ from fedssl.data.federated import LABEL_MODES
 from fedssl.data.partition import SCHEMES
 from fedssl.data.sources import SOURCE_MODULES
 from fedssl.errors import UserError
+from fedssl.federation.sampling import clients_per_round
 from fedssl.registry import did_you_mean
 
 AUGMENTATIONS = ("none", "weak", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("inprocess",)
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")  # fedssl.federation.robust
+PRIVACY_MECHANISMS = ("none", "central")
+ACCOUNTANTS = ("rdp", "pld")  # fedssl.privacy.accountant
 DEVICES = ("cpu", "cuda", "auto")
+META_VARIANTS = ("fo", "hf")
+# Algorithms that read algorithm.personal.patterns and algorithm.personal.ssl.
+PERSONAL_PATTERN_ALGORITHMS = ("fedper", "fedrep", "fedbn")
+PERSONAL_SSL_ALGORITHMS = ("fedper", "fedrep", "fedbn", "ditto")
 
 
 def check_choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -27,6 +35,70 @@ def check_choice(value: str, choices: Sequence[str], key: str) -> None:
 def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise UserError(f"{key}: {message}")
+
+
+def validate_personal(cfg: RecipeConfig) -> None:
+    """Personalization keys: values in range, and switches set only where an
+    algorithm reads them (a switch that does nothing would hide a mistake)."""
+    name, personal, meta = cfg.algorithm.name, cfg.algorithm.personal, cfg.algorithm.meta
+    require(personal.head_epochs >= 0, "algorithm.personal.head_epochs", f"must be >= 0, got {personal.head_epochs}")
+    require(personal.lam >= 0, "algorithm.personal.lam", f"must be >= 0, got {personal.lam}")
+    require(not personal.patterns or name in PERSONAL_PATTERN_ALGORITHMS, "algorithm.personal.patterns",
+            f"only {', '.join(PERSONAL_PATTERN_ALGORITHMS)} keep layers by pattern; algorithm.name is {name!r}")
+    require(not personal.ssl or name in PERSONAL_SSL_ALGORITHMS, "algorithm.personal.ssl",
+            f"only {', '.join(PERSONAL_SSL_ALGORITHMS)} take it (fixmatch is FedAvg with FixMatch); "
+            f"algorithm.name is {name!r}")
+    check_choice(meta.variant, META_VARIANTS, "algorithm.meta.variant")
+    require(meta.inner_lr > 0, "algorithm.meta.inner_lr", f"must be > 0, got {meta.inner_lr}")
+    require(meta.hf_delta > 0, "algorithm.meta.hf_delta", f"must be > 0, got {meta.hf_delta}")
+    require(meta.adapt_steps >= 0, "algorithm.meta.adapt_steps", f"must be >= 0, got {meta.adapt_steps}")
+    fed = cfg.federation
+    require(fed.states_in_memory >= 0, "federation.states_in_memory", f"must be >= 0, got {fed.states_in_memory}")
+
+
+def validate_robustness(cfg: RecipeConfig) -> None:
+    """Robust aggregation and faulty clients: the aggregator must have enough updates."""
+    fed = cfg.federation
+    check_choice(fed.aggregator, AGGREGATORS, "federation.aggregator")
+    require(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
+    require(fed.byzantine >= 0, "federation.byzantine", f"must be >= 0, got {fed.byzantine}")
+    require(fed.krum_select >= 0, "federation.krum_select", f"must be >= 0, got {fed.krum_select}")
+    require(fed.round_retries >= 0, "federation.round_retries", f"must be >= 0, got {fed.round_retries}")
+    per_round = clients_per_round(fed)
+    require(1 <= fed.min_clients <= per_round, "federation.min_clients",
+            f"must be between 1 and the {per_round} clients sampled per round, got {fed.min_clients}")
+    if fed.aggregator in ("krum", "multi_krum"):
+        require(per_round >= 2 * fed.byzantine + 3, "federation.byzantine",
+                f"krum with f={fed.byzantine} needs at least 2f + 3 = {2 * fed.byzantine + 3} clients per round, "
+                f"got {per_round}")
+        require(fed.krum_select <= per_round - fed.byzantine, "federation.krum_select",
+                f"multi-krum averages at most n - f = {per_round - fed.byzantine} updates, got {fed.krum_select}")
+
+
+def validate_privacy(cfg: RecipeConfig) -> None:
+    p = cfg.privacy
+    check_choice(p.mechanism, PRIVACY_MECHANISMS, "privacy.mechanism")
+    check_choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    require(p.clip > 0, "privacy.clip", f"must be > 0, got {p.clip}")
+    require(0 < p.target_quantile < 1, "privacy.target_quantile", f"must be in (0, 1), got {p.target_quantile}")
+    require(p.clip_lr > 0, "privacy.clip_lr", f"must be > 0, got {p.clip_lr}")
+    require(p.count_stddev is None or p.count_stddev > 0, "privacy.count_stddev", f"must be > 0, got {p.count_stddev}")
+    require(p.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {p.noise_multiplier}")
+    require(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon",
+            f"must be > 0, got {p.target_epsilon}")
+    if p.mechanism == "none":
+        return
+    population = cfg.federation.clients
+    # A delta of 1/n would allow a mechanism that publishes one of the n clients' data outright.
+    require(0 < p.delta < 1 / population, "privacy.delta",
+            f"must be in (0, 1/federation.clients = {1 / population:.3g}), and far below it; got {p.delta}")
+    require(cfg.federation.aggregator == "mean", "privacy.mechanism",
+            f"{p.mechanism} DP clips and averages the deltas itself; it cannot be combined with "
+            f"federation.aggregator={cfg.federation.aggregator}")
+    # A retry redraws from the clients that did not fail: not the Poisson sampling the accountant assumes.
+    require(cfg.federation.round_retries == 0, "federation.round_retries",
+            f"must be 0 with privacy.mechanism={p.mechanism}: a redrawn round is not the Poisson sampling "
+            "the privacy accountant assumes")
 
 
 def validate(cfg: RecipeConfig) -> RecipeConfig:
@@ -71,6 +143,9 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(fm.helpers >= 0, "algorithm.fedmatch.helpers", f"must be >= 0, got {fm.helpers}")
     require(fm.helper_every >= 1, "algorithm.fedmatch.helper_every", f"must be >= 1, got {fm.helper_every}")
     require(fm.sparsity >= 0, "algorithm.fedmatch.sparsity", f"must be >= 0, got {fm.sparsity}")
+    validate_personal(cfg)
+    validate_robustness(cfg)
+    validate_privacy(cfg)
     require(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")
     check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     return cfg

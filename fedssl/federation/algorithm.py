@@ -17,6 +17,7 @@ from torch import nn
 from fedssl.config.schema import RecipeConfig
 from fedssl.federation.aggregate import ServerState
 from fedssl.federation.messages import Arrays, Payload, Scalar, Update
+from fedssl.federation.personal_eval import LocalClient
 from fedssl.learners.base import FederatedLearner
 from fedssl.registry import Registry
 
@@ -26,6 +27,18 @@ ServerTrainer = Callable[[Payload], Update]
 
 class Algorithm:
     """Base class: share everything, override the learner and the aggregation."""
+
+    # Whether a client's personalized model (`personal_weights`) can differ from the
+    # global model; when not, the global model's local scores stand for it.
+    personalized = False
+    # Whether every update holds each shared array densely (the FedAvg family). When
+    # not, an update may send arrays as sparse deltas and leave unchanged ones out
+    # (FedMatch); `faults.check_update` checks updates accordingly.
+    dense_updates = False
+    # Whether `aggregate` is `robust.combine` of the updates followed by a server step,
+    # so that `federation.aggregator` can replace the average and `privacy.mechanism`
+    # can hand it one private update in place of the cohort's.
+    averages_updates = False
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -60,11 +73,19 @@ class Algorithm:
         """The model weights (state_dict names) that are evaluated and exported."""
         return state.params
 
+    def personal_weights(self, state: ServerState, client: LocalClient) -> Arrays:
+        """The weights of `client`'s personalized model, which is scored on its own local
+        test split: the global model with its personal layers (FedPer), its personal
+        model (Ditto), or the global model adapted on its training data (Per-FedAvg).
+        Without personalization, the global model."""
+        return self.global_weights(state)
+
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
 
 # Modules that register algorithms, imported when an algorithm is first looked up.
-ALGORITHM_MODULES = ("fedssl.federation.fedavg", "fedssl.federation.fixmatch", "fedssl.federation.fedmatch")
+ALGORITHM_MODULES = ("fedssl.federation.fedavg", "fedssl.federation.fixmatch", "fedssl.federation.fedmatch",
+                     "fedssl.federation.personal_layers", "fedssl.federation.meta")
 
 
 def build_algorithm(cfg: RecipeConfig) -> Algorithm:

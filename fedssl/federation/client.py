@@ -115,6 +115,7 @@ class ClientTrainer:
         truth = self.pool.labels[torch.from_numpy(unlabeled).to(device)] if len(unlabeled) else None
         if steps is None:
             steps = round_steps(len(labeled), len(unlabeled), self.train_cfg, self.unlabeled_batch if len(unlabeled) else 0)
+            steps = learner.round_steps(steps)
         for step, batch in enumerate(self.batches(labeled, unlabeled, np.random.default_rng(seed), steps)):
             optimizer.zero_grad(set_to_none=True)
             out = learner.training_step(batch, step)

@@ -8,9 +8,10 @@ from torch import nn
 
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState, server_step, weighted_average
+from fedssl.federation.aggregate import ServerState, server_step
 from fedssl.federation.algorithm import ALGORITHMS, Algorithm, ServerTrainer
 from fedssl.federation.messages import Update
+from fedssl.federation.robust import combine
 from fedssl.learners.supervised import SupervisedLearner
 
 
@@ -20,9 +21,13 @@ class FedAvg(Algorithm):
     Networks from Decentralized Data", AISTATS 2017).
 
     Clients run local SGD on their labeled data; the server averages the returned
-    weights by example count. `algorithm.proximal_mu > 0` adds FedProx's proximal
-    term on the clients; `algorithm.server_momentum > 0` makes it FedAvgM.
+    weights by example count (or combines them robustly, `federation.aggregator`).
+    `algorithm.proximal_mu > 0` adds FedProx's proximal term on the clients;
+    `algorithm.server_momentum > 0` makes it FedAvgM.
     """
+
+    dense_updates = True
+    averages_updates = True
 
     def make_learner(self, model: nn.Module) -> SupervisedLearner:
         return SupervisedLearner(model, self.cfg.train, proximal_mu=self.cfg.algorithm.proximal_mu)
@@ -39,7 +44,8 @@ class FedAvg(Algorithm):
         if not trained:  # e.g. only unlabeled clients were sampled: nothing to learn from
             return state
         algo = self.cfg.algorithm
-        return server_step(state, weighted_average(trained), lr=algo.server_lr, momentum=algo.server_momentum)
+        average = combine(trained, self.cfg.federation)
+        return server_step(state, average, lr=algo.server_lr, momentum=algo.server_momentum)
 
 
 @ALGORITHMS.register("fedprox")

@@ -7,6 +7,7 @@ client), so a resumed run continues exactly where the killed one stopped.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +26,26 @@ from fedssl.federation.aggregate import ServerState
 from fedssl.federation.algorithm import Algorithm, build_algorithm
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fedssl.federation.client import Augmentations, ClientTrainer
-from fedssl.federation.evaluate import score
+from fedssl.federation.evaluate import Score, score
+from fedssl.federation.faults import check_update
 from fedssl.federation.messages import Payload, Update
 from fedssl.federation.metrics import client_kind, mean_acc, round_metrics
-from fedssl.federation.sampling import clients_per_round, sample_clients
+from fedssl.federation.personal_eval import LocalClient, labeled_batches, personal_metrics, personal_summary
+from fedssl.federation.robust import minimum_updates
+from fedssl.federation.sampling import clients_per_round, poisson_sample, sample_clients
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
 from fedssl.launch import CHECKPOINT
-from fedssl.logging.run_logger import RunLogger
+from fedssl.logging.run_logger import RunLogger, read_metrics
 from fedssl.models.factory import build_model
+from fedssl.privacy.mechanism import CentralDP
+
+log = logging.getLogger(__name__)
 
 SERVER_ID = -1  # the server's "client id" when it trains on its own labeled data
 # Keys that may differ between a killed run and its resumption.
-RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir")
+RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir",
+                     "federation.states_in_memory", "federation.state_dir")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,6 +66,7 @@ class Federation:
     trainer: ClientTrainer
     test: TensorPool
     store: ClientStateStore
+    privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
 
     @classmethod
     def build(cls, cfg: RecipeConfig, data: FederatedData | None = None) -> Federation:
@@ -68,6 +77,10 @@ class Federation:
         torch.manual_seed(cfg.seed)  # the initial weights
         model = build_model(cfg.model, data.pool.num_classes, data.pool.channels, cfg.data.image_size)
         algorithm = build_algorithm(cfg)
+        if cfg.federation.aggregator != "mean" and not algorithm.averages_updates:
+            raise UserError(f"federation.aggregator: {cfg.federation.aggregator} is not available for "
+                            f"algorithm.name={cfg.algorithm.name}, whose server does not average full client weights")
+        privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
         learner = algorithm.make_learner(model).to(device)
         pool = TensorPool.from_dataset(data.pool, device)
         size = cfg.data.image_size
@@ -78,7 +91,8 @@ class Federation:
         )
         trainer = ClientTrainer(learner, pool, cfg.train, cfg.algorithm.ssl, algorithm.shared_names(learner),
                                 cfg.seed, augmentations)
-        return cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), ClientStateStore())
+        store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
+        return cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), store, privacy)
 
     @property
     def pool(self) -> TensorPool:
@@ -101,40 +115,128 @@ class Federation:
         return update
 
     def fit_round(self, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
-        fed = self.cfg.federation
         has_server_labels = len(self.data.server_labeled) > 0 and self.cfg.algorithm.ssl.server_steps > 0
         state = self.algorithm.server_round(round_index, state, self.train_on_server if has_server_labels else None)
-        sampled = sample_clients(fed.clients, clients_per_round(fed), self.cfg.seed, round_index)
-        updates, bytes_down = [], 0
-        for client_id in sampled:
-            client = self.data.clients[client_id]
-            payload = self.algorithm.payload(round_index, state, client_id)
-            bytes_down += payload.num_bytes
-            try:
-                update, kept = self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, self.store.get(client_id))
-            except Exception as error:
-                raise RuntimeError(f"client {client_id} failed in round {round_index}: {type(error).__name__}: {error}") from error
-            if kept:
-                self.store.put(client_id, kept)
-            updates.append(update)
-        metrics = round_metrics(updates, self.kinds) | {"bytes_down": bytes_down}
-        return self.algorithm.aggregate(updates, state), metrics
+        updates, dropped, bytes_down = self.collect(round_index, state)
+        metrics = round_metrics(updates, self.kinds) | {"bytes_down": bytes_down, "dropped_clients": dropped}
+        if self.privacy is None:
+            return self.algorithm.aggregate(updates, state), metrics
+        # DP-FedAvg: the cohort's updates become one private update, which the
+        # algorithm's own server step applies (see fedssl.privacy.mechanism).
+        private, privacy_metrics = self.privacy.aggregate(updates, state.params, round_index)
+        return self.algorithm.aggregate([private], state), metrics | privacy_metrics
+
+    def sample(self, round_index: int, attempt: int, failed: set[int]) -> list[int]:
+        """The round's clients: a uniform draw of clients_per_round, or under DP a
+        Poisson draw (each client independently, at the rate the accountant assumes).
+        A retried round (attempt > 0) draws afresh from the clients that have not failed."""
+        fed = self.cfg.federation
+        candidates = [c for c in range(fed.clients) if c not in failed]
+        if self.privacy is not None:
+            return poisson_sample(candidates, self.privacy.sampling_rate, self.cfg.seed, round_index, attempt)
+        count = min(clients_per_round(fed), len(candidates))
+        return [candidates[i] for i in sample_clients(len(candidates), count, self.cfg.seed, round_index, attempt)]
+
+    def fit_client(self, client_id: int, payload: Payload) -> tuple[Update | Exception, dict[str, torch.Tensor], str | None]:
+        """One client's round: its update (or the exception it raised), what it keeps,
+        and why its update is unusable (None if it is usable)."""
+        client = self.data.clients[client_id]
+        try:
+            update, kept = self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, self.store.get(client_id))
+        except UserError:
+            raise  # a mistake in the recipe, not a faulty client
+        except Exception as error:
+            log.debug("client %d raised", client_id, exc_info=True)
+            return error, {}, f"it raised {type(error).__name__}: {error}"
+        return update, kept, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
+
+    def collect(self, round_index: int, state: ServerState) -> tuple[list[Update], int, int]:
+        """Train the sampled clients; their usable updates, how many were dropped, bytes sent.
+
+        An update that raised, holds non-finite values or arrays of a wrong name or
+        shape is dropped with a warning naming the client. With fewer usable updates
+        than federation.min_clients (or than the aggregator needs), the round is drawn
+        again from the clients that did not fail, up to federation.round_retries
+        times, and then the run stops. Under DP a Poisson draw may pick fewer clients
+        than min_clients: that is no fault, and the round is released as drawn.
+        """
+        fed = self.cfg.federation
+        needed = max(fed.min_clients, minimum_updates(fed))
+        failed: dict[int, str] = {}
+        raised: list[Exception] = []
+        bytes_down = 0
+        for attempt in range(fed.round_retries + 1):
+            sampled = self.sample(round_index, attempt, set(failed))
+            updates, kept = [], {}
+            for client_id in sampled:
+                payload = self.algorithm.payload(round_index, state, client_id)
+                bytes_down += payload.num_bytes
+                update, keep, problem = self.fit_client(client_id, payload)
+                if problem:
+                    log.warning("round %d: dropped the update of client %d: %s", round_index, client_id, problem)
+                    failed[client_id] = problem
+                    if isinstance(update, Exception):
+                        raised.append(update)
+                else:
+                    updates.append(update)
+                    kept[client_id] = keep
+            if len(updates) >= (min(needed, len(sampled)) if self.privacy else needed):
+                break
+            if attempt < fed.round_retries:
+                log.warning("round %d: %d usable updates of %d sampled clients, fewer than %d; drawing the round again "
+                            "(retry %d of %d)", round_index, len(updates), len(sampled), needed, attempt + 1, fed.round_retries)
+        else:
+            reasons = "; ".join(f"client {c}: {why}" for c, why in failed.items()) or "no client failed"
+            retried = f" after {fed.round_retries} retries" if fed.round_retries else ""
+            # chained to a client's exception, so that a bug in a learner keeps its traceback in Python
+            raise UserError(f"federation.min_clients: round {round_index} got {len(updates)} usable updates of "
+                            f"{len(sampled)} sampled clients{retried}, fewer than the {needed} it needs ({reasons})"
+                            ) from (raised[0] if raised else None)
+        for client_id, keep in kept.items():  # only the accepted draw's clients keep what they learned
+            if keep:
+                self.store.put(client_id, keep)
+        return updates, len(failed), bytes_down
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The global model on the server test set and on every client's local test split."""
+        """The global model on the server test set and on every client's local test split,
+        and each client's personalized model on its own local test split."""
         self.trainer.learner.load_arrays(self.algorithm.global_weights(state))
         server = score(self.model, self.test.images, self.test.labels)
         rows = []
         for client in self.data.clients:
-            index = torch.from_numpy(client.test).to(self.pool.labels.device)
-            local = score(self.model, self.pool.images[index], self.pool.labels[index])
+            local = self.score_local(client.client_id)
             rows.append({"client": client.client_id, "kind": client_kind(client), "test_samples": local.count,
                          "acc": local.accuracy, "loss": local.loss})
         metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
         kinds = sorted({row["kind"] for row in rows})
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}
-        return metrics, rows
+        self.score_personal(state, rows)
+        return metrics | personal_metrics(rows), rows
+
+    def score_local(self, client_id: int) -> Score:
+        """The live model on the client's own local test split."""
+        index = torch.from_numpy(self.data.clients[client_id].test).to(self.pool.labels.device)
+        return score(self.model, self.pool.images[index], self.pool.labels[index])
+
+    def local_client(self, client_id: int) -> LocalClient:
+        """What the client's personalization may use: its kept state and its labeled training data."""
+        labeled = self.data.clients[client_id].labeled
+        batches = lambda steps: labeled_batches(self.pool.images, self.pool.labels, labeled, self.cfg.train.batch_size,
+                                                self.cfg.seed, client_id, steps)
+        return LocalClient(client_id, self.store.peek(client_id), batches)
+
+    def score_personal(self, state: ServerState, rows: list[dict[str, Any]]) -> None:
+        """Add each client's personalized model's scores on its own local test split to
+        its row (without personalization that model is the global one, scored already)."""
+        for row in rows:
+            if self.algorithm.personalized:
+                client = self.local_client(row["client"])
+                self.trainer.learner.load_arrays(self.algorithm.personal_weights(state, client))
+                local = self.score_local(row["client"])
+                row |= {"personal_acc": local.accuracy, "personal_loss": local.loss}
+            else:
+                row |= {"personal_acc": row["acc"], "personal_loss": row["loss"]}
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
@@ -148,22 +250,40 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], prefix: str 
             raise UserError(f"cannot resume: {dotted} was {old!r} in the killed run and is {new!r} now")
 
 
+def check_privacy_resumable(saved: dict[str, Any], cfg: RecipeConfig) -> None:
+    """A target epsilon is spread over the rounds the run started with: refuse more."""
+    saved_rounds = saved["federation"]["rounds"]
+    if cfg.privacy.mechanism != "none" and cfg.privacy.target_epsilon is not None and saved_rounds != cfg.federation.rounds:
+        raise UserError(f"cannot resume: federation.rounds was {saved_rounds}, over which privacy.target_epsilon="
+                        f"{cfg.privacy.target_epsilon} is spent; it cannot change to {cfg.federation.rounds}")
+
+
+def privacy_summary(privacy: CentralDP | None, rounds: int) -> dict[str, Any]:
+    """The (epsilon, delta) the released global model satisfies, for summary.json."""
+    if privacy is None:
+        return {}
+    return {"epsilon": privacy.epsilon(rounds), "delta": privacy.cfg.delta, "noise_multiplier": privacy.noise_multiplier}
+
+
 def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a federation; returns the summary also written to summary.json."""
     config_dict = to_dict(cfg)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT) if resume else None
     if checkpoint:
         check_resumable(checkpoint["config"], config_dict)
+        check_privacy_resumable(checkpoint["config"], cfg)
     federation = Federation.build(cfg)
     federation.data.save(run_dir / "partition.npz")
     state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
-    totals = {"bytes_up": 0, "bytes_down": 0}
+    totals = {"bytes_up": 0, "bytes_down": 0, "dropped_clients": 0}
     if checkpoint:
         state = ServerState(**checkpoint["server_state"])
         federation.store.load_state_dict(checkpoint["client_states"])
         restore_rng_states(checkpoint["rng"])
         start, elapsed, wandb_id = checkpoint["round"] + 1, checkpoint["seconds"], checkpoint["wandb_id"]
-        totals = checkpoint["totals"]
+        totals = {"dropped_clients": 0, **checkpoint["totals"]}
+        if federation.privacy is not None:
+            federation.privacy.load_state_dict(checkpoint["privacy"])
 
     fed = cfg.federation
     logger = RunLogger(cfg, run_dir, config_dict, resume_after=start - 1, wandb_id=wandb_id)
@@ -176,6 +296,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
             state, metrics = federation.fit_round(round_index, state)
             totals["bytes_up"] += metrics["bytes_up"]
             totals["bytes_down"] += metrics["bytes_down"]
+            totals["dropped_clients"] += metrics["dropped_clients"]
             if round_index % fed.eval_every == 0 or round_index == fed.rounds:
                 evaluated, rows = federation.evaluate(state)
                 metrics |= evaluated
@@ -191,6 +312,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
                 "seconds": elapsed,
                 "totals": totals,
                 "wandb_id": logger.wandb_id,
+                "privacy": federation.privacy.state_dict() if federation.privacy else None,
             })
     except BaseException:
         logger.abort()
@@ -206,7 +328,9 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> di
         "global_loss": metrics["global_loss"],
         "client_acc_mean": metrics["client_acc_mean"],
         **{k: v for k, v in metrics.items() if k.startswith(("client_acc_mean/", "pl_"))},
+        **personal_summary(metrics, read_metrics(logger.metrics_path)),
         **totals,
+        **privacy_summary(federation.privacy, fed.rounds),
         "seconds": elapsed,
     }
     logger.finish(summary, rows, last_round=fed.rounds)

@@ -13,8 +13,16 @@ def clients_per_round(cfg: FederationConfig) -> int:
     return max(1, round(cfg.client_fraction * cfg.clients))
 
 
-def sample_clients(num_clients: int, count: int, seed: int, round_index: int) -> list[int]:
+def sample_clients(num_clients: int, count: int, seed: int, round_index: int, attempt: int = 0) -> list[int]:
     """`count` distinct client ids, drawn from (seed, round) alone so that a resumed
-    run samples exactly what the uninterrupted run would have."""
-    rng = np.random.default_rng([seed, round_index, 0x5A3])
+    run samples exactly what the uninterrupted run would have (`attempt` > 0: the
+    draw of a retried round)."""
+    rng = np.random.default_rng([seed, round_index, 0x5A3] + ([attempt] if attempt else []))
     return sorted(rng.choice(num_clients, size=count, replace=False).tolist())
+
+
+def poisson_sample(candidates: list[int], rate: float, seed: int, round_index: int, attempt: int = 0) -> list[int]:
+    """Each candidate independently with probability `rate` (Poisson sampling, what
+    differential privacy's accountant assumes), drawn from (seed, round, attempt)."""
+    rng = np.random.default_rng([seed, round_index, 0x9015, attempt])
+    return [c for c, u in zip(candidates, rng.random(len(candidates))) if u < rate]

@@ -62,6 +62,11 @@ class FederatedLearner(pl.LightningModule):
     def start_round(self, payload: Payload, context: ClientContext) -> None:
         """Called after the round's weights are loaded, before the first step."""
 
+    def round_steps(self, steps: int) -> int:
+        """How many steps to run this round, given the recipe's budget `steps`
+        (called after `start_round`; FedRep adds its head-only phase)."""
+        return steps
+
     def end_round(self) -> dict[str, torch.Tensor]:
         """What this client keeps until its next round (personal state)."""
         return {}

@@ -436,6 +436,7 @@ ALGORITHM_SETTINGS = {
     "fixmatch": MIXED_CLIENTS,
     "semifl": [*UNLABELED_ONLY, "algorithm.ssl.server_steps=3"],
     "fedmatch": MIXED_CLIENTS,
+    "fedbn": ["model.name=fedavg_cnn_bn"],  # FedBN keeps normalization layers local: it needs a model with some
 }
 # Further settings worth a run, for algorithms that are registered.
 EXTRA_CASES = [

@@ -1,0 +1,184 @@
+"""A finished (or interrupted) federation's global model, read back from its files.
+
+`fedssl run` leaves `RUN_DIR/checkpoint.pt`, which holds the resolved recipe and the
+server state of the last complete round. The model is rebuilt from the recipe and
+given the weights the run's algorithm evaluates and exports
+(`Algorithm.global_weights`: the plain parameters for FedAvg and its family,
+sigma + psi for FedMatch), so whatever the algorithm, this is the model whose
+`global_acc` the run reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedssl.config.load import merge_config
+from fedssl.config.schema import DataConfig, ModelConfig, RecipeConfig
+from fedssl.data.dataset import FER2013_CLASSES
+from fedssl.errors import UserError
+from fedssl.federation.aggregate import ServerState
+from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.launch import CHECKPOINT
+from fedssl.models.factory import build_model
+from fedssl.models.split import head_parameter_names
+
+__all__ = ["TrainedModel", "checkpoint_path", "known_class_names", "load_trained"]
+
+
+@dataclass
+class TrainedModel:
+    """The global model of a run, ready to evaluate or fine-tune.
+
+    Attributes:
+        cfg: the run's resolved recipe.
+        model: the model with the global weights, in eval mode.
+        class_names: the run's class names in label order; None when they cannot be
+            known any more (a `folder` run whose image folder is gone).
+        missing: parameters the checkpoint does not hold (personal layers that never
+            left the clients); they keep their random initialization.
+        path: the checkpoint file read.
+    """
+
+    cfg: RecipeConfig
+    model: nn.Module
+    class_names: tuple[str, ...] | None
+    missing: list[str]
+    path: Path
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.data.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.cfg.data.channels
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint file for `path`: the file itself, or `path/checkpoint.pt` for a run directory.
+
+    Raises:
+        UserError: the path does not exist, or is a folder without a checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist (expected a fedssl run directory or its {CHECKPOINT})")
+    if path.is_dir():
+        if not (path / CHECKPOINT).is_file():
+            raise UserError(f"{path} holds no {CHECKPOINT}: not a fedssl run directory, or its first round never finished")
+        return path / CHECKPOINT
+    return path
+
+
+def known_class_names(data: DataConfig) -> tuple[str, ...] | None:
+    """The class names a run trained on, in label order, without decoding its data.
+
+    FER2013 and the synthetic faces have fixed names; a folder run's names are its
+    sorted class subfolders, readable only while the folder exists; IDX files carry
+    no names (Fashion-MNIST's are known from the path, as the idx source does).
+    """
+    if data.source in ("synthetic_faces", "fer2013"):
+        return FER2013_CLASSES
+    if data.source == "folder":
+        from fedssl.data.sources.image_folder import class_folders, split_folders
+
+        root = Path(data.path)
+        if not root.is_dir():
+            return None
+        try:
+            return tuple(p.name for p in class_folders(split_folders(root)[0]))
+        except UserError:
+            return None
+    if data.source == "idx" and "fashion" in data.path.lower():
+        from fedssl.data.sources.idx import FASHION_MNIST_CLASSES
+
+        return FASHION_MNIST_CLASSES
+    return None
+
+
+def load_trained(path: str | Path, num_classes: int | None = None) -> TrainedModel:
+    """Rebuild the global model of the run at `path` (a run directory or a checkpoint file).
+
+    Args:
+        path: a run directory or its checkpoint.pt.
+        num_classes: the class count to build the model with when neither the run's
+            class names (see `known_class_names`) nor its classifier's weights are
+            in the checkpoint to say it.
+
+    Raises:
+        UserError: a missing path, a file that is not a fedssl checkpoint, or
+            weights that do not fit the model the recipe describes (the message
+            says which tensor and which shapes).
+    """
+    from fedssl.federation.algorithm import build_algorithm
+
+    file = checkpoint_path(path)
+    checkpoint = load_checkpoint(file)
+    if not isinstance(checkpoint.get("config"), dict) or not isinstance(checkpoint.get("server_state"), dict):
+        raise UserError(f"{file}: not a fedssl run checkpoint (it holds no recipe or server state)")
+    cfg = merge_config([checkpoint["config"]], source=str(file))
+    state = ServerState(**checkpoint["server_state"])
+    # The weights come from the checkpoint: a local pretrained file the recipe named
+    # once is not needed, and may not exist on this machine.
+    model_cfg = replace(cfg.model, pretrained=False, checkpoint="")
+    names = known_class_names(cfg.data)
+    if names is not None:
+        num_classes = len(names)
+    else:
+        num_classes = _classifier_outputs(model_cfg, cfg, state.params) or num_classes
+        if num_classes is None:
+            raise UserError(
+                f"{file}: the run's class names are unknown (its data.path {cfg.data.path!r} is gone) and its "
+                "checkpoint holds no classifier to count them from"
+            )
+
+    def build() -> nn.Module:
+        return build_model(model_cfg, num_classes, cfg.data.channels, cfg.data.image_size)
+
+    algorithm = build_algorithm(cfg)
+    # As in the loop: the algorithm sees its learner before it is asked for weights, on a
+    # model initialized from the run seed, so that layers it reports at their initial
+    # values (FedPer's head, which never leaves the clients) are the run's. The probe
+    # model is the learner's to change; the returned model is a fresh one.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        algorithm.make_learner(build())
+    weights = algorithm.global_weights(state)
+    model = build()
+    missing = load_weights(model, weights, file)
+    return TrainedModel(cfg=cfg, model=model.eval(), class_names=names, missing=missing, path=file)
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> list[str]:
+    """Copy `weights` into `model`; returns the names of the model's tensors left out.
+
+    Raises:
+        UserError: a tensor the model lacks, or one of another shape (naming it).
+    """
+    state = model.state_dict()
+    for name, value in weights.items():
+        if name not in state:
+            raise UserError(f"{source}: holds {name!r}, which the model {type(model).__name__} does not have")
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise UserError(
+                f"{source}: {name!r} has shape {tuple(value.shape)}, the model expects {tuple(state[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, value in weights.items():
+            state[name].copy_(value)
+    return [name for name in state if name not in weights]
+
+
+def _classifier_outputs(model_cfg: ModelConfig, cfg: RecipeConfig, params: dict[str, torch.Tensor]) -> int | None:
+    """How many classes the checkpoint's classifier predicts, read off its weights
+    (None when the classifier stayed with the clients, as personal layers do)."""
+    probe = build_model(model_cfg, 2, cfg.data.channels, cfg.data.image_size)
+    for name in head_parameter_names(probe):
+        for key, value in params.items():
+            if key == name or key.endswith(f"/{name}"):  # FedMatch keeps "sigma/<name>" and "psi/<name>"
+                return int(value.shape[0])
+    return None
