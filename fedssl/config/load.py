@@ -61,6 +61,19 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise UserError(f"overrides: {error}") from None
+    except yaml.YAMLError as error:  # OmegaConf parses values as YAML: e.g. patterns=[*] is not valid
+        item = next((i for i in overrides if not _parses(i)), "")
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"override {item!r}: its value is not valid YAML ({problem}); quote strings, "
+                        "e.g. 'key=[\"*.bn\"]'") from None
+
+
+def _parses(override: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([override])
+    except yaml.YAMLError:
+        return False
+    return True
 
 
 def merge_config(layers: Sequence[Any], source: str = "overrides") -> RecipeConfig:

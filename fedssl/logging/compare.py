@@ -19,7 +19,7 @@ from fedssl.io import atomic_write
 from fedssl.logging.runs import RunRecord
 
 # Final metrics a table shows, in this order, where any run has them.
-METRICS = ("global_acc", "personal_acc", "client_acc_mean", "bytes_up", "bytes_down", "epsilon", "seconds")
+METRICS = ("global_acc", "personal_acc", "personal_acc_p10", "client_acc_mean", "bytes_up", "bytes_down", "epsilon", "seconds")
 IGNORED = ("seed", "name", "output_dir", "logging")
 
 

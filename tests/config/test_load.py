@@ -107,3 +107,8 @@ def test_all_keys_lists_canonical_keys():
     for key in ("name", "seed", "output_dir", "model.name", "algorithm.name", "federation.rounds",
                 "federation.clients", "federation.clients_per_round", "logging.wandb.mode", "data.source"):
         assert key in keys
+
+
+def test_override_that_is_not_yaml_names_the_override(tmp_path):
+    with pytest.raises(UserError, match=r"override 'algorithm\.personal\.patterns=\[\*\]'.*not valid YAML"):
+        load_recipe(write(tmp_path, "name: r\n"), ["federation.rounds=2", "algorithm.personal.patterns=[*]"])
