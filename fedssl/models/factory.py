@@ -12,8 +12,6 @@ and drops a classifier whose class count differs from `num_classes`.
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +22,7 @@ from timm.models import get_pretrained_cfg, load_state_dict
 import fedssl.models.cnn as _cnn  # registers fedssl's CNNs with timm
 from fedssl.config.schema import ModelConfig
 from fedssl.errors import UserError
+from fedssl.logging.quiet import quiet_logger
 from fedssl.registry import did_you_mean
 
 __all__ = ["build_model", "model_names"]
@@ -165,7 +164,8 @@ def _create_from_checkpoint(name: str, kwargs: dict[str, Any], path: Path) -> to
     skipped = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")} if head_dropped else set()
 
     try:
-        with _quiet_timm_loader():
+        # timm logs missing/unexpected keys; they are checked here, strictly.
+        with quiet_logger("timm.models._builder"):
             model = _create(name, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
     except (RuntimeError, ValueError, KeyError, AssertionError) as e:
         reference = _create(name, kwargs)  # if the model itself cannot be built, that error is the one to see
@@ -179,18 +179,6 @@ def _create_from_checkpoint(name: str, kwargs: dict[str, Any], path: Path) -> to
     if problem:
         raise UserError(f"model.checkpoint: {path} does not fit {name}: {problem}")
     return model
-
-
-@contextmanager
-def _quiet_timm_loader():
-    """Silence timm's missing/unexpected-key log lines: the keys are checked here, strictly."""
-    logger = logging.getLogger("timm.models._builder")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:

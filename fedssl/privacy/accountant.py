@@ -12,30 +12,15 @@ privacy loss distribution (Koskela et al. 2020; Doroshenko et al. 2022).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import math
-from typing import Iterator
 
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from fedssl.logging.quiet import quiet_logger
+
 ACCOUNTANTS = ("rdp", "pld")
-
-
-@contextlib.contextmanager
-def quiet_absl() -> Iterator[None]:
-    """Mute dp-accounting's absl warnings: at large noise multipliers its RDP
-    accountant warns, once per fractional order, that a series did not converge and
-    that the order is left out (the epsilon stays a valid bound, from the other orders)."""
-    log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:
@@ -60,7 +45,9 @@ def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: f
     if noise_multiplier <= 0:
         return math.inf
     accountant = make_accountant(kind)
-    with quiet_absl():
+    # dp-accounting's RDP accountant warns, once per fractional order at large noise
+    # multipliers, that a series did not converge; the epsilon stays a valid bound.
+    with quiet_logger("absl"):
         accountant.compose(round_event(noise_multiplier, sampling_rate), rounds)
         return float(accountant.get_epsilon(delta))
 
@@ -82,7 +69,9 @@ def noise_for_epsilon(target_epsilon: float, sampling_rate: float, rounds: int, 
     if kind == "pld":
         upper = noise_for_epsilon(target_epsilon, sampling_rate, rounds, delta, "rdp")
         bracket = dp_accounting.ExplicitBracketInterval(upper / 4, upper)
-    with quiet_absl():
+    # dp-accounting's RDP accountant warns, once per fractional order at large noise
+    # multipliers, that a series did not converge; the epsilon stays a valid bound.
+    with quiet_logger("absl"):
         return float(dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(kind), event, target_epsilon, delta, bracket_interval=bracket, tol=1e-3,
         ))
