@@ -25,6 +25,7 @@ from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.federation.aggregate import ServerState
+from fedssl.federation.algorithm import build_algorithm
 from fedssl.federation.faults import check_update
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.federation.messages import Payload, Update
@@ -44,12 +45,8 @@ class FlowerFederation(Federation):
 
     @classmethod
     def on_grid(cls, cfg: RecipeConfig, grid: Grid) -> FlowerFederation:
+        check_supported(cfg)
         federation = cls.build(cfg)
-        if federation.algorithm.personalized:
-            # The personal models live on the nodes; scoring them needs an evaluate
-            # round trip that this backend does not have yet.
-            raise UserError(f"federation.backend: flower does not evaluate personalized models yet "
-                            f"(algorithm.name={cfg.algorithm.name}); use federation.backend=inprocess")
         federation.grid, federation.recipe_yaml = grid, to_yaml(cfg)
         federation.nodes = discover_nodes(grid, cfg)
         return federation
@@ -87,6 +84,15 @@ class FlowerFederation(Federation):
         if update.client_id != client_id:
             return update, {}, f"its node answered for client {update.client_id}"
         return update, {}, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
+
+
+def check_supported(cfg: RecipeConfig) -> None:
+    """Refuse what this backend cannot run the same as the in-process loop."""
+    if build_algorithm(cfg).personalized:
+        # The personal models live on the nodes; scoring them needs an evaluate
+        # round trip that this backend does not have yet.
+        raise UserError(f"federation.backend: flower does not evaluate personalized models yet "
+                        f"(algorithm.name={cfg.algorithm.name}); use federation.backend=inprocess")
 
 
 def discover_nodes(grid: Grid, cfg: RecipeConfig) -> dict[int, int]:
