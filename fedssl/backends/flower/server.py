@@ -33,6 +33,7 @@ from fedssl.federation.messages import Payload, Update
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # between checks for connecting nodes
+SERVER_ERROR = "server_error.txt"  # why a deployed ServerApp stopped, for whoever submitted the run
 
 
 @dataclass
@@ -137,4 +138,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config["run-dir"]))
-    serve(grid, load_recipe(run_dir / "config.yaml"), run_dir, resume=bool(context.run_config.get("resume", False)))
+    try:
+        serve(grid, load_recipe(run_dir / "config.yaml"), run_dir, resume=bool(context.run_config.get("resume", False)))
+    except Exception as error:
+        # The submitter only sees the run directory: leave the reason there, one line.
+        (run_dir / SERVER_ERROR).write_text(f"{type(error).__name__}: {error}\n")
+        raise
