@@ -63,6 +63,11 @@ def launch(
     prepare_run_dir(run_dir, resume, overwrite)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
 
+    if cfg.federation.backend == "flower":
+        from fedssl.backends.flower.simulation import simulate
+
+        return cfg, run_dir, simulate(cfg, run_dir, resume=resume)
+
     from fedssl.federation.loop import run_federation
 
     return cfg, run_dir, run_federation(cfg, run_dir, resume=resume)

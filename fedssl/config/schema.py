@@ -114,8 +114,16 @@ class AlgorithmConfig:
 
 
 @dataclass
+class FlowerConfig:
+    num_cpus: float = 1.0  # simulation: CPU cores each client (ClientApp) reserves; fewer clients run at once with more
+    num_gpus: float = 0.0  # simulation: GPU share of each client, e.g. 0.25 runs four clients per GPU
+    round_timeout: float = 600.0  # seconds the server waits for a round's updates; a client silent by then is dropped
+    connect_timeout: float = 120.0  # seconds the server waits for nodes holding every partition to connect
+
+
+@dataclass
 class FederationConfig:
-    backend: str = "inprocess"  # where clients run: inprocess
+    backend: str = "inprocess"  # where clients run: inprocess (one process) | flower (Flower's simulation engine)
     rounds: int = 10  # communication rounds
     clients: int = 10  # population size
     clients_per_round: int = 10  # clients sampled each round (ignored when client_fraction is set)
@@ -130,6 +138,7 @@ class FederationConfig:
     krum_select: int = 0  # multi_krum: m, how many best-scored updates are averaged (0: n - f)
     min_clients: int = 1  # a round needs this many usable updates, else it is retried (round_retries) or the run stops
     round_retries: int = 0  # times a round with too few usable updates is redrawn from the clients that did not fail
+    flower: FlowerConfig = field(default_factory=FlowerConfig)  # backend=flower: client resources and timeouts
 
 
 @dataclass

@@ -15,7 +15,7 @@ from fedssl.registry import did_you_mean
 AUGMENTATIONS = ("none", "weak", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WANDB_MODES = ("offline", "online", "disabled")
-BACKENDS = ("inprocess",)
+BACKENDS = ("inprocess", "flower")
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")  # fedssl.federation.robust
 PRIVACY_MECHANISMS = ("none", "central")
 ACCOUNTANTS = ("rdp", "pld")  # fedssl.privacy.accountant
@@ -117,6 +117,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         require(0 < fed.client_fraction <= 1, "federation.client_fraction", f"must be in (0, 1], got {fed.client_fraction}")
     require(fed.eval_every >= 1, "federation.eval_every", f"must be >= 1, got {fed.eval_every}")
     check_choice(fed.backend, BACKENDS, "federation.backend")
+    require(fed.flower.num_cpus > 0, "federation.flower.num_cpus", f"must be > 0, got {fed.flower.num_cpus}")
+    require(fed.flower.num_gpus >= 0, "federation.flower.num_gpus", f"must be >= 0, got {fed.flower.num_gpus}")
+    require(fed.flower.round_timeout > 0, "federation.flower.round_timeout", f"must be > 0, got {fed.flower.round_timeout}")
+    require(fed.flower.connect_timeout > 0, "federation.flower.connect_timeout", f"must be > 0, got {fed.flower.connect_timeout}")
     check_choice(fed.device, DEVICES, "federation.device")
     check_choice(train.optimizer, OPTIMIZERS, "train.optimizer")
     require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")

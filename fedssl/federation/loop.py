@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -150,6 +150,14 @@ class Federation:
             return error, {}, f"it raised {type(error).__name__}: {error}"
         return update, kept, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
 
+    def fit_clients(self, round_index: int, state: ServerState, sampled: list[int]
+                    ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
+        """Each sampled client's payload and `fit_client` result, one after another.
+        A backend whose clients train elsewhere (Flower) overrides this alone."""
+        for client_id in sampled:
+            payload = self.algorithm.payload(round_index, state, client_id)
+            yield client_id, payload, self.fit_client(client_id, payload)
+
     def collect(self, round_index: int, state: ServerState) -> tuple[list[Update], int, int]:
         """Train the sampled clients; their usable updates, how many were dropped, bytes sent.
 
@@ -168,10 +176,8 @@ class Federation:
         for attempt in range(fed.round_retries + 1):
             sampled = self.sample(round_index, attempt, set(failed))
             updates, kept = [], {}
-            for client_id in sampled:
-                payload = self.algorithm.payload(round_index, state, client_id)
+            for client_id, payload, (update, keep, problem) in self.fit_clients(round_index, state, sampled):
                 bytes_down += payload.num_bytes
-                update, keep, problem = self.fit_client(client_id, payload)
                 if problem:
                     log.warning("round %d: dropped the update of client %d: %s", round_index, client_id, problem)
                     failed[client_id] = problem
@@ -265,14 +271,16 @@ def privacy_summary(privacy: CentralDP | None, rounds: int) -> dict[str, Any]:
     return {"epsilon": privacy.epsilon(rounds), "delta": privacy.cfg.delta, "noise_multiplier": privacy.noise_multiplier}
 
 
-def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) a federation; returns the summary also written to summary.json."""
+def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
+                   build: Callable[[RecipeConfig], Federation] = Federation.build) -> dict[str, Any]:
+    """Run (or resume) a federation; returns the summary also written to summary.json.
+    `build` makes the federation (a backend passes one whose clients train elsewhere)."""
     config_dict = to_dict(cfg)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT) if resume else None
     if checkpoint:
         check_resumable(checkpoint["config"], config_dict)
         check_privacy_resumable(checkpoint["config"], cfg)
-    federation = Federation.build(cfg)
+    federation = build(cfg)
     federation.data.save(run_dir / "partition.npz")
     state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
     totals = {"bytes_up": 0, "bytes_down": 0, "dropped_clients": 0}

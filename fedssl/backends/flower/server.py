@@ -1,0 +1,146 @@
+"""The ServerApp: the in-process loop's rounds, with clients on Flower nodes.
+
+`FlowerFederation` is the loop's `Federation` with one method replaced: a round's
+sampled clients are trained by sending each its payload as a Flower message and
+receiving its update. Sampling, the fault checks, retries, aggregation, central
+DP, evaluation, checkpoints and logging (metrics.jsonl, summary.json, W&B) are the
+loop's own `run_federation`, run on the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedssl.backends.flower.client import RUN
+from fedssl.backends.flower.codec import decode_update, encode_payload
+from fedssl.config.load import load_recipe, to_yaml
+from fedssl.config.schema import RecipeConfig
+from fedssl.errors import UserError
+from fedssl.federation.aggregate import ServerState
+from fedssl.federation.algorithm import build_algorithm
+from fedssl.federation.faults import check_update
+from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.messages import Payload, Update
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  # between checks for connecting nodes
+SERVER_ERROR = "server_error.txt"  # why a deployed ServerApp stopped, for whoever submitted the run
+
+
+@dataclass
+class FlowerFederation(Federation):
+    """A federation whose clients are Flower nodes reached through `grid`."""
+
+    grid: Grid | None = None
+    nodes: dict[int, int] = field(default_factory=dict)  # fedssl client id -> Flower node id
+    recipe_yaml: str = ""
+
+    @classmethod
+    def on_grid(cls, cfg: RecipeConfig, grid: Grid) -> FlowerFederation:
+        check_supported(cfg)
+        federation = cls.build(cfg)
+        federation.grid, federation.recipe_yaml = grid, to_yaml(cfg)
+        federation.nodes = discover_nodes(grid, cfg)
+        return federation
+
+    def fit_clients(self, round_index: int, state: ServerState, sampled: list[int]
+                    ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
+        """Send every sampled client its payload at once and wait (bounded) for the
+        updates; a client that errs or stays silent past round_timeout is dropped."""
+        assert self.grid is not None
+        payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
+        messages = {}
+        for client_id, payload in payloads.items():
+            content = encode_payload(payload, client_id)
+            content[RUN] = ConfigRecord({"recipe": self.recipe_yaml})
+            messages[client_id] = Message(content, dst_node_id=self.nodes[client_id], message_type=MessageType.TRAIN,
+                                          group_id=str(round_index))
+        timeout = self.cfg.federation.flower.round_timeout
+        replies = list(self.grid.send_and_receive(list(messages.values()), timeout=timeout))
+        by_id = {r.metadata.reply_to_message_id: r for r in replies}
+        for client_id, message in messages.items():
+            reply = by_id.get(message.metadata.message_id)
+            yield client_id, payloads[client_id], self.result(client_id, payloads[client_id], reply, timeout)
+
+    def result(self, client_id: int, payload: Payload, reply: Message | None, timeout: float
+               ) -> tuple[Update | Exception, dict[str, torch.Tensor], str | None]:
+        """`fit_client`'s triple for a reply. Nothing is kept here: personal state
+        stays on the node."""
+        if reply is None:
+            error = TimeoutError(f"no reply from node {self.nodes[client_id]} within {timeout:g}s")
+            return error, {}, f"it did not answer within federation.flower.round_timeout={timeout:g}s"
+        if reply.has_error():
+            reason = (reply.error.reason or "").strip().splitlines()
+            return RuntimeError(reason[-1] if reason else "error"), {}, f"its node replied with an error: {reason[-1] if reason else reply.error.code}"
+        update = decode_update(reply.content)
+        if update.client_id != client_id:
+            return update, {}, f"its node answered for client {update.client_id}"
+        return update, {}, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
+
+
+def check_supported(cfg: RecipeConfig) -> None:
+    """Refuse what this backend cannot run the same as the in-process loop."""
+    if build_algorithm(cfg).personalized:
+        # The personal models live on the nodes; scoring them needs an evaluate
+        # round trip that this backend does not have yet.
+        raise UserError(f"federation.backend: flower does not evaluate personalized models yet "
+                        f"(algorithm.name={cfg.algorithm.name}); use federation.backend=inprocess")
+
+
+def discover_nodes(grid: Grid, cfg: RecipeConfig) -> dict[int, int]:
+    """Ask every connected node which partitions it holds, until every client id of
+    the recipe has a node, or raise after federation.flower.connect_timeout."""
+    wanted, timeout = set(range(cfg.federation.clients)), cfg.federation.flower.connect_timeout
+    nodes: dict[int, int] = {}
+    asked: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+            for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
+                if reply.has_error():
+                    raise UserError(f"node {reply.metadata.src_node_id}: {(reply.error.reason or '').strip().splitlines()[-1:]}")
+                for partition in reply.content.config_records[RUN]["partitions"]:
+                    if partition in nodes:
+                        raise UserError(f"node config: partition-id {partition} is held by two nodes "
+                                        f"({nodes[partition]} and {reply.metadata.src_node_id})")
+                    nodes[int(partition)] = reply.metadata.src_node_id
+            asked.update(new)
+        if wanted <= set(nodes):
+            return {c: nodes[c] for c in sorted(wanted)}
+        if time.monotonic() > deadline:
+            missing = sorted(wanted - set(nodes))
+            raise UserError(f"federation.flower.connect_timeout: after {timeout:g}s no connected node holds "
+                            f"partition-id {', '.join(map(str, missing))} (federation.clients={cfg.federation.clients})")
+        time.sleep(POLL_SECONDS)
+
+
+def serve(grid: Grid, cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """The whole run on the server: the loop's `run_federation` over Flower nodes."""
+    return run_federation(cfg, run_dir, resume=resume, build=lambda c: FlowerFederation.on_grid(c, grid))
+
+
+# For deployment (`flwr run`): the run directory, prepared by the submitter with
+# its resolved config.yaml, comes in the run config.
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_dir = Path(str(context.run_config["run-dir"]))
+    try:
+        serve(grid, load_recipe(run_dir / "config.yaml"), run_dir, resume=bool(context.run_config.get("resume", False)))
+    except Exception as error:
+        # The submitter only sees the run directory: leave the reason there, one line.
+        (run_dir / SERVER_ERROR).write_text(f"{type(error).__name__}: {error}\n")
+        raise

@@ -1,0 +1,77 @@
+"""The codec: fedssl's messages survive Flower's wire format exactly, and nothing
+but arrays and scalars is let through."""
+
+import pytest
+import torch
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+from fedssl.backends.flower.codec import CodecError, decode_payload, decode_update, encode_payload, encode_update
+from fedssl.federation.messages import Payload, Update
+
+
+def over_the_wire(records):
+    """Through Flower's protobuf form and back, as between SuperLink and SuperNode."""
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    wire = recorddict_to_proto(records).SerializeToString()
+    return recorddict_from_proto(ProtoRecordDict.FromString(wire))
+
+
+def arrays():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "bn.num_batches_tracked": torch.tensor(7, dtype=torch.int64),  # 0-d int64
+        "helper/index": torch.tensor([3, 1, 2], dtype=torch.int32),
+        "fc.bias": torch.randn(5, generator=g, dtype=torch.float64),
+        "empty": torch.zeros(0, 2),
+    }
+
+
+def assert_same(got, want):
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert got[name].shape == want[name].shape, name
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_payload_round_trip_is_exact():
+    payload = Payload(round=3, arrays=arrays(), config={"lr": 0.05, "steps": 4, "teacher": "global", "warm": True},
+                      extras={"helpers": torch.arange(6, dtype=torch.int64).reshape(2, 3)})
+    got, client_id = decode_payload(over_the_wire(encode_payload(payload, client_id=5)))
+    assert client_id == 5 and got.round == 3
+    assert_same(got.arrays, payload.arrays)
+    assert_same(got.extras, payload.extras)
+    assert got.config == payload.config
+    assert [type(v) for v in got.config.values()] == [float, int, str, bool]
+
+
+def test_update_round_trip_is_exact():
+    update = Update(client_id=2, arrays=arrays(), num_examples=123, metrics={"train_loss": 0.25, "pl_seen": 40})
+    got = decode_update(over_the_wire(encode_update(update)))
+    assert (got.client_id, got.num_examples, got.metrics) == (2, 123, update.metrics)
+    assert_same(got.arrays, update.arrays)
+
+
+def test_received_tensors_are_writable():
+    got, _ = decode_payload(over_the_wire(encode_payload(Payload(round=1, arrays=arrays()), 0)))
+    got.arrays["conv.weight"].add_(1.0)  # a learner loads and trains these in place
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: Payload(round=1, arrays={"w": [1.0, 2.0]}),
+    lambda: Payload(round=1, arrays={}, extras={"images": "not a tensor"}),
+    lambda: Payload(round=1, arrays={}, config={"labels": [0, 1, 2]}),
+    lambda: Payload(round=1, arrays={}, config={"nested": {"a": 1}}),
+    lambda: Payload(round=1, arrays={"w": torch.ones(2, dtype=torch.bfloat16)}),
+])
+def test_payload_refuses_anything_but_arrays_and_scalars(bad):
+    with pytest.raises(CodecError):
+        encode_payload(bad(), 0)
+
+
+@pytest.mark.parametrize("metrics", [{"per_sample": [0.1, 0.2]}, {"note": "text"}, {"flag": True}])
+def test_update_refuses_non_numeric_metrics(metrics):
+    with pytest.raises(CodecError):
+        encode_update(Update(client_id=0, arrays={}, num_examples=1, metrics=metrics))

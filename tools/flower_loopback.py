@@ -1,0 +1,179 @@
+"""A loopback Flower deployment: a SuperLink and N SuperNodes on 127.0.0.1, a run
+submitted with `flwr run`, and every process stopped on exit, also on failure.
+
+    python tools/flower_loopback.py RECIPE [key=value ...] [--nodes N] [--timeout S]
+
+Each SuperNode is its own process started with Flower's `flower-supernode`, holding
+the partitions `--node-config "partition-id=..."` names (client ids are dealt
+round-robin over the nodes). The run directory is prepared as `fedssl run` does;
+the ServerApp writes metrics.jsonl and summary.json into it. Insecure mode: for
+tests and demos only (see README, "Running across machines", for TLS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from fedssl.backends.flower.server import SERVER_ERROR
+from fedssl.config.load import load_recipe, to_yaml
+from fedssl.io import atomic_write_text
+from fedssl.launch import SUMMARY, prepare_run_dir
+
+APP_TOML = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedssl-app"
+version = "1.0.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedssl"
+
+[tool.flwr.app.components]
+serverapp = "fedssl.backends.flower.server:app"
+clientapp = "fedssl.backends.flower.client:app"
+
+[tool.flwr.app.config]
+run-dir = ""
+resume = false
+"""
+
+
+class RunFailed(RuntimeError):
+    """The ServerApp stopped before writing the summary."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited with code {process.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
+
+
+class Loopback:
+    """Starts processes in their own process groups and stops all of them on exit."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")
+        # a new session: the process and the apps it spawns form one group we can kill
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def stop(self, process: subprocess.Popen, grace: float = 5.0) -> None:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(grace)
+            except ProcessLookupError:
+                pass
+        try:  # children that outlived their parent (apps spawned by the SuperLink or a SuperNode)
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> Loopback:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in reversed(self.processes):
+            self.stop(process)
+
+
+def run(recipe: str, overrides: list[str], nodes: int, timeout: float, workdir: Path,
+        after_start=None) -> Path:
+    """Run the recipe on a loopback deployment; returns the run directory.
+    `after_start(loopback, supernodes)` runs once the run is submitted (tests kill nodes there)."""
+    cfg = load_recipe(recipe, overrides)
+    run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
+    prepare_run_dir(run_dir, resume=False, overwrite=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    app = workdir / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_TOML)
+    home = workdir / "flwr-home"
+    port = free_port()
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    # the apps import fedssl from wherever this process does
+    env = os.environ | {"FLWR_HOME": str(home), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    bindir = Path(sys.executable).parent
+    with Loopback(workdir) as loop:
+        link = loop.start("superlink", [str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                                        "--port", str(port), "--disable-runtime-dependency-installation",
+                                        "--database", str(workdir / "state.db")], env)
+        wait_for_port(port, link, 60)
+        supernodes = []
+        for node in range(nodes):
+            partitions = ",".join(str(c) for c in range(node, cfg.federation.clients, nodes))
+            supernodes.append(loop.start(f"supernode{node}", [
+                str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                "--port", str(free_port()), "--node-config", f'partition-id="{partitions}"'], env))
+        submit = subprocess.run([str(bindir / "flwr"), "run", str(app), "--run-config", f'run-dir="{run_dir}"'],
+                                env=env, capture_output=True, text=True, timeout=120)
+        if submit.returncode:
+            raise RuntimeError(f"flwr run failed: {submit.stdout}{submit.stderr}")
+        if after_start:
+            after_start(loop, supernodes)
+        deadline = time.monotonic() + timeout
+        while not (run_dir / SUMMARY).is_file():
+            if link.poll() is not None:
+                raise RuntimeError(f"the SuperLink exited with code {link.returncode}; see {workdir / 'superlink.log'}")
+            if (run_dir / SERVER_ERROR).is_file():
+                raise RunFailed(f"the ServerApp stopped: {(run_dir / SERVER_ERROR).read_text().strip()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {SUMMARY} in {run_dir} after {timeout:g}s; see the logs in {workdir}")
+            time.sleep(0.5)
+    return run_dir
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run's summary")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedssl-loopback-") as workdir:
+        run_dir = run(args.recipe, args.overrides, args.nodes, args.timeout, Path(workdir))
+    print(f"summary: {run_dir / SUMMARY}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
