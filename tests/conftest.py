@@ -44,3 +44,12 @@ def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_RECIPE.format(output_dir=tmp_path / "runs"))
     return path
+
+
+@pytest.fixture
+def over_flower_wire():
+    """Records through Flower's protobuf form and back, as between SuperLink and SuperNode."""
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    return lambda records: recorddict_from_proto(ProtoRecordDict.FromString(recorddict_to_proto(records).SerializeToString()))

@@ -204,21 +204,28 @@ class Federation:
         return updates, len(failed), bytes_down
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The global model on the server test set and on every client's local test split,
-        and each client's personalized model on its own local test split."""
+        """The global model on the server test set, and each client's row (see `score_clients`)."""
         self.trainer.learner.load_arrays(self.algorithm.global_weights(state))
         server = score(self.model, self.test.images, self.test.labels)
-        rows = []
-        for client in self.data.clients:
-            local = self.score_local(client.client_id)
-            rows.append({"client": client.client_id, "kind": client_kind(client), "test_samples": local.count,
-                         "acc": local.accuracy, "loss": local.loss})
+        rows = self.score_clients(state, [client.client_id for client in self.data.clients])
         metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
         kinds = sorted({row["kind"] for row in rows})
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}
-        self.score_personal(state, rows)
         return metrics | personal_metrics(rows), rows
+
+    def score_clients(self, state: ServerState, client_ids: list[int]) -> list[dict[str, Any]]:
+        """Per client, the global model and the client's personalized model on the
+        client's own local test split. A backend whose clients hold their data
+        elsewhere (Flower) overrides this, as it does `fit_clients`."""
+        self.trainer.learner.load_arrays(self.algorithm.global_weights(state))
+        rows = []
+        for client_id in client_ids:
+            local = self.score_local(client_id)
+            rows.append({"client": client_id, "kind": client_kind(self.data.clients[client_id]),
+                         "test_samples": local.count, "acc": local.accuracy, "loss": local.loss})
+        self.score_personal(state, rows)
+        return rows
 
     def score_local(self, client_id: int) -> Score:
         """The live model on the client's own local test split."""

@@ -3,18 +3,10 @@ but arrays and scalars is let through."""
 
 import pytest
 import torch
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from fedssl.backends.flower.codec import CodecError, decode_payload, decode_update, encode_payload, encode_update
+from fedssl.backends.flower.codec import (CodecError, decode_evaluate, decode_payload, decode_rows, decode_update,
+                                          encode_evaluate, encode_payload, encode_rows, encode_update)
 from fedssl.federation.messages import Payload, Update
-
-
-def over_the_wire(records):
-    """Through Flower's protobuf form and back, as between SuperLink and SuperNode."""
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-    wire = recorddict_to_proto(records).SerializeToString()
-    return recorddict_from_proto(ProtoRecordDict.FromString(wire))
 
 
 def arrays():
@@ -36,10 +28,10 @@ def assert_same(got, want):
         assert torch.equal(got[name], want[name]), name
 
 
-def test_payload_round_trip_is_exact():
+def test_payload_round_trip_is_exact(over_flower_wire):
     payload = Payload(round=3, arrays=arrays(), config={"lr": 0.05, "steps": 4, "teacher": "global", "warm": True},
                       extras={"helpers": torch.arange(6, dtype=torch.int64).reshape(2, 3)})
-    got, client_id = decode_payload(over_the_wire(encode_payload(payload, client_id=5)))
+    got, client_id = decode_payload(over_flower_wire(encode_payload(payload, client_id=5)))
     assert client_id == 5 and got.round == 3
     assert_same(got.arrays, payload.arrays)
     assert_same(got.extras, payload.extras)
@@ -47,15 +39,15 @@ def test_payload_round_trip_is_exact():
     assert [type(v) for v in got.config.values()] == [float, int, str, bool]
 
 
-def test_update_round_trip_is_exact():
+def test_update_round_trip_is_exact(over_flower_wire):
     update = Update(client_id=2, arrays=arrays(), num_examples=123, metrics={"train_loss": 0.25, "pl_seen": 40})
-    got = decode_update(over_the_wire(encode_update(update)))
+    got = decode_update(over_flower_wire(encode_update(update)))
     assert (got.client_id, got.num_examples, got.metrics) == (2, 123, update.metrics)
     assert_same(got.arrays, update.arrays)
 
 
-def test_received_tensors_are_writable():
-    got, _ = decode_payload(over_the_wire(encode_payload(Payload(round=1, arrays=arrays()), 0)))
+def test_received_tensors_are_writable(over_flower_wire):
+    got, _ = decode_payload(over_flower_wire(encode_payload(Payload(round=1, arrays=arrays()), 0)))
     got.arrays["conv.weight"].add_(1.0)  # a learner loads and trains these in place
 
 
@@ -75,3 +67,18 @@ def test_payload_refuses_anything_but_arrays_and_scalars(bad):
 def test_update_refuses_non_numeric_metrics(metrics):
     with pytest.raises(CodecError):
         encode_update(Update(client_id=0, arrays={}, num_examples=1, metrics=metrics))
+
+
+def test_evaluation_round_trip_is_exact(over_flower_wire):
+    params, client_ids = decode_evaluate(over_flower_wire(encode_evaluate(arrays(), [3, 0])))
+    assert_same(params, arrays())
+    assert client_ids == [3, 0]
+    rows = [{"client": 3, "kind": "unlabeled", "test_samples": 12, "acc": 0.5, "loss": 1.25, "personal_acc": 0.75},
+            {"client": 0, "kind": "labeled", "test_samples": 0, "acc": float("nan"), "loss": 2.0, "personal_acc": 1.0}]
+    got = decode_rows(over_flower_wire(encode_rows(rows)))
+    assert got[0] == rows[0] and got[1]["client"] == 0 and got[1]["acc"] != got[1]["acc"]  # NaN survives
+
+
+def test_evaluation_rows_refuse_anything_but_scalars():
+    with pytest.raises(CodecError):
+        encode_rows([{"client": 0, "per_sample": [0.1, 0.2]}])

@@ -1,27 +1,33 @@
 """The Flower backend on Flower's simulation engine aggregates exactly as the
-in-process loop: same seed, same recipe, same global model."""
+in-process loop: same seed, same recipe, same global model, same scores."""
 
 import json
 
 import pytest
 import torch
 
+from fedssl.backends.flower.simulation import simulate
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.loop import Federation
 from fedssl.launch import launch
 
+SCORES = ("global_acc", "client_acc_mean", "personal_acc", "personal_acc_p10", "bytes_up", "bytes_down")
+
+
+def same_run(tiny_recipe, overrides):
+    """The recipe run on Flower's simulation engine and in process; both results."""
+    _, flower_dir, flower = launch(str(tiny_recipe), overrides + ["name=flower", "federation.backend=flower"])
+    _, local_dir, local = launch(str(tiny_recipe), overrides + ["name=local"])
+    return flower_dir, flower, local_dir, local
+
 
 @pytest.mark.slow
 def test_flower_simulation_aggregates_as_the_inprocess_loop(tiny_recipe):
-    common = ["federation.rounds=2"]
-    _, flower_dir, flower = launch(str(tiny_recipe), common + ["name=flower", "federation.backend=flower"])
-    _, local_dir, local = launch(str(tiny_recipe), common + ["name=local"])
+    flower_dir, flower, local_dir, local = same_run(tiny_recipe, ["federation.rounds=2", "logging.wandb.mode=offline"])
 
-    assert flower["global_acc"] == local["global_acc"]
-    assert flower["client_acc_mean"] == local["client_acc_mean"]
-    assert flower["bytes_up"] == local["bytes_up"] > 0
+    assert {k: flower[k] for k in SCORES} == {k: local[k] for k in SCORES} and flower["bytes_up"] > 0
     got = load_checkpoint(flower_dir / "checkpoint.pt")["server_state"]["params"]
     want = load_checkpoint(local_dir / "checkpoint.pt")["server_state"]["params"]
     assert list(got) == list(want)
@@ -32,8 +38,29 @@ def test_flower_simulation_aggregates_as_the_inprocess_loop(tiny_recipe):
     rounds = [json.loads(line) for line in (flower_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["dropped_clients"] == 0 for r in rounds)
     assert json.loads((flower_dir / "summary.json").read_text())["global_acc"] == flower["global_acc"]
+    # W&B is written on the server side, as in process
+    offline_runs = list((flower_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
 
 
-def test_flower_refuses_personalized_algorithms_before_starting_nodes(tiny_recipe):
-    with pytest.raises(UserError, match="federation.backend: flower does not evaluate personalized"):
-        launch(str(tiny_recipe), ["federation.backend=flower", "algorithm.name=fedper", "federation.rounds=1"])
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedper", "fedmatch"])
+def test_flower_simulation_runs_personal_and_fedmatch_as_the_inprocess_loop(tiny_recipe, algorithm):
+    """FedPer's heads stay on the nodes and are scored there; FedMatch's helpers and
+    decomposed weights travel as records. Both end where the in-process loop ends."""
+    overrides = ["federation.rounds=2", f"algorithm.name={algorithm}"]
+    if algorithm == "fedmatch":  # labels at the server, helpers sent from round 2 on
+        overrides += ["data.labels.mode=server", "data.labels.server_per_class=5", "algorithm.ssl.server_steps=5",
+                      "algorithm.fedmatch.helper_every=1", "train.lr=0.001", "train.momentum=0"]
+    _, flower, _, local = same_run(tiny_recipe, overrides)
+    assert flower["personal_acc"] == pytest.approx(local["personal_acc"], abs=1e-6)
+    assert flower["global_acc"] == pytest.approx(local["global_acc"], abs=1e-6)
+    assert flower["client_acc_mean"] == pytest.approx(local["client_acc_mean"], abs=1e-6)
+    if algorithm == "fedper":
+        assert flower["personal_acc"] != flower["client_acc_mean"]  # the heads were personal
+
+
+def test_resuming_a_personalized_flower_run_is_refused_before_the_engine_starts(tiny_recipe):
+    cfg = load_recipe(tiny_recipe, ["algorithm.name=fedper", "federation.backend=flower"])
+    with pytest.raises(UserError, match="cannot resume: algorithm.name=fedper keeps each client's personal state"):
+        simulate(cfg, tiny_recipe.parent / "runs" / "tiny", resume=True)

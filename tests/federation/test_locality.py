@@ -1,7 +1,7 @@
-"""Data locality on the in-process backend: what every client sends is parameter
-arrays of the model and scalar metrics, never images, labels or per-sample values.
-
-(The Flower backend does not exist yet; its half of this test comes with it.)
+"""Data locality: what every client sends is parameter arrays of the model and
+scalar metrics, never images, labels or per-sample values. On the Flower backend
+a node sends exactly these updates through the codec (which refuses anything but
+arrays and scalars), and its evaluation replies hold per-client scores only.
 """
 
 import dataclasses
@@ -9,6 +9,8 @@ import importlib
 
 import pytest
 import torch
+
+from fedssl.backends.flower.codec import decode_update, encode_rows, encode_update
 
 from fedssl.config.load import load_recipe
 from fedssl.federation.algorithm import ALGORITHM_MODULES, ALGORITHMS
@@ -34,7 +36,8 @@ def registered_algorithms() -> list[str]:
 
 
 @pytest.mark.parametrize("algorithm", registered_algorithms())
-def test_every_update_holds_only_the_models_arrays_and_scalar_metrics(tiny_recipe, monkeypatch, algorithm):
+def test_every_update_holds_only_the_models_arrays_and_scalar_metrics(tiny_recipe, monkeypatch, over_flower_wire,
+                                                                      algorithm):
     cfg = load_recipe(tiny_recipe, [f"algorithm.name={algorithm}", *SETTINGS.get(algorithm, []),
                                     "federation.clients_per_round=6"])
     federation = Federation.build(cfg)
@@ -76,3 +79,15 @@ def test_every_update_holds_only_the_models_arrays_and_scalar_metrics(tiny_recip
         # no more numbers than the model holds (a sparse delta: an index and a value per entry)
         total = sum(a.numel() for a in update.arrays.values())
         assert total <= 2 * sum(torch.Size(s).numel() for s in shared.values())
+
+        # on Flower, exactly this crosses the wire, and nothing beside it
+        wire = over_flower_wire(encode_update(update))
+        assert set(wire) == {"arrays", "metrics", "meta"}
+        received = decode_update(wire)
+        assert list(received.arrays) == list(update.arrays) and received.metrics == update.metrics
+
+    # a Flower node's evaluation reply: per-client scores, no per-sample values
+    rows = over_flower_wire(encode_rows(federation.score_clients(state, [0, 1])))
+    for row in rows.config_records.values():
+        assert set(row) <= {"client", "kind", "test_samples", "acc", "loss", "personal_acc", "personal_loss"}
+        assert all(isinstance(value, (int, float, str)) for value in row.values())

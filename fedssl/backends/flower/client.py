@@ -1,9 +1,12 @@
 """The ClientApp: one client's round on a SuperNode.
 
-It answers two messages: `query`, which partitions this node holds (the server
-maps fedssl's client ids to Flower node ids with it), and `train`, one local fit
-from the payload, through the same `Federation.fit_client` as the in-process loop.
-The server checks the update (it trusts no client); the node only trains.
+It answers three messages: `query`, which partitions this node holds (the server
+maps fedssl's client ids to Flower node ids with it); `train`, one local fit from
+the payload, through the same `Federation.fit_client` as the in-process loop; and
+`evaluate`, the global and the personalized model on each of its clients' local
+test splits, through the loop's `Federation.score_clients`. Clients' data and
+personal state never leave the node. The server checks every update (it trusts no
+client).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedssl.backends.flower.codec import decode_payload, encode_update
+from fedssl.backends.flower.codec import decode_evaluate, decode_payload, encode_rows, encode_update
+from fedssl.federation.aggregate import ServerState
 from fedssl.backends.flower.node import federation_for, load_state, node_partitions, save_state
 
 RUN = "run"  # the ConfigRecord that carries the resolved recipe
@@ -27,9 +31,7 @@ def partitions(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     payload, client_id = decode_payload(message.content)
-    held = node_partitions(context)
-    if client_id not in held:
-        raise ValueError(f"this node holds partitions {held}, not client {client_id}")
+    check_held(context, [client_id])
     federation = federation_for(str(message.content.config_records[RUN]["recipe"]))
     federation.store.put(client_id, load_state(context, client_id))
     update, kept, _ = federation.fit_client(client_id, payload)
@@ -37,3 +39,19 @@ def train(message: Message, context: Context) -> Message:
         raise update  # Flower replies with an error message; the server drops the client
     save_state(context, client_id, kept)
     return Message(encode_update(update), reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    params, client_ids = decode_evaluate(message.content)
+    check_held(context, client_ids)
+    federation = federation_for(str(message.content.config_records[RUN]["recipe"]))
+    for client_id in client_ids:
+        federation.store.put(client_id, load_state(context, client_id))
+    return Message(encode_rows(federation.score_clients(ServerState(params), client_ids)), reply_to=message)
+
+
+def check_held(context: Context, client_ids: list[int]) -> None:
+    held = node_partitions(context)
+    if not set(client_ids) <= set(held):
+        raise ValueError(f"this node holds partitions {held}, not clients {sorted(set(client_ids) - set(held))}")

@@ -83,3 +83,26 @@ def decode_update(content: RecordDict) -> Update:
     meta = content.config_records[META]
     return Update(client_id=int(meta["client_id"]), arrays=decode_arrays(content.array_records[ARRAYS]),
                   num_examples=int(meta["num_examples"]), metrics=dict(content.metric_records[METRICS]))
+
+
+def encode_evaluate(params: Arrays, client_ids: list[int]) -> RecordDict:
+    """What a node needs to score its clients: the global model's shared arrays
+    (the server state's `params`) and which of its clients to score."""
+    return RecordDict({
+        ARRAYS: encode_arrays(params, "server_state.params"),
+        META: ConfigRecord({"clients": [int(c) for c in client_ids]}),
+    })
+
+
+def decode_evaluate(content: RecordDict) -> tuple[Arrays, list[int]]:
+    return decode_arrays(content.array_records[ARRAYS]), [int(c) for c in content.config_records[META]["clients"]]
+
+
+def encode_rows(rows: list[dict[str, Any]]) -> RecordDict:
+    """A node's evaluation rows (one per client: its kind, test size and scores)."""
+    return RecordDict({f"client{row['client']}": ConfigRecord(check_scalars(row, "evaluation row", (int, float, str)))
+                       for row in rows})
+
+
+def decode_rows(content: RecordDict) -> list[dict[str, Any]]:
+    return [dict(record) for record in content.config_records.values()]

@@ -1,8 +1,9 @@
 """The ServerApp: the in-process loop's rounds, with clients on Flower nodes.
 
-`FlowerFederation` is the loop's `Federation` with one method replaced: a round's
+`FlowerFederation` is the loop's `Federation` with two methods replaced: a round's
 sampled clients are trained by sending each its payload as a Flower message and
-receiving its update. Sampling, the fault checks, retries, aggregation, central
+receiving its update (`fit_clients`), and clients are scored on their own local
+test splits by the nodes that hold them (`score_clients`). Sampling, the fault checks, retries, aggregation, central
 DP, evaluation, checkpoints and logging (metrics.jsonl, summary.json, W&B) are the
 loop's own `run_federation`, run on the server.
 """
@@ -20,7 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.backends.flower.client import RUN
-from fedssl.backends.flower.codec import decode_update, encode_payload
+from fedssl.backends.flower.codec import decode_rows, decode_update, encode_evaluate, encode_payload
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
@@ -46,7 +47,6 @@ class FlowerFederation(Federation):
 
     @classmethod
     def on_grid(cls, cfg: RecipeConfig, grid: Grid) -> FlowerFederation:
-        check_supported(cfg)
         federation = cls.build(cfg)
         federation.grid, federation.recipe_yaml = grid, to_yaml(cfg)
         federation.nodes = discover_nodes(grid, cfg)
@@ -79,21 +79,44 @@ class FlowerFederation(Federation):
             error = TimeoutError(f"no reply from node {self.nodes[client_id]} within {timeout:g}s")
             return error, {}, f"it did not answer within federation.flower.round_timeout={timeout:g}s"
         if reply.has_error():
-            reason = (reply.error.reason or "").strip().splitlines()
-            return RuntimeError(reason[-1] if reason else "error"), {}, f"its node replied with an error: {reason[-1] if reason else reply.error.code}"
+            return RuntimeError(error_line(reply)), {}, f"its node replied with an error: {error_line(reply)}"
         update = decode_update(reply.content)
         if update.client_id != client_id:
             return update, {}, f"its node answered for client {update.client_id}"
         return update, {}, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
 
 
-def check_supported(cfg: RecipeConfig) -> None:
-    """Refuse what this backend cannot run the same as the in-process loop."""
-    if build_algorithm(cfg).personalized:
-        # The personal models live on the nodes; scoring them needs an evaluate
-        # round trip that this backend does not have yet.
-        raise UserError(f"federation.backend: flower does not evaluate personalized models yet "
-                        f"(algorithm.name={cfg.algorithm.name}); use federation.backend=inprocess")
+    def score_clients(self, state: ServerState, client_ids: list[int]) -> list[dict[str, Any]]:
+        """Ask each node to score its clients (global and personalized model, on
+        their local test splits: data and personal state stay on the node). A node
+        that errs or stays silent past round_timeout is left out of this evaluation,
+        with a warning naming its clients."""
+        assert self.grid is not None
+        by_node: dict[int, list[int]] = {}
+        for client_id in client_ids:
+            by_node.setdefault(self.nodes[client_id], []).append(client_id)
+        messages = {}
+        for node, held in by_node.items():
+            content = encode_evaluate(state.params, held)
+            content[RUN] = ConfigRecord({"recipe": self.recipe_yaml})
+            messages[node] = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
+        timeout = self.cfg.federation.flower.round_timeout
+        replies = {r.metadata.reply_to_message_id: r for r in self.grid.send_and_receive(list(messages.values()), timeout=timeout)}
+        rows = []
+        for node, message in messages.items():
+            reply = replies.get(message.metadata.message_id)
+            if reply is None or reply.has_error():
+                why = f"it did not answer within {timeout:g}s" if reply is None else error_line(reply)
+                log.warning("evaluation: node %d (clients %s) left out: %s", node, by_node[node], why)
+                continue
+            rows.extend(decode_rows(reply.content))
+        return sorted(rows, key=lambda row: row["client"])
+
+
+def error_line(reply: Message) -> str:
+    """The last line of an error reply's reason (the exception), or its code."""
+    lines = (reply.error.reason or "").strip().splitlines()
+    return lines[-1] if lines else f"error code {reply.error.code}"
 
 
 def discover_nodes(grid: Grid, cfg: RecipeConfig) -> dict[int, int]:
@@ -109,7 +132,7 @@ def discover_nodes(grid: Grid, cfg: RecipeConfig) -> dict[int, int]:
             queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
                 if reply.has_error():
-                    raise UserError(f"node {reply.metadata.src_node_id}: {(reply.error.reason or '').strip().splitlines()[-1:]}")
+                    raise UserError(f"node {reply.metadata.src_node_id}: {error_line(reply)}")
                 for partition in reply.content.config_records[RUN]["partitions"]:
                     if partition in nodes:
                         raise UserError(f"node config: partition-id {partition} is held by two nodes "
@@ -125,8 +148,18 @@ def discover_nodes(grid: Grid, cfg: RecipeConfig) -> dict[int, int]:
         time.sleep(POLL_SECONDS)
 
 
+def check_resumable(cfg: RecipeConfig, resume: bool) -> None:
+    """Refuse to resume a personalized run: its clients' personal state lived on the
+    nodes, not in the server's checkpoint, and would silently start afresh."""
+    if resume and build_algorithm(cfg).personalized:
+        raise UserError(f"cannot resume: algorithm.name={cfg.algorithm.name} keeps each client's personal state on "
+                        f"its Flower node, which the server's checkpoint does not hold; start a new run, or run it "
+                        f"with federation.backend=inprocess")
+
+
 def serve(grid: Grid, cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """The whole run on the server: the loop's `run_federation` over Flower nodes."""
+    check_resumable(cfg, resume)
     return run_federation(cfg, run_dir, resume=resume, build=lambda c: FlowerFederation.on_grid(c, grid))
 
 

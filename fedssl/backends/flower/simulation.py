@@ -16,13 +16,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedssl.backends.flower.client import app as client_app
-from fedssl.backends.flower.server import check_supported, serve
+from fedssl.backends.flower.server import check_resumable, serve
 from fedssl.config.schema import RecipeConfig
 
 
 def simulate(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Run the federation on Flower's simulation engine; returns its summary."""
-    check_supported(cfg)  # before the engine starts: a refusal takes a second, not Ray's startup
+    check_resumable(cfg, resume)  # before the engine starts: a refusal takes a second, not Ray's start-up
     result: dict[str, Any] = {}
     server_app = ServerApp()
 
