@@ -53,3 +53,25 @@ def over_flower_wire():
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
     return lambda records: recorddict_from_proto(ProtoRecordDict.FromString(recorddict_to_proto(records).SerializeToString()))
+
+
+@pytest.fixture
+def write_faces():
+    """A function writing synthetic faces as PNG class folders under a root."""
+    from PIL import Image
+
+    from fedssl.data.sources.synthetic_faces import generate_synthetic_faces
+
+    def write(root: Path, count: int = 70, seed: int = 123, size: int = 40, channels: int = 3) -> list[Path]:
+        """Synthetic faces as PNG files in FER-named class folders (any size and mode: the
+        model's own size and channels are applied on reading)."""
+        faces = generate_synthetic_faces(count, 3, seed=seed, image_size=size, channels=channels)
+        paths = []
+        for i, (image, label) in enumerate(zip(faces.images, faces.labels)):
+            folder = root / faces.class_names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            paths.append(folder / f"face{i:03d}.png")
+            Image.fromarray(image[..., 0] if channels == 1 else image).save(paths[-1])
+        return paths
+
+    return write

@@ -1,11 +1,12 @@
 """A loopback Flower deployment: a SuperLink and N SuperNodes on 127.0.0.1, a run
 submitted with `flwr run`, and every process stopped on exit, also on failure.
 
-    python tools/flower_loopback.py RECIPE [key=value ...] [--nodes N] [--timeout S]
+    python tools/flower_loopback.py RECIPE [key=value ...] [--nodes N] [--timeout S] [--data-paths DIR ...]
 
 Each SuperNode is its own process started with Flower's `flower-supernode`, holding
 the partitions `--node-config "partition-id=..."` names (client ids are dealt
-round-robin over the nodes). The run directory is prepared as `fedssl run` does;
+round-robin over the nodes) and, with `--data-paths`, its own images
+(`data-path=...`, one per node). The run directory is prepared as `fedssl run` does;
 the ServerApp writes metrics.jsonl and summary.json into it. Insecure mode: for
 tests and demos only (see README, "Running across machines", for TLS).
 """
@@ -115,9 +116,12 @@ class Loopback:
 
 
 def run(recipe: str, overrides: list[str], nodes: int, timeout: float, workdir: Path,
-        after_start=None) -> Path:
+        after_start=None, data_paths: list[str] | None = None) -> Path:
     """Run the recipe on a loopback deployment; returns the run directory.
-    `after_start(loopback, supernodes)` runs once the run is submitted (tests kill nodes there)."""
+    `after_start(loopback, supernodes)` runs once the run is submitted (tests kill nodes there);
+    `data_paths`, one per node, point each node at its own images."""
+    if data_paths is not None and len(data_paths) != nodes:
+        raise ValueError(f"--data-paths: {len(data_paths)} paths for {nodes} nodes")
     cfg = load_recipe(recipe, overrides)
     run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
     prepare_run_dir(run_dir, resume=False, overwrite=True)
@@ -141,9 +145,12 @@ def run(recipe: str, overrides: list[str], nodes: int, timeout: float, workdir: 
         supernodes = []
         for node in range(nodes):
             partitions = ",".join(str(c) for c in range(node, cfg.federation.clients, nodes))
+            node_config = f'partition-id="{partitions}"'
+            if data_paths is not None:
+                node_config += f' data-path="{Path(data_paths[node]).resolve()}"'
             supernodes.append(loop.start(f"supernode{node}", [
                 str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--port", str(free_port()), "--node-config", f'partition-id="{partitions}"'], env))
+                "--port", str(free_port()), "--node-config", node_config], env))
         submit = subprocess.run([str(bindir / "flwr"), "run", str(app), "--run-config", f'run-dir="{run_dir}"'],
                                 env=env, capture_output=True, text=True, timeout=120)
         if submit.returncode:
@@ -168,9 +175,12 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run's summary")
+    parser.add_argument("--data-paths", nargs="+", help="each node's own images (one path per node)")
     args = parser.parse_args()
+    if args.data_paths and len(args.data_paths) != args.nodes:
+        parser.error(f"--data-paths: {len(args.data_paths)} paths for --nodes {args.nodes}")
     with tempfile.TemporaryDirectory(prefix="fedssl-loopback-") as workdir:
-        run_dir = run(args.recipe, args.overrides, args.nodes, args.timeout, Path(workdir))
+        run_dir = run(args.recipe, args.overrides, args.nodes, args.timeout, Path(workdir), data_paths=args.data_paths)
     print(f"summary: {run_dir / SUMMARY}")
     return 0
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -402,3 +402,24 @@ def build_federated_data(source: SourceData, cfg: DataConfig, num_clients: int, 
     fed = FederatedData(pool=pool, test=test, clients=tuple(clients), server_labeled=server_labeled)
     fed.check()
     return fed
+
+
+def node_federated_data(source: SourceData, cfg: DataConfig, num_clients: int, held: list[int], seed: int
+                        ) -> FederatedData:
+    """A deployed node's data: its own images (`source`) split, as the recipe's
+    `data` section says, over the client ids it holds (`held`) alone; every other
+    client holds nothing here. Nothing is set aside for the server (its test set and
+    its labels are its own), so every image on the node trains or tests its clients:
+    with labels at the server, the node's clients hold no labels."""
+    labels = replace(cfg.labels, server_per_class=0)
+    if cfg.labels.mode == "server":
+        labels = replace(labels, mode="client", per_class=0, fraction=0.0)
+    local = replace(cfg, labels=labels)
+    if len(held) == 1:  # all of it is that client's: no scheme needed (files rarely name identities)
+        local = replace(local, partition=replace(cfg.partition, scheme="iid"))
+    nothing = source.train.subset(_EMPTY)
+    built = build_federated_data(SourceData(source.train, test=nothing), local, len(held), seed)
+    clients = [ClientData(c, _EMPTY, _EMPTY, _EMPTY) for c in range(num_clients)]
+    for part, client_id in zip(built.clients, held):
+        clients[client_id] = replace(part, client_id=client_id)
+    return replace(built, clients=tuple(clients))

@@ -1,5 +1,6 @@
 """A real loopback deployment: flower-superlink and two flower-supernode processes on
-127.0.0.1, runs submitted with `flwr run`, nothing left running afterwards."""
+127.0.0.1 (reading their own image folders in the FedAvg run), runs submitted with
+`flwr run`, nothing left running afterwards."""
 
 import json
 import sys
@@ -29,7 +30,7 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-def run_loopback(tiny_recipe, tmp_path, overrides, after_start=None, timeout=240):
+def run_loopback(tiny_recipe, tmp_path, overrides, after_start=None, timeout=240, data_paths=None):
     started = []
 
     def record(loop, supernodes):
@@ -39,7 +40,7 @@ def run_loopback(tiny_recipe, tmp_path, overrides, after_start=None, timeout=240
 
     try:
         return flower_loopback.run(str(tiny_recipe), overrides, nodes=2, timeout=timeout,
-                                   workdir=tmp_path / "loopback", after_start=record)
+                                   workdir=tmp_path / "loopback", after_start=record, data_paths=data_paths)
     finally:
         assert started, "the run was never submitted"
         assert not [p.pid for p in started if p.poll() is None or group_alive(p.pid)], "processes left behind"
@@ -47,11 +48,18 @@ def run_loopback(tiny_recipe, tmp_path, overrides, after_start=None, timeout=240
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "fixmatch"])
-def test_two_rounds_on_a_loopback_deployment(tiny_recipe, tmp_path, algorithm):
-    run_dir = run_loopback(tiny_recipe, tmp_path, TWO_CLIENTS + [f"algorithm.name={algorithm}", f"name={algorithm}"])
+def test_two_rounds_on_a_loopback_deployment(tiny_recipe, tmp_path, write_faces, algorithm):
+    overrides, data_paths = TWO_CLIENTS + [f"algorithm.name={algorithm}", f"name={algorithm}"], None
+    if algorithm == "fedavg":  # each node reads its own image folder; the server tests on its own
+        for seed, folder in enumerate(("server", "node0", "node1")):
+            write_faces(tmp_path / folder, count=60, seed=seed, size=28, channels=1)
+        overrides += ["data.source=folder", f"data.path={tmp_path / 'server'}", "data.partition.scheme=iid"]
+        data_paths = [tmp_path / "node0", tmp_path / "node1"]
+    run_dir = run_loopback(tiny_recipe, tmp_path, overrides, data_paths=data_paths)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algorithm"] == algorithm and summary["rounds"] == 2
     assert 0.0 <= summary["global_acc"] <= 1.0 and summary["dropped_clients"] == 0
+    assert 0.0 <= summary["client_acc_mean"] <= 1.0  # scored by the nodes, on their own local test splits
     assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 

@@ -53,19 +53,6 @@ def accuracies(stdout: str) -> dict[str, tuple[float, int, int]]:
     return found
 
 
-def write_faces(root: Path, count: int = 70, seed: int = 123, size: int = 40, channels: int = 3) -> list[Path]:
-    """Synthetic faces as PNG files in FER-named class folders (any size and mode: the
-    model's own size and channels are applied on reading)."""
-    faces = generate_synthetic_faces(count, 3, seed=seed, image_size=size, channels=channels)
-    paths = []
-    for i, (image, label) in enumerate(zip(faces.images, faces.labels)):
-        folder = root / faces.class_names[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        paths.append(folder / f"face{i:03d}.png")
-        Image.fromarray(image[..., 0] if channels == 1 else image).save(paths[-1])
-    return paths
-
-
 @pytest.fixture(scope="module")
 def _trained_runs() -> dict:
     return {}
@@ -83,7 +70,7 @@ def tiny_run(tiny_recipe, _trained_runs) -> Path:
 
 
 @pytest.fixture
-def faces(tmp_path) -> Path:
+def faces(tmp_path, write_faces) -> Path:
     root = tmp_path / "my_faces"
     write_faces(root)
     return root
@@ -203,7 +190,7 @@ def test_fedmatch_run_is_read_through_its_global_weights(tiny_recipe, tmp_path):
 # --- mistakes a user can make: exit code 2, one line naming the problem ---------------------------
 
 
-def test_classes_the_model_does_not_know(tiny_run, tmp_path, capsys):
+def test_classes_the_model_does_not_know(tiny_run, tmp_path, capsys, write_faces):
     data = tmp_path / "eight"
     write_faces(data, count=30)
     (data / "contempt").mkdir(exist_ok=True)

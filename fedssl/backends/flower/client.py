@@ -1,7 +1,8 @@
 """The ClientApp: one client's round on a SuperNode.
 
 It answers three messages: `query`, which partitions this node holds (the server
-maps fedssl's client ids to Flower node ids with it); `train`, one local fit from
+maps fedssl's client ids to Flower node ids with it; the node builds its data then,
+so that a node whose data does not fit the recipe stops the run at once); `train`, one local fit from
 the payload, through the same `Federation.fit_client` as the in-process loop; and
 `evaluate`, the global and the personalized model on each of its clients' local
 test splits, through the loop's `Federation.score_clients`. Clients' data and
@@ -15,24 +16,28 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssl.backends.flower.codec import decode_evaluate, decode_payload, encode_rows, encode_update
-from fedssl.federation.aggregate import ServerState
 from fedssl.backends.flower.node import federation_for, load_state, node_partitions, save_state
+from fedssl.federation.aggregate import ServerState
+from fedssl.federation.loop import Federation
+from fedssl.federation.metrics import client_kind
 
-RUN = "run"  # the ConfigRecord that carries the resolved recipe
+RUN = "run"  # the ConfigRecord that carries the resolved recipe and the server's class names
 
 app = ClientApp()
 
 
 @app.query()
 def partitions(message: Message, context: Context) -> Message:
-    return Message(RecordDict({RUN: ConfigRecord({"partitions": node_partitions(context)})}), reply_to=message)
+    federation, held = run_federation_for(message, context), node_partitions(context)
+    kinds = [client_kind(federation.data.clients[c]) for c in held]  # labeled, unlabeled or mixed
+    return Message(RecordDict({RUN: ConfigRecord({"partitions": held, "kinds": kinds})}), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     payload, client_id = decode_payload(message.content)
     check_held(context, [client_id])
-    federation = federation_for(str(message.content.config_records[RUN]["recipe"]))
+    federation = run_federation_for(message, context)
     federation.store.put(client_id, load_state(context, client_id))
     update, kept, _ = federation.fit_client(client_id, payload)
     if isinstance(update, Exception):
@@ -45,7 +50,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     params, client_ids = decode_evaluate(message.content)
     check_held(context, client_ids)
-    federation = federation_for(str(message.content.config_records[RUN]["recipe"]))
+    federation = run_federation_for(message, context)
     for client_id in client_ids:
         federation.store.put(client_id, load_state(context, client_id))
     return Message(encode_rows(federation.score_clients(ServerState(params), client_ids)), reply_to=message)
@@ -55,3 +60,8 @@ def check_held(context: Context, client_ids: list[int]) -> None:
     held = node_partitions(context)
     if not set(client_ids) <= set(held):
         raise ValueError(f"this node holds partitions {held}, not clients {sorted(set(client_ids) - set(held))}")
+
+
+def run_federation_for(message: Message, context: Context) -> Federation:
+    run = message.content.config_records[RUN]
+    return federation_for(str(run["recipe"]), context, [str(c) for c in run["classes"]])

@@ -1,26 +1,35 @@
 """What a SuperNode holds: its partitions, its built federation pieces, its clients' state.
 
-A node rebuilds the run's data and learner from the recipe the server sends,
-deterministically from the recipe's seed, exactly as the in-process loop does, and
-trains only the partitions its node config names. What a client keeps between
-rounds (personal layers, ...) is stored in the node's Flower context state, so
-it never leaves the node.
+A node builds the run's learner from the recipe the server sends and trains only
+the partitions (client ids) its node config names. Their data is either the
+recipe's own partition, rebuilt deterministically from the recipe's seed exactly
+as the in-process loop builds it, or, with node config `data-path`, the node's own
+images, split over its partitions alone. What a client keeps between rounds
+(personal layers, ...) is stored in the node's Flower context state, so it never
+leaves the node.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
+import numpy as np
 from flwr.app import Context
 from omegaconf import OmegaConf
 
 from fedssl.backends.flower.codec import decode_arrays, encode_arrays
-from fedssl.config.validate import validate
 from fedssl.config.load import merge_config
+from fedssl.config.schema import RecipeConfig
+from fedssl.config.validate import validate
+from fedssl.data.dataset import SourceData
+from fedssl.data.federated import FederatedData, node_federated_data
+from fedssl.data.sources import load_source
 from fedssl.errors import UserError
 from fedssl.federation.loop import Federation
 
 PARTITION_KEY = "partition-id"  # Flower's own name: the simulation engine sets it on each virtual node
+DATA_PATH_KEY = "data-path"  # the node's own images, in the recipe's data.source format
 
 # One built federation per recipe, per process: building data and the model takes
 # seconds, and a simulation actor or a long-lived node answers many messages.
@@ -40,14 +49,38 @@ def node_partitions(context: Context) -> list[int]:
         raise UserError(f"node config: {PARTITION_KEY} must be an integer or a list like \"0,3\", got {value!r}") from None
 
 
-def federation_for(recipe_yaml: str) -> Federation:
-    """The federation pieces the recipe builds (cached per recipe)."""
-    key = hashlib.sha256(recipe_yaml.encode()).hexdigest()
+def federation_for(recipe_yaml: str, context: Context, classes: list[str]) -> Federation:
+    """The federation pieces the recipe builds on this node (cached per recipe and
+    node config). `classes` are the server's class names, which the node's own data
+    must have too: the model's head and every score depend on them."""
+    data_path, held = context.node_config.get(DATA_PATH_KEY), node_partitions(context)
+    key = hashlib.sha256(f"{recipe_yaml}\0{data_path}\0{held}".encode()).hexdigest()
     if key not in _BUILT:
         cfg = validate(merge_config([OmegaConf.create(recipe_yaml)], source="the server's recipe"))
         _BUILT.clear()  # one run at a time: drop the previous recipe's tensors
-        _BUILT[key] = Federation.build(cfg)
+        own = None if data_path is None else node_data(cfg, str(data_path), held, classes)
+        _BUILT[key] = Federation.build(cfg, data=own)
+    found = list(_BUILT[key].data.class_names)
+    if found != list(classes):
+        where = f"node config {DATA_PATH_KEY}={data_path}" if data_path is not None else "the recipe's data on this node"
+        raise UserError(f"{where}: classes {found} differ from the server's {list(classes)}")
     return _BUILT[key]
+
+
+def node_data(cfg: RecipeConfig, data_path: str, held: list[int], classes: list[str]) -> FederatedData:
+    """The node's own images at `data_path` as the data of the partitions it holds,
+    labelled in the server's class order (a node may lack some classes)."""
+    if cfg.data.source == "synthetic_faces":
+        raise UserError(f"node config {DATA_PATH_KEY}: data.source synthetic_faces is generated, not read from "
+                        f"files; use a recipe whose data.source reads files (folder, fer2013, idx)")
+    local = replace(cfg.data, path=data_path)
+    images = load_source(local).train
+    unknown = sorted(set(images.class_names) - set(classes))
+    if unknown:
+        raise UserError(f"node config {DATA_PATH_KEY}={data_path}: classes {unknown} are not among the server's {classes}")
+    order = np.array([classes.index(name) for name in images.class_names], dtype=images.labels.dtype)
+    images = replace(images, labels=order[images.labels], class_names=tuple(classes))
+    return node_federated_data(SourceData(images), local, cfg.federation.clients, held, cfg.seed)
 
 
 def state_key(client_id: int) -> str:

@@ -43,14 +43,23 @@ class FlowerFederation(Federation):
 
     grid: Grid | None = None
     nodes: dict[int, int] = field(default_factory=dict)  # fedssl client id -> Flower node id
+    node_kinds: dict[int, str] = field(default_factory=dict)  # client id -> kind, as its node's data says
     recipe_yaml: str = ""
 
     @classmethod
     def on_grid(cls, cfg: RecipeConfig, grid: Grid) -> FlowerFederation:
         federation = cls.build(cfg)
         federation.grid, federation.recipe_yaml = grid, to_yaml(cfg)
-        federation.nodes = discover_nodes(grid, cfg)
+        federation.nodes, federation.node_kinds = discover_nodes(grid, cfg, federation.run_record())
         return federation
+
+    @property
+    def kinds(self) -> dict[int, str]:
+        return self.node_kinds
+
+    def run_record(self) -> ConfigRecord:
+        """What every node needs to build its part of the run."""
+        return ConfigRecord({"recipe": self.recipe_yaml, "classes": list(self.data.class_names)})
 
     def fit_clients(self, round_index: int, state: ServerState, sampled: list[int]
                     ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
@@ -61,7 +70,7 @@ class FlowerFederation(Federation):
         messages = {}
         for client_id, payload in payloads.items():
             content = encode_payload(payload, client_id)
-            content[RUN] = ConfigRecord({"recipe": self.recipe_yaml})
+            content[RUN] = self.run_record()
             messages[client_id] = Message(content, dst_node_id=self.nodes[client_id], message_type=MessageType.TRAIN,
                                           group_id=str(round_index))
         timeout = self.cfg.federation.flower.round_timeout
@@ -98,7 +107,7 @@ class FlowerFederation(Federation):
         messages = {}
         for node, held in by_node.items():
             content = encode_evaluate(state.params, held)
-            content[RUN] = ConfigRecord({"recipe": self.recipe_yaml})
+            content[RUN] = self.run_record()
             messages[node] = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
         timeout = self.cfg.federation.flower.round_timeout
         replies = {r.metadata.reply_to_message_id: r for r in self.grid.send_and_receive(list(messages.values()), timeout=timeout)}
@@ -119,28 +128,32 @@ def error_line(reply: Message) -> str:
     return lines[-1] if lines else f"error code {reply.error.code}"
 
 
-def discover_nodes(grid: Grid, cfg: RecipeConfig) -> dict[int, int]:
-    """Ask every connected node which partitions it holds, until every client id of
-    the recipe has a node, or raise after federation.flower.connect_timeout."""
+def discover_nodes(grid: Grid, cfg: RecipeConfig, run: ConfigRecord) -> tuple[dict[int, int], dict[int, str]]:
+    """Ask every connected node which partitions it holds and of what kind their
+    data is (sending it the `run` record to build that data with), until every
+    client id of the recipe has a node, or raise after federation.flower.connect_timeout.
+    Returns the node and the kind of every client id."""
     wanted, timeout = set(range(cfg.federation.clients)), cfg.federation.flower.connect_timeout
     nodes: dict[int, int] = {}
+    kinds: dict[int, str] = {}
     asked: set[int] = set()
     deadline = time.monotonic() + timeout
     while True:
         new = [n for n in grid.get_node_ids() if n not in asked]
         if new:
-            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+            queries = [Message(RecordDict({RUN: run}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
                 if reply.has_error():
                     raise UserError(f"node {reply.metadata.src_node_id}: {error_line(reply)}")
-                for partition in reply.content.config_records[RUN]["partitions"]:
+                answer = reply.content.config_records[RUN]
+                for partition, kind in zip(answer["partitions"], answer["kinds"]):
                     if partition in nodes:
                         raise UserError(f"node config: partition-id {partition} is held by two nodes "
                                         f"({nodes[partition]} and {reply.metadata.src_node_id})")
-                    nodes[int(partition)] = reply.metadata.src_node_id
+                    nodes[int(partition)], kinds[int(partition)] = reply.metadata.src_node_id, str(kind)
             asked.update(new)
         if wanted <= set(nodes):
-            return {c: nodes[c] for c in sorted(wanted)}
+            return {c: nodes[c] for c in sorted(wanted)}, {c: kinds[c] for c in sorted(wanted)}
         if time.monotonic() > deadline:
             missing = sorted(wanted - set(nodes))
             raise UserError(f"federation.flower.connect_timeout: after {timeout:g}s no connected node holds "

@@ -1,0 +1,61 @@
+"""A deployed node's own data (node config `data-path`): all of it goes to the
+partitions the node holds, labelled in the server's class order."""
+
+import shutil
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedssl.backends.flower.node import federation_for
+from fedssl.config.load import load_recipe, to_yaml
+from fedssl.data.dataset import FER2013_CLASSES, SourceData
+from fedssl.data.federated import node_federated_data
+from fedssl.data.sources.synthetic_faces import generate_synthetic_faces
+from fedssl.errors import UserError
+
+
+def node_context(partitions: str, data_path=None) -> Context:
+    config = {"partition-id": partitions} | ({} if data_path is None else {"data-path": str(data_path)})
+    return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+
+@pytest.mark.parametrize("mode", ["all", "client", "server"])
+def test_every_image_of_the_node_goes_to_the_partitions_it_holds(tiny_recipe, mode):
+    cfg = load_recipe(tiny_recipe, [f"data.labels.mode={mode}", "data.labels.per_class=2", "data.labels.server_per_class=2"])
+    images = generate_synthetic_faces(90, 4, seed=1, image_size=28, channels=1)
+    data = node_federated_data(SourceData(images), cfg.data, num_clients=6, held=[1, 4], seed=0)
+
+    assert [c.client_id for c in data.clients] == list(range(6))
+    assert all(data.clients[c].num_samples == 0 for c in (0, 2, 3, 5))
+    held = np.concatenate([np.concatenate([data.clients[c].train, data.clients[c].test]) for c in (1, 4)])
+    assert sorted(held.tolist()) == list(range(90))  # every image, once; none set aside for the server
+    assert len(data.test) == 0 and len(data.server_labeled) == 0
+    labeled = sum(len(data.clients[c].labeled) for c in (1, 4))
+    assert (labeled == 0) == (mode == "server")
+
+
+def test_a_node_folder_is_read_in_the_servers_class_order(tiny_recipe, tmp_path, write_faces):
+    write_faces(tmp_path / "node", count=60, size=28, channels=1)
+    for lacking in ("angry", "surprise"):  # a node need not hold every class
+        shutil.rmtree(tmp_path / "node" / lacking)
+    cfg = load_recipe(tiny_recipe, ["data.source=folder", f"data.path={tmp_path / 'server'}", "data.partition.scheme=iid"])
+    federation = federation_for(to_yaml(cfg), node_context("0,2", tmp_path / "node"), list(FER2013_CLASSES))
+
+    on_disk = sorted(p.name for p in (tmp_path / "node").iterdir())
+    assert federation.data.class_names == FER2013_CLASSES and federation.model(federation.pool.images[:1]).shape[-1] == 7
+    present = {FER2013_CLASSES[label] for label in federation.data.pool.labels.tolist()}
+    assert present == set(on_disk)
+    assert federation.data.clients[0].num_samples + federation.data.clients[2].num_samples == len(federation.data.pool)
+
+
+def test_a_node_folder_with_a_class_the_server_lacks_is_refused(tiny_recipe, tmp_path, write_faces):
+    write_faces(tmp_path / "node", count=40, size=28, channels=1)
+    cfg = load_recipe(tiny_recipe, ["data.source=folder", "data.path=unused"])
+    with pytest.raises(UserError, match=r"node config data-path=.*node: classes \[.*\] are not among the server's"):
+        federation_for(to_yaml(cfg), node_context("0", tmp_path / "node"), ["cat", "dog"])
+
+
+def test_a_generated_source_has_no_data_path(tiny_recipe, tmp_path):
+    with pytest.raises(UserError, match="node config data-path: data.source synthetic_faces is generated"):
+        federation_for(to_yaml(load_recipe(tiny_recipe)), node_context("0", tmp_path), list(FER2013_CLASSES))
