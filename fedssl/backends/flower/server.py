@@ -65,7 +65,6 @@ class FlowerFederation(Federation):
                     ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
         """Send every sampled client its payload at once and wait (bounded) for the
         updates; a client that errs or stays silent past round_timeout is dropped."""
-        assert self.grid is not None
         payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
         messages = {}
         for client_id, payload in payloads.items():
@@ -73,17 +72,22 @@ class FlowerFederation(Federation):
             content[RUN] = self.run_record()
             messages[client_id] = Message(content, dst_node_id=self.nodes[client_id], message_type=MessageType.TRAIN,
                                           group_id=str(round_index))
-        timeout = self.cfg.federation.flower.round_timeout
-        replies = list(self.grid.send_and_receive(list(messages.values()), timeout=timeout))
-        by_id = {r.metadata.reply_to_message_id: r for r in replies}
-        for client_id, message in messages.items():
-            reply = by_id.get(message.metadata.message_id)
-            yield client_id, payloads[client_id], self.result(client_id, payloads[client_id], reply, timeout)
+        for client_id, reply in self.exchange(messages).items():
+            yield client_id, payloads[client_id], self.result(client_id, payloads[client_id], reply)
 
-    def result(self, client_id: int, payload: Payload, reply: Message | None, timeout: float
+    def exchange(self, messages: dict[int, Message]) -> dict[int, Message | None]:
+        """Send all `messages` at once; the reply to each, or None where none came
+        within federation.flower.round_timeout."""
+        assert self.grid is not None
+        sent = self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.federation.flower.round_timeout)
+        replies = {reply.metadata.reply_to_message_id: reply for reply in sent}
+        return {key: replies.get(message.metadata.message_id) for key, message in messages.items()}
+
+    def result(self, client_id: int, payload: Payload, reply: Message | None
                ) -> tuple[Update | Exception, dict[str, torch.Tensor], str | None]:
         """`fit_client`'s triple for a reply. Nothing is kept here: personal state
         stays on the node."""
+        timeout = self.cfg.federation.flower.round_timeout
         if reply is None:
             error = TimeoutError(f"no reply from node {self.nodes[client_id]} within {timeout:g}s")
             return error, {}, f"it did not answer within federation.flower.round_timeout={timeout:g}s"
@@ -94,13 +98,11 @@ class FlowerFederation(Federation):
             return update, {}, f"its node answered for client {update.client_id}"
         return update, {}, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
 
-
     def score_clients(self, state: ServerState, client_ids: list[int]) -> list[dict[str, Any]]:
         """Ask each node to score its clients (global and personalized model, on
         their local test splits: data and personal state stay on the node). A node
         that errs or stays silent past round_timeout is left out of this evaluation,
         with a warning naming its clients."""
-        assert self.grid is not None
         by_node: dict[int, list[int]] = {}
         for client_id in client_ids:
             by_node.setdefault(self.nodes[client_id], []).append(client_id)
@@ -109,13 +111,10 @@ class FlowerFederation(Federation):
             content = encode_evaluate(state.params, held)
             content[RUN] = self.run_record()
             messages[node] = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
-        timeout = self.cfg.federation.flower.round_timeout
-        replies = {r.metadata.reply_to_message_id: r for r in self.grid.send_and_receive(list(messages.values()), timeout=timeout)}
         rows = []
-        for node, message in messages.items():
-            reply = replies.get(message.metadata.message_id)
+        for node, reply in self.exchange(messages).items():
             if reply is None or reply.has_error():
-                why = f"it did not answer within {timeout:g}s" if reply is None else error_line(reply)
+                why = "it did not answer within federation.flower.round_timeout" if reply is None else error_line(reply)
                 log.warning("evaluation: node %d (clients %s) left out: %s", node, by_node[node], why)
                 continue
             rows.extend(decode_rows(reply.content))
