@@ -179,6 +179,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.data_paths and len(args.data_paths) != args.nodes:
         parser.error(f"--data-paths: {len(args.data_paths)} paths for --nodes {args.nodes}")
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so that every process started is stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="fedssl-loopback-") as workdir:
         run_dir = run(args.recipe, args.overrides, args.nodes, args.timeout, Path(workdir), data_paths=args.data_paths)
     print(f"summary: {run_dir / SUMMARY}")
