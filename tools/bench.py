@@ -1,17 +1,30 @@
-"""Time one FedAvg round of fedssl's in-process loop against an ideal plain loop.
+"""Simulation cost: fedssl's federation loop against an ideal plain PyTorch loop.
 
-The workload (DESIGN.md, issue 6): 20 clients x 3,000 random 28x28x1 images of 10
-classes, 1 local epoch, batch 10, SGD, the FedAvg CNN. The ideal reference trains
-one model on data already on the device with a plain PyTorch loop doing the same
-number of SGD steps. Run:
+The standard workload (DESIGN.md, issue 6): FedAvg, 20 clients x 3,000 random
+28x28x1 images of 10 classes, 1 local epoch, batch 10, SGD (lr 0.01), the FedAvg
+CNN: 6,000 SGD steps per round. The "ideal" reference, run in the same process on
+the same device, trains one model with a plain loop doing the same number of SGD
+steps on data (and batch indices) already on the device. The population is then
+scaled at a constant 60,000 images (100 x 600, 1000 x 60) to show how the cost of
+many small clients grows. Each (population, concurrency) row runs in a fresh
+process, so its peak memory is its own.
 
-    python tools/bench_round.py [--clients 20] [--samples 3000] [--repeats 2]
+    python tools/bench.py                                   # device auto, 20,100,1000 clients, sequential and vmap
+    python tools/bench.py --device cpu --populations 20 --concurrency sequential --repeats 3
+    python tools/bench.py --personal                        # 1,000 FedPer clients: peak host memory under 2 GB?
+
+`--concurrency vmap` trains a round's clients together (fedssl.federation.concurrent);
+`sequential` one after another. Also printed: the albumentations pipelines' images/s
+(data.augment weak/strong), to compare with the loop's training images/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import platform
+import resource
+import sys
 import time
 from itertools import islice
 
@@ -22,10 +35,15 @@ import torch.nn.functional as F
 from fedssl.config.load import merge_config
 from fedssl.data.dataset import ImageDataset, SourceData
 from fedssl.data.federated import build_federated_data
-from fedssl.federation.loop import Federation
+from fedssl.data.transforms import augment_batch, build_transform
 from fedssl.federation.client import round_steps
-from fedssl.federation.tensors import TensorPool, cycle_batches
+from fedssl.federation.loop import Federation, resolve_device
+from fedssl.federation.tensors import cycle_batches
 from fedssl.models.factory import build_model
+
+TOTAL_IMAGES = 60_000  # 20 clients x 3,000: every population holds as many
+BATCH = 10
+MEMORY_LIMIT_MB = 2048  # issue 6: 1,000 clients with personal heads in 2 GB of host memory
 
 
 def random_source(num_samples: int, seed: int = 0) -> SourceData:
@@ -37,59 +55,154 @@ def random_source(num_samples: int, seed: int = 0) -> SourceData:
     return SourceData(train=ImageDataset(images, labels, names), test=test)
 
 
-def ideal_loop(cfg, pool: TensorPool, steps_per_client: list[np.ndarray]) -> float:
-    """One model, data on the device, plain SGD over the same batches."""
-    model = build_model(cfg.model, 10, 1, 28).to(pool.images.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-    began = time.perf_counter()
-    for batches in steps_per_client:
-        for indices in batches:
-            index = torch.from_numpy(indices).to(pool.images.device)
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(pool.images[index]), pool.labels[index]).backward()
-            optimizer.step()
-    if pool.images.is_cuda:
+def workload(clients: int, device: str, concurrency: str, **federation) -> dict:
+    """The standard workload's recipe, as a config layer."""
+    return {
+        "data": {"image_size": 28, "partition": {"scheme": "iid", "local_test_fraction": 0.0}},
+        "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1},
+        "federation": {"clients": clients, "clients_per_round": clients, "device": device,
+                       "concurrency": concurrency, **federation},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+    }
+
+
+def peak_host_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def ideal_loop(cfg, images: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor]) -> float:
+    """One model, data and batch indices on the device, plain SGD over the batches."""
+    model = build_model(cfg.model, 10, 1, 28).to(images.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+    synchronize(images.device)
+    began = time.perf_counter()
+    for index in batches:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images[index]), labels[index]).backward()
+        optimizer.step()
+    synchronize(images.device)
     return time.perf_counter() - began
+
+
+def measure(clients: int, device: str, concurrency: str, repeats: int) -> dict:
+    """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated)."""
+    cfg = merge_config([workload(clients, device, concurrency)])
+    data = build_federated_data(random_source(TOTAL_IMAGES + 100), cfg.data, clients, cfg.seed)
+    federation = Federation.build(cfg, data)
+    pool, dev = federation.pool, federation.pool.images.device
+    steps = [round_steps(len(c.labeled), 0, cfg.train, 0) for c in data.clients]
+    batches = [torch.from_numpy(indices).to(dev) for c, n in zip(data.clients, steps)
+               for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id)), n)]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fl_times, ideal_times = [], []
+    state = federation.initial_state()
+    for repeat in range(repeats):
+        synchronize(dev)
+        began = time.perf_counter()
+        state, _ = federation.fit_round(repeat + 1, state)
+        synchronize(dev)
+        fl_times.append(time.perf_counter() - began)
+        ideal_times.append(ideal_loop(cfg, pool.images, pool.labels, batches))
+    return {
+        "clients": clients, "samples": TOTAL_IMAGES // clients, "steps": sum(steps),
+        "concurrency": "vmap" if federation.cohort else "sequential", "asked": concurrency,
+        "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
+        "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+    }
+
+
+def personal_memory(clients: int, samples: int, rounds: int, device: str) -> dict:
+    """FedPer over `clients` clients, all sampled every round and every personal head
+    kept in memory (federation.states_in_memory = clients), then evaluated."""
+    cfg = merge_config([workload(clients, device, "auto", states_in_memory=clients), {
+        "algorithm": {"name": "fedper"},
+        "data": {"partition": {"local_test_fraction": 0.2}},
+    }])
+    data = build_federated_data(random_source(clients * samples + 100), cfg.data, clients, cfg.seed)
+    federation = Federation.build(cfg, data)
+    began = time.perf_counter()
+    state = federation.initial_state()
+    for round_index in range(1, rounds + 1):
+        state, _ = federation.fit_round(round_index, state)
+    metrics, _ = federation.evaluate(state)
+    return {"clients": clients, "samples": samples, "rounds": rounds, "seconds": time.perf_counter() - began,
+            "heads_in_memory": federation.store.in_memory, "personal_acc": metrics.get("personal_acc"),
+            "host_mb": peak_host_mb()}
+
+
+def in_child(function, *args):
+    """Run `function(*args)` in a fresh process (its peak memory is then its own)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def augmentation_rates(count: int = 2000) -> dict[str, float]:
+    """Images/s of the albumentations pipelines a client applies (data.augment), on
+    one process, as the loop applies them: image by image on the CPU."""
+    images = np.random.default_rng(0).integers(0, 256, size=(count, 28, 28, 1), dtype=np.uint8)
+    rates = {}
+    for kind in ("weak", "strong"):
+        transform = build_transform(kind, 28, seed=0)
+        began = time.perf_counter()
+        augment_batch(transform, images)
+        rates[kind] = count / (time.perf_counter() - began)
+    return rates
+
+
+def machine(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=3000, help="samples per client")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--populations", default="20,100,1000", help="client counts; each holds 60,000 images in all")
+    parser.add_argument("--concurrency", default="sequential,vmap", help="comma-separated: sequential, vmap")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds timed per row (best of)")
+    parser.add_argument("--personal", action="store_true", help="only the FedPer memory check")
+    parser.add_argument("--personal-clients", type=int, default=1000)
+    parser.add_argument("--personal-samples", type=int, default=20, help="samples per client in the memory check")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the memory check")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    print(f"machine: {machine(device)}; device {device}")
 
-    cfg = merge_config([{
-        "data": {"image_size": 28, "partition": {"scheme": "iid", "local_test_fraction": 0.0}},
-        "train": {"lr": 0.01, "batch_size": 10, "local_epochs": 1},
-        "federation": {"clients": args.clients, "clients_per_round": args.clients, "device": args.device},
-        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-    }])
-    data = build_federated_data(random_source(args.clients * args.samples), cfg.data, args.clients, cfg.seed)
-    federation = Federation.build(cfg, data)
-    batches = [
-        list(islice(cycle_batches(c.labeled, 10, np.random.default_rng(c.client_id)), round_steps(len(c.labeled), 0, cfg.train, 0)))
-        for c in data.clients
-    ]
-    steps = sum(len(b) for b in batches)
+    if args.personal:
+        row = in_child(personal_memory, args.personal_clients, args.personal_samples, args.rounds, str(device))
+        verdict = "under" if row["host_mb"] < MEMORY_LIMIT_MB else "OVER"
+        print(f"fedper, {row['clients']} clients x {row['samples']} samples, {row['rounds']} rounds + evaluation "
+              f"({row['seconds']:.1f} s), {row['heads_in_memory']} personal states in memory: peak host memory "
+              f"{row['host_mb']:,.0f} MB, {verdict} {MEMORY_LIMIT_MB:,} MB")
+        return
 
-    fl_times, ideal_times = [], []
-    state = federation.initial_state()
-    for repeat in range(args.repeats):
-        began = time.perf_counter()
-        state, _ = federation.fit_round(repeat + 1, state)
-        if federation.pool.images.is_cuda:
-            torch.cuda.synchronize()
-        fl_times.append(time.perf_counter() - began)
-        ideal_times.append(ideal_loop(cfg, federation.pool, batches))
-    fl, ideal = min(fl_times), min(ideal_times)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device {args.device}")
-    print(f"workload: {args.clients} clients x {args.samples} samples, batch 10, 1 epoch: {steps} SGD steps per round")
-    print(f"fedssl round: {fl:.2f} s ({steps * 10 / fl:,.0f} images/s)")
-    print(f"ideal loop:   {ideal:.2f} s ({steps * 10 / ideal:,.0f} images/s)")
-    print(f"ratio fedssl/ideal: {fl / ideal:.3f}")
+    modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]
+    print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD; {TOTAL_IMAGES:,} images per round; "
+          f"best of {args.repeats}")
+    print("| clients x samples | concurrency | fedssl round | ideal loop | ratio fedssl/ideal | images/s (fedssl) "
+          "| peak host memory | peak device memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    best_rate = 0.0
+    for clients in [int(c) for c in args.populations.split(",")]:
+        for mode in modes:
+            row = in_child(measure, clients, str(device), mode, args.repeats)
+            rate = row["steps"] * BATCH / row["fedssl"]
+            best_rate = max(best_rate, rate)
+            shown = row["concurrency"] if row["concurrency"] == mode else f"{mode} (fell back to {row['concurrency']})"
+            gpu = f"{row['device_mb']:,.0f} MB" if row["device_mb"] is not None else "-"
+            print(f"| {row['clients']} x {row['samples']} | {shown} | {row['fedssl']:.2f} s | {row['ideal']:.2f} s | "
+                  f"**{row['fedssl'] / row['ideal']:.2f}** | {rate:,.0f} | {row['host_mb']:,.0f} MB | {gpu} |", flush=True)
+    for kind, rate in augmentation_rates().items():
+        print(f"augmentation {kind}: {rate:,.0f} images/s on one CPU process "
+              f"({rate / best_rate:.2f}x the loop's best training rate of {best_rate:,.0f} images/s)")
 
 
 if __name__ == "__main__":
