@@ -46,13 +46,14 @@ BATCH = 10
 MEMORY_LIMIT_MB = 2048  # issue 6: 1,000 clients with personal heads in 2 GB of host memory
 
 
-def random_source(num_samples: int, seed: int = 0) -> SourceData:
+def random_source(num_samples: int, seed: int = 0, num_test: int = 100) -> SourceData:
+    """`num_samples` random training images of 10 classes, and a small test set."""
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(num_samples, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=num_samples).astype(np.int64)
+    images = rng.integers(0, 256, size=(num_samples + num_test, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=num_samples + num_test).astype(np.int64)
     names = tuple(str(i) for i in range(10))
-    test = ImageDataset(images[:100], labels[:100], names)
-    return SourceData(train=ImageDataset(images, labels, names), test=test)
+    test = ImageDataset(images[:num_test], labels[:num_test], names)
+    return SourceData(train=ImageDataset(images[num_test:], labels[num_test:], names), test=test)
 
 
 def workload(clients: int, device: str, concurrency: str, **federation) -> dict:
@@ -94,7 +95,7 @@ def ideal_loop(cfg, images: torch.Tensor, labels: torch.Tensor, batches: list[to
 def measure(clients: int, device: str, concurrency: str, repeats: int) -> dict:
     """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated)."""
     cfg = merge_config([workload(clients, device, concurrency)])
-    data = build_federated_data(random_source(TOTAL_IMAGES + 100), cfg.data, clients, cfg.seed)
+    data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
     federation = Federation.build(cfg, data)
     pool, dev = federation.pool, federation.pool.images.device
     steps = [round_steps(len(c.labeled), 0, cfg.train, 0) for c in data.clients]
@@ -119,23 +120,24 @@ def measure(clients: int, device: str, concurrency: str, repeats: int) -> dict:
     }
 
 
-def personal_memory(clients: int, samples: int, rounds: int, device: str) -> dict:
-    """FedPer over `clients` clients, all sampled every round and every personal head
-    kept in memory (federation.states_in_memory = clients), then evaluated."""
-    cfg = merge_config([workload(clients, device, "auto", states_in_memory=clients), {
+def personal_memory(clients: int, per_round: int, samples: int, rounds: int, device: str) -> dict:
+    """FedPer over `clients` clients, `per_round` sampled each round, every personal
+    head kept in memory (federation.states_in_memory = clients), then evaluated."""
+    cfg = merge_config([workload(clients, device, "auto", states_in_memory=clients, clients_per_round=per_round), {
         "algorithm": {"name": "fedper"},
         "data": {"partition": {"local_test_fraction": 0.2}},
     }])
-    data = build_federated_data(random_source(clients * samples + 100), cfg.data, clients, cfg.seed)
+    data = build_federated_data(random_source(clients * samples), cfg.data, clients, cfg.seed)
     federation = Federation.build(cfg, data)
+    built_mb = peak_host_mb()
     began = time.perf_counter()
     state = federation.initial_state()
     for round_index in range(1, rounds + 1):
         state, _ = federation.fit_round(round_index, state)
-    metrics, _ = federation.evaluate(state)
-    return {"clients": clients, "samples": samples, "rounds": rounds, "seconds": time.perf_counter() - began,
-            "heads_in_memory": federation.store.in_memory, "personal_acc": metrics.get("personal_acc"),
-            "host_mb": peak_host_mb()}
+    federation.evaluate(state)
+    return {"clients": clients, "per_round": per_round, "samples": samples, "rounds": rounds,
+            "seconds": time.perf_counter() - began, "heads_in_memory": federation.store.in_memory,
+            "built_mb": built_mb, "host_mb": peak_host_mb()}
 
 
 def in_child(function, *args):
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds timed per row (best of)")
     parser.add_argument("--personal", action="store_true", help="only the FedPer memory check")
     parser.add_argument("--personal-clients", type=int, default=1000)
+    parser.add_argument("--personal-per-round", type=int, default=0, help="clients sampled per round (0: all)")
     parser.add_argument("--personal-samples", type=int, default=20, help="samples per client in the memory check")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the memory check")
     args = parser.parse_args()
@@ -177,11 +180,14 @@ def main() -> None:
     print(f"machine: {machine(device)}; device {device}")
 
     if args.personal:
-        row = in_child(personal_memory, args.personal_clients, args.personal_samples, args.rounds, str(device))
+        per_round = args.personal_per_round or args.personal_clients
+        row = in_child(personal_memory, args.personal_clients, per_round, args.personal_samples, args.rounds,
+                       str(device))
         verdict = "under" if row["host_mb"] < MEMORY_LIMIT_MB else "OVER"
-        print(f"fedper, {row['clients']} clients x {row['samples']} samples, {row['rounds']} rounds + evaluation "
-              f"({row['seconds']:.1f} s), {row['heads_in_memory']} personal states in memory: peak host memory "
-              f"{row['host_mb']:,.0f} MB, {verdict} {MEMORY_LIMIT_MB:,} MB")
+        print(f"fedper, {row['clients']} clients x {row['samples']} samples, {row['per_round']} per round, "
+              f"{row['rounds']} rounds + evaluation ({row['seconds']:.1f} s), {row['heads_in_memory']} clients' "
+              f"personal states in memory: peak host memory {row['host_mb']:,.0f} MB ({row['built_mb']:,.0f} MB "
+              f"after imports and building), {verdict} {MEMORY_LIMIT_MB:,} MB")
         return
 
     modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]

@@ -137,6 +137,7 @@ class CohortTrainer:
                 for name, p in params.items():
                     self.sgd(p[:n], grads[name], momentum[name][:n] if momentum else None)
 
+        losses = losses.cpu()  # one transfer, not one per client
         updates = {}
         for k, (client_id, labeled, _) in enumerate(clients):
             arrays = {name: params[name][k].clone() for name in self.trainer.shared_names}
