@@ -92,9 +92,10 @@ def ideal_loop(cfg, images: torch.Tensor, labels: torch.Tensor, batches: list[to
     return time.perf_counter() - began
 
 
-def measure(clients: int, device: str, concurrency: str, repeats: int) -> dict:
-    """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated)."""
-    cfg = merge_config([workload(clients, device, concurrency)])
+def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int) -> dict:
+    """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated);
+    `chunk`: federation.concurrent_clients (0: the recipe default)."""
+    cfg = merge_config([workload(clients, device, concurrency, **({"concurrent_clients": chunk} if chunk else {}))])
     data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
     federation = Federation.build(cfg, data)
     pool, dev = federation.pool, federation.pool.images.device
@@ -114,7 +115,7 @@ def measure(clients: int, device: str, concurrency: str, repeats: int) -> dict:
         ideal_times.append(ideal_loop(cfg, pool.images, pool.labels, batches))
     return {
         "clients": clients, "samples": TOTAL_IMAGES // clients, "steps": sum(steps),
-        "concurrency": "vmap" if federation.cohort else "sequential", "asked": concurrency,
+        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if federation.cohort else "sequential",
         "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
         "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
     }
@@ -169,6 +170,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--populations", default="20,100,1000", help="client counts; each holds 60,000 images in all")
     parser.add_argument("--concurrency", default="sequential,vmap", help="comma-separated: sequential, vmap")
+    parser.add_argument("--concurrent-clients", type=int, default=0,
+                        help="vmap: federation.concurrent_clients (0: the recipe default)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds timed per row (best of)")
     parser.add_argument("--personal", action="store_true", help="only the FedPer memory check")
     parser.add_argument("--personal-clients", type=int, default=1000)
@@ -199,10 +202,10 @@ def main() -> None:
     best_rate = 0.0
     for clients in [int(c) for c in args.populations.split(",")]:
         for mode in modes:
-            row = in_child(measure, clients, str(device), mode, args.repeats)
+            row = in_child(measure, clients, str(device), mode, args.repeats, args.concurrent_clients)
             rate = row["steps"] * BATCH / row["fedssl"]
             best_rate = max(best_rate, rate)
-            shown = row["concurrency"] if row["concurrency"] == mode else f"{mode} (fell back to {row['concurrency']})"
+            shown = row["concurrency"] if row["concurrency"].startswith(mode) else f"{mode} (fell back to sequential)"
             gpu = f"{row['device_mb']:,.0f} MB" if row["device_mb"] is not None else "-"
             print(f"| {row['clients']} x {row['samples']} | {shown} | {row['fedssl']:.2f} s | {row['ideal']:.2f} s | "
                   f"**{row['fedssl'] / row['ideal']:.2f}** | {rate:,.0f} | {row['host_mb']:,.0f} MB | {gpu} |", flush=True)

@@ -120,3 +120,16 @@ def test_a_non_finite_vectorized_update_is_dropped(tiny_recipe, monkeypatch, cap
     _, metrics = federation.fit_round(1, federation.initial_state())
     assert metrics["dropped_clients"] == 1 and metrics["clients"] == 3
     assert "non-finite values" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_vectorized_training_equals_sequential_training_on_the_gpu(tiny_recipe, monkeypatch):
+    # TF32 would round the two paths' (differently shaped) convolutions differently
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    federation = build(tiny_recipe, "federation.device=cuda", "train.momentum=0.9", "train.weight_decay=0.001")
+    assert federation.cohort is not None  # federation.concurrency: auto picks vmap on CUDA
+    together, one_by_one = train_both_ways(federation)
+    for vectorized, sequential in zip(together, one_by_one):
+        assert vectorized.arrays["fc.weight"].is_cuda
+        torch.testing.assert_close(vectorized.arrays, sequential.arrays, rtol=1e-4, atol=1e-5)
