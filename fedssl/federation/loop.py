@@ -169,9 +169,11 @@ class Federation:
                      ) -> dict[int, tuple[Update, dict[str, torch.Tensor], str | None]]:
         """`fit_client`'s results for the clients the cohort trainer trains at once.
         Clients without labeled data are left to `fit_client` (they have nothing to
-        stack, and it fails them the same way it always does); so is the whole chunk
-        if training it together raises, for `fit_client` to isolate a faulty client."""
+        stack); so is the whole chunk if training it together raises, for
+        `fit_client` to isolate a faulty client."""
         clients = [(c, self.data.clients[c].labeled, p) for c, p in payloads.items() if len(self.data.clients[c].labeled)]
+        if not clients:
+            return {}
         try:
             updates = self.cohort.fit(clients)
         except UserError:

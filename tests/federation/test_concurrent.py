@@ -133,3 +133,13 @@ def test_vectorized_training_equals_sequential_training_on_the_gpu(tiny_recipe, 
     for vectorized, sequential in zip(together, one_by_one):
         assert vectorized.arrays["fc.weight"].is_cuda
         torch.testing.assert_close(vectorized.arrays, sequential.arrays, rtol=1e-4, atol=1e-5)
+
+
+def test_clients_without_labels_train_the_sequential_way(tiny_recipe, caplog):
+    # labels at the server: no client holds labeled data, so nothing is stacked
+    overrides = ["data.labels.mode=server", "data.labels.server_per_class=3", "federation.clients_per_round=4"]
+    federation = build(tiny_recipe, *VMAP, *overrides)
+    expected = build(tiny_recipe, "federation.concurrency=sequential", *overrides)
+    _, metrics = federation.fit_round(1, federation.initial_state())
+    _, reference = expected.fit_round(1, expected.initial_state())
+    assert metrics["clients"] == reference["clients"] == 4 and "together" not in caplog.text
