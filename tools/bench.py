@@ -194,6 +194,8 @@ def main() -> None:
         return
 
     modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]
+    if not modes or set(modes) - {"sequential", "vmap"}:
+        parser.error(f"--concurrency: give sequential, vmap or both, got {args.concurrency!r}")
     print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD; {TOTAL_IMAGES:,} images per round; "
           f"best of {args.repeats}")
     print("| clients x samples | concurrency | fedssl round | ideal loop | ratio fedssl/ideal | images/s (fedssl) "
