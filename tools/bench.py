@@ -36,6 +36,7 @@ from fedssl.config.load import merge_config
 from fedssl.data.dataset import ImageDataset, SourceData
 from fedssl.data.federated import build_federated_data
 from fedssl.data.transforms import augment_batch, build_transform
+from fedssl.errors import UserError
 from fedssl.federation.client import round_steps
 from fedssl.federation.loop import Federation, resolve_device
 from fedssl.federation.tensors import cycle_batches
@@ -179,7 +180,10 @@ def main() -> None:
     parser.add_argument("--personal-samples", type=int, default=20, help="samples per client in the memory check")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the memory check")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except UserError as error:
+        parser.error(str(error))
     print(f"machine: {machine(device)}; device {device}")
 
     if args.personal:
