@@ -130,6 +130,8 @@ class FederationConfig:
     client_fraction: Optional[float] = None  # share of the population sampled each round, in (0, 1]
     eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
     device: str = "cpu"  # torch device for training: cpu | cuda | auto
+    concurrency: str = "auto"  # how a round's clients train: sequential (one after another) | vmap (together, torch.func.vmap over stacked weights; where the algorithm or model cannot, one at a time, logged) | auto (vmap on CUDA, else sequential)
+    concurrent_clients: int = 64  # vmap: at most this many clients train at once (bounds device memory)
     states_in_memory: int = 100  # clients whose kept state (personal layers, ...) stays in memory; the rest are spilled to disk
     state_dir: str = ""  # where spilled client states go, one file per client (default: a temporary directory)
     aggregator: str = "mean"  # how FedAvg-family servers combine updates: mean (example-weighted) | median | trimmed_mean | krum | multi_krum

@@ -20,6 +20,7 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")  # fedssl
 PRIVACY_MECHANISMS = ("none", "central")
 ACCOUNTANTS = ("rdp", "pld")  # fedssl.privacy.accountant
 DEVICES = ("cpu", "cuda", "auto")
+CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.federation.concurrent
 META_VARIANTS = ("fo", "hf")
 # Algorithms that read algorithm.personal.patterns and algorithm.personal.ssl.
 PERSONAL_PATTERN_ALGORITHMS = ("fedper", "fedrep", "fedbn")
@@ -122,6 +123,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(fed.flower.round_timeout > 0, "federation.flower.round_timeout", f"must be > 0, got {fed.flower.round_timeout}")
     require(fed.flower.connect_timeout > 0, "federation.flower.connect_timeout", f"must be > 0, got {fed.flower.connect_timeout}")
     check_choice(fed.device, DEVICES, "federation.device")
+    check_choice(fed.concurrency, CONCURRENCY, "federation.concurrency")
+    require(fed.concurrent_clients >= 1, "federation.concurrent_clients", f"must be >= 1, got {fed.concurrent_clients}")
     check_choice(train.optimizer, OPTIMIZERS, "train.optimizer")
     require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
     require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")

@@ -26,6 +26,7 @@ from fedssl.federation.aggregate import ServerState
 from fedssl.federation.algorithm import Algorithm, build_algorithm
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fedssl.federation.client import Augmentations, ClientTrainer
+from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
 from fedssl.federation.evaluate import Score, score
 from fedssl.federation.faults import check_update
 from fedssl.federation.messages import Payload, Update
@@ -67,6 +68,7 @@ class Federation:
     test: TensorPool
     store: ClientStateStore
     privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
+    cohort: CohortTrainer | None = None  # trains clients together (federation.concurrency), None: one at a time
 
     @classmethod
     def build(cls, cfg: RecipeConfig, data: FederatedData | None = None) -> Federation:
@@ -92,7 +94,8 @@ class Federation:
         trainer = ClientTrainer(learner, pool, cfg.train, cfg.algorithm.ssl, algorithm.shared_names(learner),
                                 cfg.seed, augmentations)
         store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
-        return cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), store, privacy)
+        return cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), store, privacy,
+                   cohort_trainer(cfg, trainer, device))
 
     @property
     def pool(self) -> TensorPool:
@@ -152,11 +155,35 @@ class Federation:
 
     def fit_clients(self, round_index: int, state: ServerState, sampled: list[int]
                     ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
-        """Each sampled client's payload and `fit_client` result, one after another.
+        """Each sampled client's payload and `fit_client` result: one after another, or
+        with a cohort trainer `federation.concurrent_clients` at a time.
         A backend whose clients train elsewhere (Flower) overrides this alone."""
-        for client_id in sampled:
-            payload = self.algorithm.payload(round_index, state, client_id)
-            yield client_id, payload, self.fit_client(client_id, payload)
+        chunk = self.cfg.federation.concurrent_clients if self.cohort else 1
+        for start in range(0, len(sampled), chunk):
+            payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled[start : start + chunk]}
+            together = self.fit_together(round_index, payloads) if self.cohort else {}
+            for client_id, payload in payloads.items():
+                yield client_id, payload, together.get(client_id) or self.fit_client(client_id, payload)
+
+    def fit_together(self, round_index: int, payloads: dict[int, Payload]
+                     ) -> dict[int, tuple[Update, dict[str, torch.Tensor], str | None]]:
+        """`fit_client`'s results for the clients the cohort trainer trains at once.
+        Clients without labeled data are left to `fit_client` (they have nothing to
+        stack); so is the whole chunk if training it together raises, for
+        `fit_client` to isolate a faulty client."""
+        clients = [(c, self.data.clients[c].labeled, p) for c, p in payloads.items() if len(self.data.clients[c].labeled)]
+        if not clients:
+            return {}
+        try:
+            updates = self.cohort.fit(clients)
+        except UserError:
+            raise
+        except Exception as error:
+            log.warning("round %d: training %d clients together raised %s: %s; training them one at a time",
+                        round_index, len(clients), type(error).__name__, error)
+            return {}
+        dense = self.algorithm.dense_updates
+        return {u.client_id: (u, {}, check_update(u, payloads[u.client_id].arrays, dense=dense)) for u in updates}
 
     def collect(self, round_index: int, state: ServerState) -> tuple[list[Update], int, int]:
         """Train the sampled clients; their usable updates, how many were dropped, bytes sent.

@@ -83,6 +83,8 @@ def test_required_value_left_out(tmp_path):
         ("data.source=synthetic", "data.source"),
         ("data.labels.mode=clients", "data.labels.mode"),
         ("data.channels=2", "data.channels"),
+        ("federation.concurrency=parallel", "federation.concurrency"),
+        ("federation.concurrent_clients=0", "federation.concurrent_clients"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):

@@ -1,0 +1,224 @@
+"""Simulation cost: fedssl's federation loop against an ideal plain PyTorch loop.
+
+The standard workload (DESIGN.md, issue 6): FedAvg, 20 clients x 3,000 random
+28x28x1 images of 10 classes, 1 local epoch, batch 10, SGD (lr 0.01), the FedAvg
+CNN: 6,000 SGD steps per round. The "ideal" reference, run in the same process on
+the same device, trains one model with a plain loop doing the same number of SGD
+steps on data (and batch indices) already on the device. The population is then
+scaled at a constant 60,000 images (100 x 600, 1000 x 60) to show how the cost of
+many small clients grows. Each (population, concurrency) row runs in a fresh
+process, so its peak memory is its own.
+
+    python tools/bench.py                                   # device auto, 20,100,1000 clients, sequential and vmap
+    python tools/bench.py --device cpu --populations 20 --concurrency sequential --repeats 3
+    python tools/bench.py --personal                        # 1,000 FedPer clients: peak host memory under 2 GB?
+
+`--concurrency vmap` trains a round's clients together (fedssl.federation.concurrent);
+`sequential` one after another. Also printed: the albumentations pipelines' images/s
+(data.augment weak/strong), to compare with the loop's training images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import platform
+import resource
+import sys
+import time
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedssl.config.load import merge_config
+from fedssl.data.dataset import ImageDataset, SourceData
+from fedssl.data.federated import build_federated_data
+from fedssl.data.transforms import augment_batch, build_transform
+from fedssl.errors import UserError
+from fedssl.federation.client import round_steps
+from fedssl.federation.loop import Federation, resolve_device
+from fedssl.federation.tensors import cycle_batches
+from fedssl.models.factory import build_model
+
+TOTAL_IMAGES = 60_000  # 20 clients x 3,000: every population holds as many
+BATCH = 10
+MEMORY_LIMIT_MB = 2048  # issue 6: 1,000 clients with personal heads in 2 GB of host memory
+
+
+def random_source(num_samples: int, seed: int = 0, num_test: int = 100) -> SourceData:
+    """`num_samples` random training images of 10 classes, and a small test set."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(num_samples + num_test, 28, 28, 1), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=num_samples + num_test).astype(np.int64)
+    names = tuple(str(i) for i in range(10))
+    test = ImageDataset(images[:num_test], labels[:num_test], names)
+    return SourceData(train=ImageDataset(images[num_test:], labels[num_test:], names), test=test)
+
+
+def workload(clients: int, device: str, concurrency: str, **federation) -> dict:
+    """The standard workload's recipe, as a config layer."""
+    return {
+        "data": {"image_size": 28, "partition": {"scheme": "iid", "local_test_fraction": 0.0}},
+        "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1},
+        "federation": {"clients": clients, "clients_per_round": clients, "device": device,
+                       "concurrency": concurrency, **federation},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+    }
+
+
+def peak_host_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ideal_loop(cfg, images: torch.Tensor, labels: torch.Tensor, batches: list[torch.Tensor]) -> float:
+    """One model, data and batch indices on the device, plain SGD over the batches."""
+    model = build_model(cfg.model, 10, 1, 28).to(images.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+    synchronize(images.device)
+    began = time.perf_counter()
+    for index in batches:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images[index]), labels[index]).backward()
+        optimizer.step()
+    synchronize(images.device)
+    return time.perf_counter() - began
+
+
+def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int) -> dict:
+    """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated);
+    `chunk`: federation.concurrent_clients (0: the recipe default)."""
+    cfg = merge_config([workload(clients, device, concurrency, **({"concurrent_clients": chunk} if chunk else {}))])
+    data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
+    federation = Federation.build(cfg, data)
+    pool, dev = federation.pool, federation.pool.images.device
+    steps = [round_steps(len(c.labeled), 0, cfg.train, 0) for c in data.clients]
+    batches = [torch.from_numpy(indices).to(dev) for c, n in zip(data.clients, steps)
+               for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id)), n)]
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fl_times, ideal_times = [], []
+    state = federation.initial_state()
+    for repeat in range(repeats):
+        synchronize(dev)
+        began = time.perf_counter()
+        state, _ = federation.fit_round(repeat + 1, state)
+        synchronize(dev)
+        fl_times.append(time.perf_counter() - began)
+        ideal_times.append(ideal_loop(cfg, pool.images, pool.labels, batches))
+    return {
+        "clients": clients, "samples": TOTAL_IMAGES // clients, "steps": sum(steps),
+        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if federation.cohort else "sequential",
+        "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
+        "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+    }
+
+
+def personal_memory(clients: int, per_round: int, samples: int, rounds: int, device: str) -> dict:
+    """FedPer over `clients` clients, `per_round` sampled each round, every personal
+    head kept in memory (federation.states_in_memory = clients), then evaluated."""
+    cfg = merge_config([workload(clients, device, "auto", states_in_memory=clients, clients_per_round=per_round), {
+        "algorithm": {"name": "fedper"},
+        "data": {"partition": {"local_test_fraction": 0.2}},
+    }])
+    data = build_federated_data(random_source(clients * samples), cfg.data, clients, cfg.seed)
+    federation = Federation.build(cfg, data)
+    built_mb = peak_host_mb()
+    began = time.perf_counter()
+    state = federation.initial_state()
+    for round_index in range(1, rounds + 1):
+        state, _ = federation.fit_round(round_index, state)
+    federation.evaluate(state)
+    return {"clients": clients, "per_round": per_round, "samples": samples, "rounds": rounds,
+            "seconds": time.perf_counter() - began, "heads_in_memory": federation.store.in_memory,
+            "built_mb": built_mb, "host_mb": peak_host_mb()}
+
+
+def in_child(function, *args):
+    """Run `function(*args)` in a fresh process (its peak memory is then its own)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def augmentation_rates(count: int = 2000) -> dict[str, float]:
+    """Images/s of the albumentations pipelines a client applies (data.augment), on
+    one process, as the loop applies them: image by image on the CPU."""
+    images = np.random.default_rng(0).integers(0, 256, size=(count, 28, 28, 1), dtype=np.uint8)
+    rates = {}
+    for kind in ("weak", "strong"):
+        transform = build_transform(kind, 28, seed=0)
+        began = time.perf_counter()
+        augment_batch(transform, images)
+        rates[kind] = count / (time.perf_counter() - began)
+    return rates
+
+
+def machine(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--populations", default="20,100,1000", help="client counts; each holds 60,000 images in all")
+    parser.add_argument("--concurrency", default="sequential,vmap", help="comma-separated: sequential, vmap")
+    parser.add_argument("--concurrent-clients", type=int, default=0,
+                        help="vmap: federation.concurrent_clients (0: the recipe default)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds timed per row (best of)")
+    parser.add_argument("--personal", action="store_true", help="only the FedPer memory check")
+    parser.add_argument("--personal-clients", type=int, default=1000)
+    parser.add_argument("--personal-per-round", type=int, default=0, help="clients sampled per round (0: all)")
+    parser.add_argument("--personal-samples", type=int, default=20, help="samples per client in the memory check")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the memory check")
+    args = parser.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except UserError as error:
+        parser.error(str(error))
+    print(f"machine: {machine(device)}; device {device}")
+
+    if args.personal:
+        per_round = args.personal_per_round or args.personal_clients
+        row = in_child(personal_memory, args.personal_clients, per_round, args.personal_samples, args.rounds,
+                       str(device))
+        verdict = "under" if row["host_mb"] < MEMORY_LIMIT_MB else "OVER"
+        print(f"fedper, {row['clients']} clients x {row['samples']} samples, {row['per_round']} per round, "
+              f"{row['rounds']} rounds + evaluation ({row['seconds']:.1f} s), {row['heads_in_memory']} clients' "
+              f"personal states in memory: peak host memory {row['host_mb']:,.0f} MB ({row['built_mb']:,.0f} MB "
+              f"after imports and building), {verdict} {MEMORY_LIMIT_MB:,} MB")
+        return
+
+    modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]
+    if not modes or set(modes) - {"sequential", "vmap"}:
+        parser.error(f"--concurrency: give sequential, vmap or both, got {args.concurrency!r}")
+    print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD; {TOTAL_IMAGES:,} images per round; "
+          f"best of {args.repeats}")
+    print("| clients x samples | concurrency | fedssl round | ideal loop | ratio fedssl/ideal | images/s (fedssl) "
+          "| peak host memory | peak device memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    best_rate = 0.0
+    for clients in [int(c) for c in args.populations.split(",")]:
+        for mode in modes:
+            row = in_child(measure, clients, str(device), mode, args.repeats, args.concurrent_clients)
+            rate = row["steps"] * BATCH / row["fedssl"]
+            best_rate = max(best_rate, rate)
+            shown = row["concurrency"] if row["concurrency"].startswith(mode) else f"{mode} (fell back to sequential)"
+            gpu = f"{row['device_mb']:,.0f} MB" if row["device_mb"] is not None else "-"
+            print(f"| {row['clients']} x {row['samples']} | {shown} | {row['fedssl']:.2f} s | {row['ideal']:.2f} s | "
+                  f"**{row['fedssl'] / row['ideal']:.2f}** | {rate:,.0f} | {row['host_mb']:,.0f} MB | {gpu} |", flush=True)
+    for kind, rate in augmentation_rates().items():
+        print(f"augmentation {kind}: {rate:,.0f} images/s on one CPU process "
+              f"({rate / best_rate:.2f}x the loop's best training rate of {best_rate:,.0f} images/s)")
+
+
+if __name__ == "__main__":
+    main()
