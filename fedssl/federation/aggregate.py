@@ -18,23 +18,43 @@ class ServerState:
     momentum: Arrays | None = None
 
 
-def weighted_average(updates: Sequence[Update]) -> Arrays:
-    """Average each array over `updates`, weighted by their example counts.
+class RunningAverage:
+    """The example-weighted average of updates, folded in one at a time.
 
-    Integer arrays (BatchNorm's `num_batches_tracked`) are averaged in float64 and
-    rounded back to their dtype.
+    A round then holds one running sum instead of every client's arrays: with 1,000
+    clients a round of a 2 MB model would otherwise hold 2 GB of updates. Integer
+    arrays (BatchNorm's `num_batches_tracked`) are summed in float64 and rounded
+    back to their dtype. Updates without examples are skipped.
     """
-    total = sum(u.num_examples for u in updates)
-    if total <= 0:
-        raise ValueError("weighted_average needs at least one update with examples")
-    averaged = {}
-    for name, first in updates[0].arrays.items():
-        acc_dtype = first.dtype if first.is_floating_point() else torch.float64
-        acc = torch.zeros_like(first, dtype=acc_dtype)
-        for update in updates:
-            acc.add_(update.arrays[name].to(acc_dtype), alpha=update.num_examples / total)
-        averaged[name] = acc if first.is_floating_point() else acc.round().to(first.dtype)
-    return averaged
+
+    def __init__(self) -> None:
+        self.sums: Arrays = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.total = 0
+
+    def add(self, update: Update) -> None:
+        if update.num_examples <= 0:
+            return
+        for name, array in update.arrays.items():
+            if name not in self.sums:
+                self.dtypes[name] = array.dtype
+                self.sums[name] = torch.zeros_like(array, dtype=array.dtype if array.is_floating_point() else torch.float64)
+            self.sums[name].add_(array.to(self.sums[name].dtype), alpha=update.num_examples)
+        self.total += update.num_examples
+
+    def average(self) -> Arrays:
+        if self.total <= 0:
+            raise ValueError("an average needs at least one update with examples")
+        return {name: (acc / self.total).round().to(self.dtypes[name]) if not self.dtypes[name].is_floating_point
+                else acc / self.total for name, acc in self.sums.items()}
+
+
+def weighted_average(updates: Sequence[Update]) -> Arrays:
+    """Average each array over `updates`, weighted by their example counts (see `RunningAverage`)."""
+    running = RunningAverage()
+    for update in updates:
+        running.add(update)
+    return running.average()
 
 
 def server_step(state: ServerState, average: Arrays, lr: float = 1.0, momentum: float = 0.0) -> ServerState:

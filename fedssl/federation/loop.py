@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,7 +22,7 @@ from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.data.transforms import build_transform
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState
+from fedssl.federation.aggregate import RunningAverage, ServerState
 from fedssl.federation.algorithm import Algorithm, build_algorithm
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fedssl.federation.client import Augmentations, ClientTrainer
@@ -55,6 +55,27 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("federation.device: cuda was asked for but no CUDA device is available")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A round's usable client updates, as the server aggregates them.
+
+    Attributes:
+        updates: what the algorithm aggregates: every usable update or, where a round
+            averages as they come (`Federation.averages_as_they_come`), their running
+            average as one update.
+        receipts: every usable update, with its arrays dropped where they were
+            folded into the average (its client, examples and metrics stay).
+        bytes_up, bytes_down: what the usable updates and every payload weigh.
+        dropped: clients whose update was unusable.
+    """
+
+    updates: list[Update]
+    receipts: list[Update]
+    bytes_up: int
+    bytes_down: int
+    dropped: int
 
 
 @dataclass
@@ -120,13 +141,14 @@ class Federation:
     def fit_round(self, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
         has_server_labels = len(self.data.server_labeled) > 0 and self.cfg.algorithm.ssl.server_steps > 0
         state = self.algorithm.server_round(round_index, state, self.train_on_server if has_server_labels else None)
-        updates, dropped, bytes_down = self.collect(round_index, state)
-        metrics = round_metrics(updates, self.kinds) | {"bytes_down": bytes_down, "dropped_clients": dropped}
+        collected = self.collect(round_index, state)
+        metrics = round_metrics(collected.receipts, self.kinds) | {
+            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped}
         if self.privacy is None:
-            return self.algorithm.aggregate(updates, state), metrics
+            return self.algorithm.aggregate(collected.updates, state), metrics
         # DP-FedAvg: the cohort's updates become one private update, which the
         # algorithm's own server step applies (see fedssl.privacy.mechanism).
-        private, privacy_metrics = self.privacy.aggregate(updates, state.params, round_index)
+        private, privacy_metrics = self.privacy.aggregate(collected.updates, state.params, round_index)
         return self.algorithm.aggregate([private], state), metrics | privacy_metrics
 
     def sample(self, round_index: int, attempt: int, failed: set[int]) -> list[int]:
@@ -185,8 +207,15 @@ class Federation:
         dense = self.algorithm.dense_updates
         return {u.client_id: (u, {}, check_update(u, payloads[u.client_id].arrays, dense=dense)) for u in updates}
 
-    def collect(self, round_index: int, state: ServerState) -> tuple[list[Update], int, int]:
-        """Train the sampled clients; their usable updates, how many were dropped, bytes sent.
+    @property
+    def averages_as_they_come(self) -> bool:
+        """Whether the server's aggregate is the plain weighted mean of the updates
+        (an averaging algorithm, `federation.aggregator: mean`, no DP), so that a
+        round can fold each update into a running average instead of holding all."""
+        return self.algorithm.averages_updates and self.cfg.federation.aggregator == "mean" and self.privacy is None
+
+    def collect(self, round_index: int, state: ServerState) -> Collected:
+        """Train the sampled clients; their usable updates (see `Collected`).
 
         An update that raised, holds non-finite values or arrays of a wrong name or
         shape is dropped with a warning naming the client. With fewer usable updates
@@ -202,7 +231,8 @@ class Federation:
         bytes_down = 0
         for attempt in range(fed.round_retries + 1):
             sampled = self.sample(round_index, attempt, set(failed))
-            updates, kept = [], {}
+            updates, kept, bytes_up = [], {}, 0
+            running = RunningAverage() if self.averages_as_they_come else None
             for client_id, payload, (update, keep, problem) in self.fit_clients(round_index, state, sampled):
                 bytes_down += payload.num_bytes
                 if problem:
@@ -211,6 +241,10 @@ class Federation:
                     if isinstance(update, Exception):
                         raised.append(update)
                 else:
+                    bytes_up += update.num_bytes
+                    if running is not None:
+                        running.add(update)
+                        update = replace(update, arrays={})  # folded in: only its counts and metrics stay
                     updates.append(update)
                     kept[client_id] = keep
             if len(updates) >= (min(needed, len(sampled)) if self.privacy else needed):
@@ -228,7 +262,10 @@ class Federation:
         for client_id, keep in kept.items():  # only the accepted draw's clients keep what they learned
             if keep:
                 self.store.put(client_id, keep)
-        return updates, len(failed), bytes_down
+        aggregated = updates
+        if running is not None:  # the average as one update, weighted by the examples it stands for
+            aggregated = [Update(SERVER_ID, running.average(), running.total)] if running.total else []
+        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed))
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The global model on the server test set, and each client's row (see `score_clients`)."""

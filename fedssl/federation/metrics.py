@@ -1,5 +1,5 @@
-"""Round metrics: training loss, bytes, pseudo-label quality and accuracy, kept
-apart by kind of client (labeled, unlabeled, mixed)."""
+"""Round metrics: training loss, pseudo-label quality and accuracy, kept apart by
+kind of client (labeled, unlabeled, mixed)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ def client_kind(client: ClientData) -> str:
 
 
 def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, float]:
-    """Training metrics of a round: mean loss, bytes, and pseudo-label quality pooled
-    over clients, overall and per kind of client."""
+    """Training metrics of a round: mean loss and pseudo-label quality pooled over
+    clients, overall and per kind of client."""
     losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
-    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates),
-               "bytes_up": sum(u.num_bytes for u in updates)}
+    metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates)}
     groups = {"": updates} | {f"/{kind}": [u for u in updates if kinds[u.client_id] == kind] for kind in sorted(set(kinds.values()))}
     for suffix, members in groups.items():
         seen = sum(u.metrics.get("pl_seen", 0) for u in members)

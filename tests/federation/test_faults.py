@@ -122,7 +122,8 @@ def test_the_global_model_is_the_average_of_the_good_updates_only(tiny_recipe, r
     state, _ = federation.fit_round(1, federation.initial_state())
     register("faulty", faulty_fedavg("nan", clients=()))  # the same round, all honest, client 5 left out by hand
     honest = Federation.build(load_recipe(tiny_recipe, ALL_SAMPLED))
-    good = honest.collect(1, honest.initial_state())[0]
+    sampled = honest.sample(1, attempt=0, failed=set())
+    good = [update for _, _, (update, _, _) in honest.fit_clients(1, honest.initial_state(), sampled)]
     expected = honest.algorithm.aggregate([u for u in good if u.client_id != 5], honest.initial_state())
     assert all(torch.allclose(state.params[n], expected.params[n]) for n in state.params)
 

@@ -6,6 +6,7 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
+from fedssl.federation.aggregate import weighted_average
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.federation.messages import Payload
@@ -66,3 +67,26 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="checkpoint.pt"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+def test_a_round_averages_updates_as_they_come_only_where_its_aggregate_is_the_mean(tiny_recipe, aggregator):
+    federation = Federation.build(load_recipe(tiny_recipe, [f"federation.aggregator={aggregator}"]))
+    state = federation.initial_state()
+    sampled = federation.sample(1, attempt=0, failed=set())
+    each = [update for _, _, (update, _, _) in federation.fit_clients(1, state, sampled)]
+    collected = federation.collect(1, state)
+
+    assert [r.client_id for r in collected.receipts] == sampled
+    assert [r.metrics for r in collected.receipts] == [u.metrics for u in each]
+    assert collected.bytes_up == sum(u.num_bytes for u in each) > 0
+    if aggregator == "mean":  # one running average, weighted by every client's examples
+        assert federation.averages_as_they_come and all(not r.arrays for r in collected.receipts)
+        [average] = collected.updates
+        assert average.num_examples == sum(u.num_examples for u in each)
+        want = weighted_average(each)
+        assert all(torch.allclose(average.arrays[n], want[n], atol=1e-7) for n in want)
+    else:  # the median needs every update
+        assert not federation.averages_as_they_come
+        assert [u.client_id for u in collected.updates] == sampled
+        assert all(torch.equal(got.arrays[n], u.arrays[n]) for got, u in zip(collected.updates, each) for n in u.arrays)
