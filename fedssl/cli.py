@@ -73,8 +73,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedssl.io import atomic_write_text
-    from fedssl.logging.compare import comparison_table, group_variants, plot_curves
-    from fedssl.logging.runs import find_group, read_run_dir, read_wandb_group
+    from fedssl.tracking.compare import comparison_table, group_variants, plot_curves
+    from fedssl.tracking.runs import find_group, read_run_dir, read_wandb_group
 
     if not args.run_dirs and not args.group:
         raise UserError("compare: give run directories, or --group NAME")

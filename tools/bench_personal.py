@@ -20,8 +20,8 @@ import numpy as np
 
 from fedssl.io import atomic_write, atomic_write_text
 from fedssl.launch import complete
-from fedssl.logging.compare import curve, mean_std
-from fedssl.logging.runs import RunRecord, read_run_dir
+from fedssl.tracking.compare import curve, mean_std
+from fedssl.tracking.runs import RunRecord, read_run_dir
 
 # Entries: (key for --only, label, recipe stem without the dataset suffix, batch parts):
 # Per-FedAvg cuts each batch into D and D' (and D'' for the Hessian-free variant),

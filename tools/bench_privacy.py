@@ -23,7 +23,7 @@ from pathlib import Path
 from fedssl.errors import UserError
 from fedssl.io import atomic_write, atomic_write_text
 from fedssl.launch import complete
-from fedssl.logging.run_logger import read_metrics
+from fedssl.tracking.run_logger import read_metrics
 
 # (key, label, recipe, metric to plot, CPU budget overrides)
 ENTRIES = [

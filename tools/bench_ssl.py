@@ -16,8 +16,8 @@ from pathlib import Path
 
 from fedssl.io import atomic_write_text
 from fedssl.launch import complete
-from fedssl.logging.compare import comparison_table, plot_curves
-from fedssl.logging.runs import read_run_dir
+from fedssl.tracking.compare import comparison_table, plot_curves
+from fedssl.tracking.runs import read_run_dir
 
 ALGORITHMS = ("supervised_only", "fixmatch", "fedprox_fixmatch", "fedmatch_client", "fedmatch_server", "semifl")
 

@@ -22,7 +22,7 @@ from timm.models import get_pretrained_cfg, load_state_dict
 import fedssl.models.cnn as _cnn  # registers fedssl's CNNs with timm
 from fedssl.config.schema import ModelConfig
 from fedssl.errors import UserError
-from fedssl.logging.quiet import quiet_logger
+from fedssl.tracking.quiet import quiet_logger
 from fedssl.registry import did_you_mean
 
 __all__ = ["build_model", "model_names"]

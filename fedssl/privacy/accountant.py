@@ -18,7 +18,7 @@ import math
 import dp_accounting
 from dp_accounting import pld, rdp
 
-from fedssl.logging.quiet import quiet_logger
+from fedssl.tracking.quiet import quiet_logger
 
 ACCOUNTANTS = ("rdp", "pld")
 

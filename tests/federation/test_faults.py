@@ -14,7 +14,7 @@ from fedssl.federation.faults import check_update
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.federation.messages import Update
 from fedssl.learners.supervised import SupervisedLearner
-from fedssl.logging.run_logger import read_metrics
+from fedssl.tracking.run_logger import read_metrics
 
 REFERENCE = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(0)}
 

@@ -16,7 +16,7 @@ from fedssl.federation.algorithm import ALGORITHM_MODULES, ALGORITHMS
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.federation.metrics import round_metrics
 from fedssl.federation.messages import Update
-from fedssl.logging.run_logger import read_metrics
+from fedssl.tracking.run_logger import read_metrics
 
 SMALL = ["algorithm.ssl.unlabeled_ratio=2"]
 # Every client holds only unlabeled data; the server holds 3 labels per class.

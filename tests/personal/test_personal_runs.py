@@ -7,7 +7,7 @@ import pytest
 
 from fedssl.config.load import load_recipe, shipped_recipes
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.logging.run_logger import read_metrics
+from fedssl.tracking.run_logger import read_metrics
 
 PERSONAL_ALGORITHMS = {"fedper", "fedrep", "fedbn", "ditto", "perfedavg", "reptile"}
 

@@ -8,7 +8,7 @@ import torch
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.logging.run_logger import read_metrics
+from fedssl.tracking.run_logger import read_metrics
 from fedssl.privacy.accountant import epsilon
 from fedssl.privacy.clipping import global_norm, update_delta
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedssl.io import atomic_write
-from fedssl.logging.runs import RunRecord
+from fedssl.tracking.runs import RunRecord
 
 # Final metrics a table shows, in this order, where any run has them.
 METRICS = ("global_acc", "personal_acc", "personal_acc_p10", "client_acc_mean", "bytes_up", "bytes_down", "epsilon", "seconds")

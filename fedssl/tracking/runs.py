@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from fedssl.errors import UserError
-from fedssl.logging.run_logger import read_metrics
+from fedssl.tracking.run_logger import read_metrics
 
 
 @dataclass(frozen=True)
