@@ -28,29 +28,35 @@ app = ClientApp()
 
 @app.query()
 def partitions(message: Message, context: Context) -> Message:
-    federation, held = run_federation_for(message, context), node_partitions(context)
+    federation, held = run_federation_for(message.content, context), node_partitions(context)
     kinds = [client_kind(federation.data.clients[c]) for c in held]  # labeled, unlabeled or mixed
     return Message(RecordDict({RUN: ConfigRecord({"partitions": held, "kinds": kinds})}), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    payload, client_id = decode_payload(message.content)
+    return Message(train_client(message.content, context), reply_to=message)
+
+
+def train_client(content: RecordDict, context: Context) -> RecordDict:
+    """The update of the client a train message names, from the payload it carries."""
+    payload, client_id = decode_payload(content)
     check_held(context, [client_id])
-    federation = run_federation_for(message, context)
+    federation = run_federation_for(content, context)
     federation.store.put(client_id, load_state(context, client_id))
-    update, kept, _ = federation.fit_client(client_id, payload)
+    update, kept, problem = federation.fit_client(client_id, payload)
     if isinstance(update, Exception):
         raise update  # Flower replies with an error message; the server drops the client
-    save_state(context, client_id, kept)
-    return Message(encode_update(update), reply_to=message)
+    if problem is None:  # the server drops an unusable update, and with it what the client learned, as in-process
+        save_state(context, client_id, kept)
+    return encode_update(update)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     params, client_ids = decode_evaluate(message.content)
     check_held(context, client_ids)
-    federation = run_federation_for(message, context)
+    federation = run_federation_for(message.content, context)
     for client_id in client_ids:
         federation.store.put(client_id, load_state(context, client_id))
     return Message(encode_rows(federation.score_clients(ServerState(params), client_ids)), reply_to=message)
@@ -62,6 +68,6 @@ def check_held(context: Context, client_ids: list[int]) -> None:
         raise ValueError(f"this node holds partitions {held}, not clients {sorted(set(client_ids) - set(held))}")
 
 
-def run_federation_for(message: Message, context: Context) -> Federation:
-    run = message.content.config_records[RUN]
+def run_federation_for(content: RecordDict, context: Context) -> Federation:
+    run = content.config_records[RUN]
     return federation_for(str(run["recipe"]), context, [str(c) for c in run["classes"]])

@@ -93,9 +93,9 @@ def load_state(context: Context, client_id: int) -> dict:
 
 
 def save_state(context: Context, client_id: int, kept: dict) -> None:
+    """Keep what the client learned; a round that kept nothing leaves the earlier
+    state, as the in-process loop's store does."""
     if kept:
         context.state[state_key(client_id)] = encode_arrays(kept, "kept state")
-    elif state_key(client_id) in context.state:
-        del context.state[state_key(client_id)]
 
 
