@@ -12,6 +12,7 @@ process, so its peak memory is its own.
     python tools/bench.py                                   # device auto, 20,100,1000 clients, sequential and vmap
     python tools/bench.py --device cpu --populations 20 --concurrency sequential --repeats 3
     python tools/bench.py --personal                        # 1,000 FedPer clients: peak host memory under 2 GB?
+    python tools/bench.py --flower --device cpu             # the 20-client workload on Flower's simulation engine
 
 `--concurrency vmap` trains a round's clients together (fedssl.federation.concurrent);
 `sequential` one after another. Also printed: the albumentations pipelines' images/s
@@ -25,8 +26,10 @@ import multiprocessing
 import platform
 import resource
 import sys
+import tempfile
 import time
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from fedssl.federation.client import round_steps
 from fedssl.federation.loop import Federation, resolve_device
 from fedssl.federation.tensors import cycle_batches
 from fedssl.models.factory import build_model
+from fedssl.tracking.run_logger import read_metrics
 
 TOTAL_IMAGES = 60_000  # 20 clients x 3,000: every population holds as many
 BATCH = 10
@@ -93,6 +97,15 @@ def ideal_loop(cfg, images: torch.Tensor, labels: torch.Tensor, batches: list[to
     return time.perf_counter() - began
 
 
+def round_batches(federation: Federation) -> tuple[list[int], list[torch.Tensor]]:
+    """Each client's SGD steps in a round, and all the round's batch indices on the device."""
+    clients, cfg = federation.data.clients, federation.cfg
+    steps = [round_steps(len(c.labeled), 0, cfg.train, 0) for c in clients]
+    device = federation.pool.images.device
+    return steps, [torch.from_numpy(indices).to(device) for c, n in zip(clients, steps)
+                   for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id)), n)]
+
+
 def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int) -> dict:
     """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated);
     `chunk`: federation.concurrent_clients (0: the recipe default)."""
@@ -100,9 +113,7 @@ def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: in
     data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
     federation = Federation.build(cfg, data)
     pool, dev = federation.pool, federation.pool.images.device
-    steps = [round_steps(len(c.labeled), 0, cfg.train, 0) for c in data.clients]
-    batches = [torch.from_numpy(indices).to(dev) for c, n in zip(data.clients, steps)
-               for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id)), n)]
+    steps, batches = round_batches(federation)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fl_times, ideal_times = [], []
@@ -142,6 +153,36 @@ def personal_memory(clients: int, per_round: int, samples: int, rounds: int, dev
             "built_mb": built_mb, "host_mb": peak_host_mb()}
 
 
+def round_seconds(run_dir: Path) -> list[float]:
+    """Seconds of each round but the last (which also evaluates), from metrics.jsonl."""
+    elapsed = [0.0] + [m["seconds"] for m in read_metrics(run_dir / "metrics.jsonl")]
+    return [after - before for before, after in zip(elapsed[:-2], elapsed[1:-1])]
+
+
+def flower_cost(rounds: int, device: str, num_cpus: float) -> dict:
+    """Best round of the 20-client workload on Flower's simulation engine (one virtual
+    SuperNode per client, ClientApps in Ray actors of `num_cpus` cores each) and of
+    the same recipe in-process, against the ideal loop. Flower's nodes build their
+    data from the recipe, so the images are synthetic faces drawn at 28x28x1
+    (75,000, of which 60,000 train), not a handed-in random source."""
+    from fedssl.backends.flower.simulation import simulate
+    from fedssl.federation.loop import run_federation
+
+    cfg = merge_config([workload(20, device, "sequential"), {
+        "data": {"source": "synthetic_faces", "num_samples": TOTAL_IMAGES * 5 // 4, "test_fraction": 0.2, "channels": 1},
+        "federation": {"rounds": rounds, "eval_every": rounds, "flower": {"num_cpus": num_cpus}},
+    }])
+    with tempfile.TemporaryDirectory() as tmp:
+        run_federation(cfg, Path(tmp) / "inprocess")
+        simulate(cfg, Path(tmp) / "flower")
+        inprocess, flower = round_seconds(Path(tmp) / "inprocess"), round_seconds(Path(tmp) / "flower")
+    federation = Federation.build(cfg)
+    steps, batches = round_batches(federation)
+    ideal = min(ideal_loop(cfg, federation.pool.images, federation.pool.labels, batches) for _ in range(2))
+    return {"steps": sum(steps), "inprocess": min(inprocess), "flower": min(flower), "ideal": ideal,
+            "flower_rounds": flower}
+
+
 def in_child(function, *args):
     """Run `function(*args)` in a fresh process (its peak memory is then its own)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -179,6 +220,9 @@ def main() -> None:
     parser.add_argument("--personal-per-round", type=int, default=0, help="clients sampled per round (0: all)")
     parser.add_argument("--personal-samples", type=int, default=20, help="samples per client in the memory check")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the memory check")
+    parser.add_argument("--flower", action="store_true", help="only the Flower simulation cost (20 clients)")
+    parser.add_argument("--flower-rounds", type=int, default=3, help="rounds of the Flower row (the last also evaluates)")
+    parser.add_argument("--flower-cpus", type=float, default=1.0, help="federation.flower.num_cpus of the Flower row")
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)
@@ -195,6 +239,19 @@ def main() -> None:
               f"{row['rounds']} rounds + evaluation ({row['seconds']:.1f} s), {row['heads_in_memory']} clients' "
               f"personal states in memory: peak host memory {row['host_mb']:,.0f} MB ({row['built_mb']:,.0f} MB "
               f"after imports and building), {verdict} {MEMORY_LIMIT_MB:,} MB")
+        return
+
+    if args.flower:
+        if args.flower_rounds < 2:
+            parser.error("--flower-rounds: at least 2 (the last round also evaluates and is not timed)")
+        row = in_child(flower_cost, args.flower_rounds, str(device), args.flower_cpus)
+        print(f"workload: FedAvg CNN, 20 clients, batch {BATCH}, 1 local epoch, SGD, {row['steps']:,} steps per round; "
+              f"best of {args.flower_rounds - 1} rounds; federation.flower.num_cpus={args.flower_cpus:g}")
+        print("| backend | fedssl round | ideal loop | ratio fedssl/ideal |")
+        print("| --- | --- | --- | --- |")
+        for name in ("inprocess", "flower"):
+            print(f"| {name} | {row[name]:.2f} s | {row['ideal']:.2f} s | **{row[name] / row['ideal']:.2f}** |")
+        print("flower rounds: " + ", ".join(f"{s:.2f} s" for s in row["flower_rounds"]))
         return
 
     modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]

@@ -59,3 +59,16 @@ def test_a_node_folder_with_a_class_the_server_lacks_is_refused(tiny_recipe, tmp
 def test_a_generated_source_has_no_data_path(tiny_recipe, tmp_path):
     with pytest.raises(UserError, match="node config data-path: data.source synthetic_faces is generated"):
         federation_for(to_yaml(load_recipe(tiny_recipe)), node_context("0", tmp_path), list(FER2013_CLASSES))
+
+
+def test_virtual_nodes_of_one_process_build_the_recipes_data_once(tiny_recipe, tmp_path, write_faces):
+    recipe = to_yaml(load_recipe(tiny_recipe))
+    first = federation_for(recipe, node_context("0"), list(FER2013_CLASSES))
+    assert federation_for(recipe, node_context("3,4"), list(FER2013_CLASSES)) is first  # a simulation actor's nodes
+
+    write_faces(tmp_path / "node", count=40, size=28, channels=1)
+    on_files = to_yaml(load_recipe(tiny_recipe, ["data.source=folder", "data.path=unused", "data.partition.scheme=iid"]))
+    own = federation_for(on_files, node_context("0", tmp_path / "node"), list(FER2013_CLASSES))
+    other = federation_for(on_files, node_context("1,2", tmp_path / "node"), list(FER2013_CLASSES))
+    assert other is not own  # a node's own images are split over the partitions it holds
+    assert other.data.clients[0].num_samples == 0 and own.data.clients[0].num_samples > 0

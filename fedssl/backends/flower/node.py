@@ -54,7 +54,11 @@ def federation_for(recipe_yaml: str, context: Context, classes: list[str]) -> Fe
     node config). `classes` are the server's class names, which the node's own data
     must have too: the model's head and every score depend on them."""
     data_path, held = context.node_config.get(DATA_PATH_KEY), node_partitions(context)
-    key = hashlib.sha256(f"{recipe_yaml}\0{data_path}\0{held}".encode()).hexdigest()
+    # The recipe's own data is the whole federation's, whatever partitions a node
+    # holds: a simulation actor serving many virtual nodes builds it once. A node's
+    # own data is split over the partitions it holds.
+    own_split = held if data_path is not None else None
+    key = hashlib.sha256(f"{recipe_yaml}\0{data_path}\0{own_split}".encode()).hexdigest()
     if key not in _BUILT:
         cfg = validate(merge_config([OmegaConf.create(recipe_yaml)], source="the server's recipe"))
         _BUILT.clear()  # one run at a time: drop the previous recipe's tensors
