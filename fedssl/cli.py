@@ -202,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """fedssl's own INFO lines; other libraries' (Flower, Ray, alembic, Lightning) only
+    from WARNING up. A filter on the handler, because a library's records reach it
+    through propagation whatever the root logger's level."""
+    handler = logging.StreamHandler()
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.startswith("fedssl"))
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    configure_logging()
     try:
         return args.func(args)
     except UserError as error:

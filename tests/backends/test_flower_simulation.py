@@ -2,6 +2,8 @@
 in-process loop: same seed, same recipe, same global model, same scores."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,3 +66,17 @@ def test_resuming_a_personalized_flower_run_is_refused_before_the_engine_starts(
     cfg = load_recipe(tiny_recipe, ["algorithm.name=fedper", "federation.backend=flower"])
     with pytest.raises(UserError, match="cannot resume: algorithm.name=fedper keeps each client's personal state"):
         simulate(cfg, tiny_recipe.parent / "runs" / "tiny", resume=True)
+
+
+@pytest.mark.slow
+def test_fedssl_run_on_flower_prints_fedssl_lines_not_the_engines(tiny_recipe):
+    """Flower, Ray and alembic log at INFO and Flower advises against run_simulation;
+    a user of `fedssl run` sees the progress and the result, and warnings only."""
+    done = subprocess.run([sys.executable, "-m", "fedssl.cli", "run", str(tiny_recipe), "federation.backend=flower",
+                           "federation.rounds=1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "global_acc" in output
+    noise = [line for line in output.splitlines()
+             if line.startswith(("flwr:", "alembic", "ray")) or "DEPRECATED" in line or "FutureWarning" in line]
+    assert noise == []

@@ -8,6 +8,7 @@ ServerApp in this process writing the run directory as the in-process loop does.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,25 @@ def simulate(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str
         # Ray's own log lines drown the run's progress; errors still surface
         "init_args": {"logging_level": logging.WARNING, "log_to_driver": False},
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
-                   backend_config=backend_config)
+    flower_log, notice = logging.getLogger("flwr"), RunSimulationNotice()
+    flower_log.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            # Ray's tip about a future default (it hides GPUs from actors with num_gpus 0, as we want)
+            warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.clients,
+                           backend_config=backend_config)
+    finally:
+        flower_log.removeFilter(notice)
     if not result:  # the engine logged the server's failure but returned
         raise RuntimeError("the Flower simulation ended without a summary; see the log above")
     return result
+
+
+class RunSimulationNotice(logging.Filter):
+    """Hides Flower's advice to replace `run_simulation` with `flwr run`: fedssl keeps
+    it so that `fedssl run` gets the summary back in its own process (deployments do
+    submit with `flwr run`), and the advice would only puzzle fedssl's users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
