@@ -37,9 +37,9 @@ from fedssl.federation.sampling import clients_per_round, poisson_sample, sample
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
 from fedssl.launch import CHECKPOINT
-from fedssl.tracking.run_logger import RunLogger, read_metrics
 from fedssl.models.factory import build_model
 from fedssl.privacy.mechanism import CentralDP
+from fedssl.tracking.run_logger import RunLogger, read_metrics
 
 log = logging.getLogger(__name__)
 

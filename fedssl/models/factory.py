@@ -15,15 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import timm
+import torch
 from timm.models import get_pretrained_cfg, load_state_dict
 
 import fedssl.models.cnn as _cnn  # registers fedssl's CNNs with timm
 from fedssl.config.schema import ModelConfig
 from fedssl.errors import UserError
-from fedssl.tracking.quiet import quiet_logger
 from fedssl.registry import did_you_mean
+from fedssl.tracking.quiet import quiet_logger
 
 __all__ = ["build_model", "model_names"]
 

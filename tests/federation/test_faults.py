@@ -9,8 +9,8 @@ from fedssl.cli import main
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.algorithm import ALGORITHMS
-from fedssl.federation.fedavg import FedAvg
 from fedssl.federation.faults import check_update
+from fedssl.federation.fedavg import FedAvg
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.federation.messages import Update
 from fedssl.learners.supervised import SupervisedLearner

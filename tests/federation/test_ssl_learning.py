@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from fedssl.config.load import load_recipe
 from fedssl.federation.algorithm import ALGORITHM_MODULES, ALGORITHMS
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.federation.metrics import round_metrics
 from fedssl.federation.messages import Update
+from fedssl.federation.metrics import round_metrics
 from fedssl.tracking.run_logger import read_metrics
 
 SMALL = ["algorithm.ssl.unlabeled_ratio=2"]

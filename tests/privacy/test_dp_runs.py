@@ -8,9 +8,9 @@ import torch
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.tracking.run_logger import read_metrics
 from fedssl.privacy.accountant import epsilon
 from fedssl.privacy.clipping import global_norm, update_delta
+from fedssl.tracking.run_logger import read_metrics
 
 # The tiny federation has 6 clients: delta < 1/6. A small clip keeps the noise (z * clip / m
 # per weight) small enough for its 3 clients a round to keep training.

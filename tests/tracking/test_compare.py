@@ -10,9 +10,9 @@ import yaml
 from PIL import Image
 
 from fedssl.errors import UserError
+from fedssl.sweep import Param, grid, parse_param, run_name, wandb_sweep_config
 from fedssl.tracking.compare import comparison_table, group_variants, mean_std
 from fedssl.tracking.runs import RunRecord
-from fedssl.sweep import Param, grid, parse_param, run_name, wandb_sweep_config
 
 
 def fedssl(*args):
