@@ -16,12 +16,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssl.backends.flower.codec import decode_evaluate, decode_payload, encode_rows, encode_update
-from fedssl.backends.flower.node import federation_for, load_state, node_partitions, save_state
+from fedssl.backends.flower.node import commit_state, federation_for, hold_state, load_state, node_partitions
 from fedssl.federation.aggregate import ServerState
 from fedssl.federation.loop import Federation
 from fedssl.federation.metrics import client_kind
 
 RUN = "run"  # the ConfigRecord that carries the resolved recipe and the server's class names
+# The ConfigRecord naming a train message's draw (a round is redrawn after too few
+# usable updates) and, per client, the draw of its last update the server accepted
+DRAW = "draw"
 
 app = ClientApp()
 
@@ -42,13 +45,13 @@ def train_client(content: RecordDict, context: Context) -> RecordDict:
     """The update of the client a train message names, from the payload it carries."""
     payload, client_id = decode_payload(content)
     check_held(context, [client_id])
-    federation = run_federation_for(content, context)
+    federation, draw = run_federation_for(content, context), content.config_records[DRAW]
+    commit_state(context, client_id, str(draw["accepted"]))
     federation.store.put(client_id, load_state(context, client_id))
-    update, kept, problem = federation.fit_client(client_id, payload)
+    update, kept, _ = federation.fit_client(client_id, payload)
     if isinstance(update, Exception):
         raise update  # Flower replies with an error message; the server drops the client
-    if problem is None:  # the server drops an unusable update, and with it what the client learned, as in-process
-        save_state(context, client_id, kept)
+    hold_state(context, client_id, kept, str(draw["draw"]))
     return encode_update(update)
 
 
@@ -57,7 +60,8 @@ def evaluate(message: Message, context: Context) -> Message:
     params, client_ids = decode_evaluate(message.content)
     check_held(context, client_ids)
     federation = run_federation_for(message.content, context)
-    for client_id in client_ids:
+    for client_id, accepted in zip(client_ids, message.content.config_records[DRAW]["accepted"]):
+        commit_state(context, client_id, str(accepted))
         federation.store.put(client_id, load_state(context, client_id))
     return Message(encode_rows(federation.score_clients(ServerState(params), client_ids)), reply_to=message)
 

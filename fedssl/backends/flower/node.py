@@ -6,7 +6,7 @@ recipe's own partition, rebuilt deterministically from the recipe's seed exactly
 as the in-process loop builds it, or, with node config `data-path`, the node's own
 images, split over its partitions alone. What a client keeps between rounds
 (personal layers, ...) is stored in the node's Flower context state, so it never
-leaves the node.
+leaves the node, and only once the server has accepted the update it came with.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import replace
 
 import numpy as np
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from omegaconf import OmegaConf
 
 from fedssl.backends.flower.codec import decode_arrays, encode_arrays
@@ -91,15 +91,33 @@ def state_key(client_id: int) -> str:
     return f"fedssl.client{client_id}"
 
 
+def pending_key(client_id: int) -> str:
+    return f"fedssl.pending{client_id}"
+
+
 def load_state(context: Context, client_id: int) -> dict:
     record = context.state.array_records.get(state_key(client_id))
     return decode_arrays(record) if record is not None else {}
 
 
-def save_state(context: Context, client_id: int, kept: dict) -> None:
-    """Keep what the client learned; a round that kept nothing leaves the earlier
-    state, as the in-process loop's store does."""
+def hold_state(context: Context, client_id: int, kept: dict, draw: str) -> None:
+    """Hold what the client kept from a round of `draw` until the server says
+    whether it accepted the client's update (`commit_state`)."""
     if kept:
-        context.state[state_key(client_id)] = encode_arrays(kept, "kept state")
+        context.state[pending_key(client_id)] = encode_arrays(kept, "kept state")
+        context.state[f"{pending_key(client_id)}.draw"] = ConfigRecord({"draw": draw})
 
 
+def commit_state(context: Context, client_id: int, accepted: str) -> None:
+    """The client's held state becomes its state if the server accepted its update of
+    that draw (`accepted`: the draw of its last accepted update), and is dropped
+    otherwise: as in the in-process loop, a client keeps only what it learned in
+    rounds whose update the server used, not in dropped updates or redrawn rounds.
+    A round that kept nothing leaves the earlier state."""
+    key = pending_key(client_id)
+    if key not in context.state:
+        return
+    if context.state.config_records[f"{key}.draw"]["draw"] == accepted:
+        context.state[state_key(client_id)] = context.state.array_records[key]
+    del context.state[key]
+    del context.state[f"{key}.draw"]

@@ -3,9 +3,12 @@
 `FlowerFederation` is the loop's `Federation` with two methods replaced: a round's
 sampled clients are trained by sending each its payload as a Flower message and
 receiving its update (`fit_clients`), and clients are scored on their own local
-test splits by the nodes that hold them (`score_clients`). Sampling, the fault checks, retries, aggregation, central
-DP, evaluation, checkpoints and logging (metrics.jsonl, summary.json, W&B) are the
-loop's own `run_federation`, run on the server.
+test splits by the nodes that hold them (`score_clients`). Every message also tells
+the node which of its clients' updates the server used (`collect` notes them), so
+that nodes keep only what their clients learned with those. Sampling, the fault
+checks, retries, aggregation, central DP, evaluation, checkpoints and logging
+(metrics.jsonl, summary.json, W&B) are the loop's own `run_federation`, run on the
+server.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedssl.backends.flower.client import RUN
+from fedssl.backends.flower.client import DRAW, RUN
 from fedssl.backends.flower.codec import decode_rows, decode_update, encode_evaluate, encode_payload
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
@@ -28,7 +31,7 @@ from fedssl.errors import UserError
 from fedssl.federation.aggregate import ServerState
 from fedssl.federation.algorithm import build_algorithm
 from fedssl.federation.faults import check_update
-from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.loop import Collected, Federation, run_federation
 from fedssl.federation.messages import Payload, Update
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class FlowerFederation(Federation):
     nodes: dict[int, int] = field(default_factory=dict)  # fedssl client id -> Flower node id
     node_kinds: dict[int, str] = field(default_factory=dict)  # client id -> kind, as its node's data says
     recipe_yaml: str = ""
+    draws: int = 0  # rounds drawn so far, retries included: the current draw's number
+    accepted: dict[int, str] = field(default_factory=dict)  # client id -> draw of its last accepted update
 
     @classmethod
     def on_grid(cls, cfg: RecipeConfig, grid: Grid) -> FlowerFederation:
@@ -65,15 +70,24 @@ class FlowerFederation(Federation):
                     ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
         """Send every sampled client its payload at once and wait (bounded) for the
         updates; a client that errs or stays silent past round_timeout is dropped."""
+        self.draws += 1
         payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
         messages = {}
         for client_id, payload in payloads.items():
             content = encode_payload(payload, client_id)
             content[RUN] = self.run_record()
+            content[DRAW] = ConfigRecord({"draw": str(self.draws), "accepted": self.accepted.get(client_id, "")})
             messages[client_id] = Message(content, dst_node_id=self.nodes[client_id], message_type=MessageType.TRAIN,
                                           group_id=str(round_index))
         for client_id, reply in self.exchange(messages).items():
             yield client_id, payloads[client_id], self.result(client_id, payloads[client_id], reply)
+
+    def collect(self, round_index: int, state: ServerState) -> Collected:
+        """The loop's own collect; the clients whose updates it used are then
+        remembered, for their nodes to keep what they learned in this draw."""
+        collected = super().collect(round_index, state)
+        self.accepted |= {update.client_id: str(self.draws) for update in collected.receipts}
+        return collected
 
     def exchange(self, messages: dict[int, Message]) -> dict[int, Message | None]:
         """Send all `messages` at once; the reply to each, or None where none came
@@ -110,6 +124,7 @@ class FlowerFederation(Federation):
         for node, held in by_node.items():
             content = encode_evaluate(state.params, held)
             content[RUN] = self.run_record()
+            content[DRAW] = ConfigRecord({"accepted": [self.accepted.get(c, "") for c in held]})
             messages[node] = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
         rows = []
         for node, reply in self.exchange(messages).items():
