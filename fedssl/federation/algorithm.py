@@ -43,6 +43,12 @@ class Algorithm:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
 
+    @property
+    def keeps_client_state(self) -> bool:
+        """Whether clients keep state between rounds (their learner's `end_round`):
+        a backend that holds it on the clients' side cannot restore it on resume."""
+        return self.personalized
+
     def make_learner(self, model: nn.Module) -> FederatedLearner:
         raise NotImplementedError
 

@@ -21,6 +21,11 @@ class FixMatch(FedAvg):
 
     teacher = "local"
 
+    @property
+    def keeps_client_state(self) -> bool:
+        ssl = self.cfg.algorithm.ssl  # FlexMatch's learning status, distribution alignment's running mean
+        return ssl.threshold == "flexmatch" or ssl.distribution_alignment
+
     def make_learner(self, model: nn.Module) -> FixMatchLearner:
         algo = self.cfg.algorithm
         return FixMatchLearner(model, self.cfg.train, algo.ssl, model.num_classes, algo.proximal_mu, teacher=self.teacher)

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fedssl.backends.flower.server import check_resumable
 from fedssl.backends.flower.simulation import simulate
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
@@ -62,10 +63,18 @@ def test_flower_simulation_runs_personal_and_fedmatch_as_the_inprocess_loop(tiny
         assert flower["personal_acc"] != flower["client_acc_mean"]  # the heads were personal
 
 
-def test_resuming_a_personalized_flower_run_is_refused_before_the_engine_starts(tiny_recipe):
-    cfg = load_recipe(tiny_recipe, ["algorithm.name=fedper", "federation.backend=flower"])
-    with pytest.raises(UserError, match="cannot resume: algorithm.name=fedper keeps each client's personal state"):
+@pytest.mark.parametrize("overrides", [["algorithm.name=fedper"], ["algorithm.name=fixmatch", "algorithm.ssl.threshold=flexmatch"],
+                                       ["algorithm.name=fixmatch", "algorithm.ssl.distribution_alignment=true"]])
+def test_resuming_a_flower_run_whose_clients_keep_state_is_refused_before_the_engine_starts(tiny_recipe, overrides):
+    cfg = load_recipe(tiny_recipe, [*overrides, "federation.backend=flower"])
+    name = overrides[0].split("=")[1]
+    with pytest.raises(UserError, match=f"cannot resume: with algorithm.name={name} .* each client keeps state"):
         simulate(cfg, tiny_recipe.parent / "runs" / "tiny", resume=True)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fixmatch", "fedmatch"])
+def test_algorithms_whose_clients_keep_nothing_between_rounds_resume_on_flower(tiny_recipe, algorithm):
+    check_resumable(load_recipe(tiny_recipe, [f"algorithm.name={algorithm}"]), resume=True)
 
 
 @pytest.mark.slow

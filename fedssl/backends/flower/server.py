@@ -176,12 +176,13 @@ def discover_nodes(grid: Grid, cfg: RecipeConfig, run: ConfigRecord) -> tuple[di
 
 
 def check_resumable(cfg: RecipeConfig, resume: bool) -> None:
-    """Refuse to resume a personalized run: its clients' personal state lived on the
-    nodes, not in the server's checkpoint, and would silently start afresh."""
-    if resume and build_algorithm(cfg).personalized:
-        raise UserError(f"cannot resume: algorithm.name={cfg.algorithm.name} keeps each client's personal state on "
-                        f"its Flower node, which the server's checkpoint does not hold; start a new run, or run it "
-                        f"with federation.backend=inprocess")
+    """Refuse to resume a run whose clients keep state between rounds (personal
+    layers, FlexMatch's learning status, ...): it lived on the nodes, not in the
+    server's checkpoint, and would silently start afresh."""
+    if resume and build_algorithm(cfg).keeps_client_state:
+        raise UserError(f"cannot resume: with algorithm.name={cfg.algorithm.name} (and its algorithm.ssl settings) "
+                        f"each client keeps state between rounds on its Flower node, which the server's checkpoint "
+                        f"does not hold; start a new run, or run it with federation.backend=inprocess")
 
 
 def serve(grid: Grid, cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
