@@ -60,7 +60,7 @@ def evaluate(message: Message, context: Context) -> Message:
     params, client_ids = decode_evaluate(message.content)
     check_held(context, client_ids)
     federation = run_federation_for(message.content, context)
-    for client_id, accepted in zip(client_ids, message.content.config_records[DRAW]["accepted"]):
+    for client_id, accepted in zip(client_ids, message.content.config_records[DRAW]["accepted"], strict=True):
         commit_state(context, client_id, str(accepted))
         federation.store.put(client_id, load_state(context, client_id))
     return Message(encode_rows(federation.score_clients(ServerState(params), client_ids)), reply_to=message)
