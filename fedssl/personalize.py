@@ -328,8 +328,8 @@ def personalize(
     target = model_path(out_dir, export_format)  # an unknown format fails before the training, not after
 
     source = load_labeled(data, trained.image_size, trained.channels, options.skip_bad)
-    num_outputs = _num_outputs(trained.model, trained.image_size, trained.channels)
-    source = match_classes(source, trained.class_names, num_outputs)
+    num_outputs = len(trained.class_names)
+    source = match_classes(source, trained.class_names)
     class_names = source.train.class_names
     if source.test is not None:
         train, heldout = source.train, source.test
@@ -378,16 +378,6 @@ def personalize(
 
 def _acc(s: Score) -> str:
     return f"{s.accuracy:.4f} ({s.correct}/{s.count})"
-
-
-@torch.no_grad()
-def _num_outputs(model: nn.Module, image_size: int, channels: int) -> int:
-    """How many classes `model` predicts, from one forward pass."""
-    was_training = model.training
-    model.eval()
-    outputs = model(torch.zeros(1, channels, image_size, image_size)).shape[-1]
-    model.train(was_training)
-    return int(outputs)
 
 
 def _modules_of(model: nn.Module, names: list[str]) -> list[nn.Module]:

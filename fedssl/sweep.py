@@ -52,7 +52,7 @@ def run_name(base: str, overrides: Sequence[str]) -> str:
     parts = [base]
     for item in overrides:
         key, _, value = item.partition("=")
-        parts.append(f"{key.rsplit('.', 1)[-1]}={value}".replace("/", "_"))
+        parts.append(f"{key.rsplit('.', 1)[-1]}={value}".replace("/", "_").replace("\\", "_"))
     return "-".join(parts)
 
 

@@ -1,7 +1,7 @@
 """A finished (or interrupted) federation's global model, read back from its files.
 
-`fedssl run` leaves `RUN_DIR/checkpoint.pt`, which holds the resolved recipe and the
-server state of the last complete round. The model is rebuilt from the recipe and
+`fedssl run` leaves `RUN_DIR/checkpoint.pt`, which holds the resolved recipe, the
+class names and the server state of the last complete round. The model is rebuilt from the recipe and
 given the weights the run's algorithm evaluates and exports
 (`Algorithm.global_weights`: the plain parameters for FedAvg and its family,
 sigma + psi for FedMatch), so whatever the algorithm, this is the model whose
@@ -17,16 +17,14 @@ import torch
 from torch import nn
 
 from fedssl.config.load import merge_config
-from fedssl.config.schema import DataConfig, ModelConfig, RecipeConfig
-from fedssl.data.dataset import FER2013_CLASSES
+from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.federation.aggregate import ServerState
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.launch import CHECKPOINT
 from fedssl.models.factory import build_model
-from fedssl.models.split import head_parameter_names
 
-__all__ = ["TrainedModel", "checkpoint_path", "known_class_names", "load_trained"]
+__all__ = ["TrainedModel", "checkpoint_path", "load_trained"]
 
 
 @dataclass
@@ -36,8 +34,7 @@ class TrainedModel:
     Attributes:
         cfg: the run's resolved recipe.
         model: the model with the global weights, in eval mode.
-        class_names: the run's class names in label order; None when they cannot be
-            known any more (a `folder` run whose image folder is gone).
+        class_names: the run's class names in label order, as its checkpoint records them.
         missing: parameters the checkpoint does not hold (personal layers that never
             left the clients); they keep their random initialization.
         path: the checkpoint file read.
@@ -45,7 +42,7 @@ class TrainedModel:
 
     cfg: RecipeConfig
     model: nn.Module
-    class_names: tuple[str, ...] | None
+    class_names: tuple[str, ...]
     missing: list[str]
     path: Path
 
@@ -74,70 +71,31 @@ def checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def known_class_names(data: DataConfig) -> tuple[str, ...] | None:
-    """The class names a run trained on, in label order, without decoding its data.
-
-    FER2013 and the synthetic faces have fixed names; a folder run's names are its
-    sorted class subfolders, readable only while the folder exists; IDX files carry
-    no names (Fashion-MNIST's are known from the path, as the idx source does).
-    """
-    if data.source in ("synthetic_faces", "fer2013"):
-        return FER2013_CLASSES
-    if data.source == "folder":
-        from fedssl.data.sources.image_folder import class_folders, split_folders
-
-        root = Path(data.path)
-        if not root.is_dir():
-            return None
-        try:
-            return tuple(p.name for p in class_folders(split_folders(root)[0]))
-        except UserError:
-            return None
-    if data.source == "idx" and "fashion" in data.path.lower():
-        from fedssl.data.sources.idx import FASHION_MNIST_CLASSES
-
-        return FASHION_MNIST_CLASSES
-    return None
-
-
-def load_trained(path: str | Path, num_classes: int | None = None) -> TrainedModel:
+def load_trained(path: str | Path) -> TrainedModel:
     """Rebuild the global model of the run at `path` (a run directory or a checkpoint file).
 
-    Args:
-        path: a run directory or its checkpoint.pt.
-        num_classes: the class count to build the model with when neither the run's
-            class names (see `known_class_names`) nor its classifier's weights are
-            in the checkpoint to say it.
-
     Raises:
-        UserError: a missing path, a file that is not a fedssl checkpoint, or
-            weights that do not fit the model the recipe describes (the message
-            says which tensor and which shapes).
+        UserError: a missing path, a file that is not a fedssl checkpoint (or holds
+            more than data), or weights that do not fit the model the recipe
+            describes (the message says which tensor and which shapes).
     """
     from fedssl.federation.algorithm import build_algorithm
 
     file = checkpoint_path(path)
     checkpoint = load_checkpoint(file)
+    names = checkpoint.get("class_names")
     if not isinstance(checkpoint.get("config"), dict) or not isinstance(checkpoint.get("server_state"), dict):
         raise UserError(f"{file}: not a fedssl run checkpoint (it holds no recipe or server state)")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{file}: not a fedssl run checkpoint (it holds no class names)")
     cfg = merge_config([checkpoint["config"]], source=str(file))
     state = ServerState(**checkpoint["server_state"])
     # The weights come from the checkpoint: a local pretrained file the recipe named
     # once is not needed, and may not exist on this machine.
     model_cfg = replace(cfg.model, pretrained=False, checkpoint="")
-    names = known_class_names(cfg.data)
-    if names is not None:
-        num_classes = len(names)
-    else:
-        num_classes = _classifier_outputs(model_cfg, cfg, state.params) or num_classes
-        if num_classes is None:
-            raise UserError(
-                f"{file}: the run's class names are unknown (its data.path {cfg.data.path!r} is gone) and its "
-                "checkpoint holds no classifier to count them from"
-            )
 
     def build() -> nn.Module:
-        return build_model(model_cfg, num_classes, cfg.data.channels, cfg.data.image_size)
+        return build_model(model_cfg, len(names), cfg.data.channels, cfg.data.image_size)
 
     algorithm = build_algorithm(cfg)
     # As in the loop: the algorithm sees its learner before it is asked for weights, on a
@@ -150,7 +108,7 @@ def load_trained(path: str | Path, num_classes: int | None = None) -> TrainedMod
     weights = algorithm.global_weights(state)
     model = build()
     missing = load_weights(model, weights, file)
-    return TrainedModel(cfg=cfg, model=model.eval(), class_names=names, missing=missing, path=file)
+    return TrainedModel(cfg=cfg, model=model.eval(), class_names=tuple(names), missing=missing, path=file)
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> list[str]:
@@ -171,14 +129,3 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Pat
         for name, value in weights.items():
             state[name].copy_(value)
     return [name for name in state if name not in weights]
-
-
-def _classifier_outputs(model_cfg: ModelConfig, cfg: RecipeConfig, params: dict[str, torch.Tensor]) -> int | None:
-    """How many classes the checkpoint's classifier predicts, read off its weights
-    (None when the classifier stayed with the clients, as personal layers do)."""
-    probe = build_model(model_cfg, 2, cfg.data.channels, cfg.data.image_size)
-    for name in head_parameter_names(probe):
-        for key, value in params.items():
-            if key == name or key.endswith(f"/{name}"):  # FedMatch keeps "sigma/<name>" and "psi/<name>"
-                return int(value.shape[0])
-    return None

@@ -102,10 +102,18 @@ def validate_privacy(cfg: RecipeConfig) -> None:
             "the privacy accountant assumes")
 
 
+def check_run_name(name: str) -> str:
+    """`name` if it names one directory inside `output_dir` (never `output_dir`
+    itself, its parent or a path elsewhere), else a `UserError`."""
+    require(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), "name",
+            f"must be a directory name: not empty, '.' or '..', without '/' or '\\', got {name!r}")
+    return name
+
+
 def validate(cfg: RecipeConfig) -> RecipeConfig:
     """Return `cfg` unchanged, or raise a `UserError` naming the first bad key."""
     fed, train = cfg.federation, cfg.train
-    require(bool(cfg.name) and "/" not in cfg.name, "name", f"must be a non-empty name without '/', got {cfg.name!r}")
+    check_run_name(cfg.name)
     require(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
     require(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
     if fed.client_fraction is None:

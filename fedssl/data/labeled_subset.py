@@ -52,24 +52,17 @@ def load_labeled(path: str | Path, image_size: int, channels: int, skip_bad: boo
         raise UserError(message) from None
 
 
-def match_classes(data: SourceData, model_classes: tuple[str, ...] | None, num_outputs: int) -> SourceData:
-    """`data` relabelled in the model's class order.
+def match_classes(data: SourceData, model_classes: tuple[str, ...]) -> SourceData:
+    """`data` relabelled in the model's class order, matched by name.
 
     Every class of the data must be one of the model's (compared without regard to
     case); the data may lack some of the model's classes, which the model keeps
-    predicting. When the model's class names are unknown, the data must have as
-    many classes as the model has outputs, and its names are taken as the model's.
+    predicting.
 
     Raises:
-        UserError: a class the model does not know, or a class count that differs.
+        UserError: a class the model does not know, naming it.
     """
     names = data.train.class_names
-    if model_classes is None:
-        if len(names) != num_outputs:
-            raise UserError(
-                f"--data has {len(names)} classes ({', '.join(names)}) but the checkpoint's model predicts {num_outputs}"
-            )
-        return data
     index = {name.lower(): i for i, name in enumerate(model_classes)}
     unknown = [name for name in names if name.lower() not in index]
     if unknown:

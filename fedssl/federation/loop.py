@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from fedssl.config.load import to_dict
+from fedssl.config.load import to_dict, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
@@ -36,7 +36,8 @@ from fedssl.federation.robust import minimum_updates
 from fedssl.federation.sampling import clients_per_round, poisson_sample, sample_clients
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
-from fedssl.launch import CHECKPOINT
+from fedssl.io import atomic_write_text
+from fedssl.launch import CHECKPOINT, CONFIG
 from fedssl.models.factory import build_model
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.tracking.run_logger import RunLogger, read_metrics
@@ -345,12 +346,16 @@ def privacy_summary(privacy: CentralDP | None, rounds: int) -> dict[str, Any]:
 def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                    build: Callable[[RecipeConfig], Federation] = Federation.build) -> dict[str, Any]:
     """Run (or resume) a federation; returns the summary also written to summary.json.
-    `build` makes the federation (a backend passes one whose clients train elsewhere)."""
+    `build` makes the federation (a backend passes one whose clients train elsewhere).
+
+    The resolved recipe is written to config.yaml only once a resume is known to be
+    allowed: a refused resume leaves the run directory as it was."""
     config_dict = to_dict(cfg)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT) if resume else None
     if checkpoint:
         check_resumable(checkpoint["config"], config_dict)
         check_privacy_resumable(checkpoint["config"], cfg)
+    atomic_write_text(run_dir / CONFIG, to_yaml(cfg))
     federation = build(cfg)
     federation.data.save(run_dir / "partition.npz")
     state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
@@ -386,6 +391,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
             save_checkpoint(run_dir / CHECKPOINT, {
                 "round": round_index,
                 "config": config_dict,
+                "class_names": list(federation.data.class_names),
                 "server_state": {"params": state.params, "momentum": state.momentum},
                 "client_states": federation.store.state_dict(),
                 "seconds": elapsed,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from fedssl.config.load import shipped_recipes
+from fedssl.federation.checkpoint import load_checkpoint
 
 
 def fedssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -69,7 +70,7 @@ def test_run_writes_the_run_directory(tiny_recipe, tmp_path):
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["server_state"]["params"]
+    return load_checkpoint(run_dir / "checkpoint.pt")["server_state"]["params"]
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_recipe, tmp_path):
@@ -84,7 +85,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_recipe, tmp_path):
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = torch.load(killed_dir / "checkpoint.pt", weights_only=False)["round"]
+    killed_at = load_checkpoint(killed_dir / "checkpoint.pt")["round"]
     assert killed_at < 12, "the run finished before it could be killed"
 
     result = fedssl("run", str(tiny_recipe), "--resume", *rounds, "name=killed")  # overrides may follow flags

@@ -17,6 +17,7 @@ from fedssl.data.dataset import FER2013_CLASSES
 from fedssl.data.sources.synthetic_faces import generate_synthetic_faces
 from fedssl.data.transforms import to_tensor
 from fedssl.export import load_exported
+from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.launch import launch
 from fedssl.personalize import FineTuneOptions, personalize
 from fedssl.trained import load_trained
@@ -181,7 +182,7 @@ def test_fedmatch_run_is_read_through_its_global_weights(tiny_recipe, tmp_path):
     _, run_dir, _ = launch(str(tiny_recipe), ["algorithm.name=fedmatch", "federation.rounds=1", "name=fm",
                                               "train.lr=0.001", "train.momentum=0"])
     trained = load_trained(run_dir)
-    params = torch.load(run_dir / "checkpoint.pt", weights_only=False)["server_state"]["params"]
+    params = load_checkpoint(run_dir / "checkpoint.pt")["server_state"]["params"]
     weights = trained.model.state_dict()
     torch.testing.assert_close(weights["fc.weight"], params["sigma/fc.weight"] + params["psi/fc.weight"])
     assert trained.missing == []
@@ -288,3 +289,40 @@ def test_onnx_without_its_packages_is_a_user_error(tiny_run, faces, capsys):
         pytest.skip("onnx is installed here; test_onnx_export_and_predict covers the format")
     code, _, err = run_main(capsys, "personalize", str(tiny_run), "--data", str(faces), "--format", "onnx")
     assert_user_error(code, err, "--format onnx", "pip install")
+
+
+def test_a_folder_run_keeps_its_class_names_after_the_folder_is_gone(tiny_recipe, tmp_path, capsys, write_faces):
+    """Trained on angry/happy/sad, personalized on happy/sad alone once the training
+    folder is gone: classes are matched by name (positions would say angry/happy)."""
+    def three_classes(root, keep, seed):
+        write_faces(root, count=150, seed=seed, size=28, channels=1)
+        for folder in root.iterdir():
+            if folder.name not in keep:
+                for png in folder.iterdir():
+                    png.unlink()
+                folder.rmdir()
+
+    trained_on = tmp_path / "trained_on"
+    three_classes(trained_on, ("angry", "happy", "sad"), seed=1)
+    _, run_dir, _ = launch(str(tiny_recipe), ["data.source=folder", f"data.path={trained_on}", "data.channels=1",
+                                              "data.partition.scheme=iid", "federation.clients=3", "federation.rounds=1",
+                                              "name=folder"])
+    for png in trained_on.rglob("*.png"):
+        png.unlink()
+    for folder in trained_on.iterdir():
+        folder.rmdir()
+    trained_on.rmdir()
+    assert load_trained(run_dir).class_names == ("angry", "happy", "sad")
+
+    mine = tmp_path / "mine"
+    three_classes(mine, ("happy", "sad"), seed=2)
+    code, out, err = run_main(capsys, "personalize", str(run_dir), "--data", str(mine), "--epochs", "1",
+                              "--out", str(tmp_path / "personal"), "--no-progress")
+    assert code == 0, err
+    assert "note: --data has no images of angry;" in out
+    assert load_exported(tmp_path / "personal" / "model.pt").labels == ["angry", "happy", "sad"]
+
+    other = tmp_path / "other"
+    three_classes(other, ("happy", "neutral", "sad"), seed=3)
+    code, _, err = run_main(capsys, "personalize", str(run_dir), "--data", str(other))
+    assert_user_error(code, err, "'neutral'", "angry, happy, sad")

@@ -7,6 +7,7 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
+from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.privacy.accountant import epsilon
 from fedssl.privacy.clipping import global_norm, update_delta
@@ -75,8 +76,8 @@ def test_adaptive_clipping_moves_the_bound_and_a_resumed_run_matches(tiny_recipe
     run_federation(cfg, tmp_path / "resumed")
     resumed = run_federation(load_recipe(tiny_recipe, [*DP, *adaptive]), tmp_path / "resumed", resume=True)
     assert [m["dp_clip"] for m in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == clips
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["server_state"]["params"]
-    again = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["server_state"]["params"]
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["server_state"]["params"]
+    again = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["server_state"]["params"]
     assert all(torch.equal(full[n], again[n]) for n in full)
     assert resumed["epsilon"] == pytest.approx(rounds[-1]["epsilon"])
 
