@@ -50,7 +50,7 @@ def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> RecipeConf
         raise UserError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(recipe_cfg, DictConfig):
         raise UserError(f"{path}: a recipe must be a mapping of keys to values")
-    return validate(merge_config([recipe_cfg, parse_overrides(overrides)], source=str(path)))
+    return validate(merge_config([recipe_cfg, parse_overrides(overrides)], source=[str(path), "overrides"]))
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -76,14 +76,17 @@ def _parses(override: str) -> bool:
     return True
 
 
-def merge_config(layers: Sequence[Any], source: str = "overrides") -> RecipeConfig:
+def merge_config(layers: Sequence[Any], source: str | Sequence[str] = "overrides") -> RecipeConfig:
     """Merge `layers` onto the schema and return the typed dataclass.
 
-    A layer may mark a key required with `???`; a later layer must then give it.
+    `source` names where the layers come from in error messages: one name for all,
+    or one per layer (a recipe file, then "overrides"). A layer may mark a key
+    required with `???`; a later layer must then give it.
     """
+    sources = [source] * len(layers) if isinstance(source, str) else list(source)
     merged = OmegaConf.structured(RecipeConfig)
     required: set[str] = set()
-    for layer in layers:
+    for layer, source in zip(layers, sources, strict=True):
         layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
         given = set(leaf_keys(OmegaConf.to_container(layer)))
         required = (required - given) | OmegaConf.missing_keys(layer)
@@ -99,7 +102,7 @@ def merge_config(layers: Sequence[Any], source: str = "overrides") -> RecipeConf
             raise UserError(f"{source}: {str(error).splitlines()[0]}") from None
     if required:
         key = sorted(required)[0]
-        raise UserError(f"{source}: key {key!r} needs a value, e.g. {key}=...")
+        raise UserError(f"{sources[0]}: key {key!r} needs a value, e.g. {key}=...")
     return OmegaConf.to_object(merged)
 
 

@@ -35,7 +35,8 @@ algorithm, and L1 starts at its minimum.
 
 The learner uploads sparse deltas: for sigma and psi, only entries whose change
 from the received value exceeds `sparsity`, as "<name>/index" (int32 flat indices)
-and "<name>/value" (float32 deltas); `decode_delta` is the server's inverse.
+and "<name>/value" (float32 deltas); `decode_delta` is the server's inverse. An
+array whose delta would take more bytes than the array itself is sent dense.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def encode_delta(new: torch.Tensor, received: torch.Tensor, threshold: float) ->
     delta = (new.detach() - received).flatten()
     index = (delta.abs() > threshold).nonzero().flatten()
     return index.to(torch.int32), delta[index].to(torch.float32)
+
+
+def encode_update(new: torch.Tensor, received: torch.Tensor, threshold: float, name: str) -> Arrays:
+    """What a client sends for one trained array: its sparse delta (`encode_delta`,
+    as "<name>/index" + "<name>/value") where that is smaller than the array sent
+    dense, else the new array itself under its own name. An index and a value take
+    8 bytes an entry, so a sparse delta only pays below half the float32 entries."""
+    index, value = encode_delta(new, received, threshold)
+    if index.numel() * (index.element_size() + value.element_size()) < new.numel() * new.element_size():
+        return {f"{name}/index": index, f"{name}/value": value}
+    return {name: new.detach().clone()}
 
 
 def decode_delta(received: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -216,7 +228,8 @@ class FedMatchLearner(FederatedLearner):
 
     def arrays(self, names: list[str]) -> Arrays:
         """Dense copies before any round and on the server; after a client's round,
-        sparse deltas of the parts it trained (the others are left out)."""
+        the parts it trained as sparse deltas or dense, whichever is smaller
+        (`encode_update`; the parts it did not train are left out)."""
         self.sync_model()
         views = self.model.state_dict()
         parts = {SIGMA + n: s for n, s in zip(self.names, self.sigma)} | {PSI + n: p for n, p in zip(self.names, self.psi)}
@@ -227,5 +240,5 @@ class FedMatchLearner(FederatedLearner):
             elif self.received is None or self.dense_upload:
                 out[name] = parts[name].detach().clone()
             elif self.train_sigma if name.startswith(SIGMA) else self.train_psi:
-                out[f"{name}/index"], out[f"{name}/value"] = encode_delta(parts[name], self.received[name], self.cfg.sparsity)
+                out |= encode_update(parts[name], self.received[name], self.cfg.sparsity, name)
         return out

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,17 @@ def test_wrong_type_names_the_key(tmp_path):
     path = write(tmp_path, "federation:\n  rounds: many\n")
     with pytest.raises(UserError, match=r"federation\.rounds"):
         load_recipe(path)
+
+
+def test_an_error_names_the_layer_it_is_in(tmp_path):
+    path = write(tmp_path, "federation:\n  rounds: many\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: key 'federation.rounds'"):
+        load_recipe(path)
+    good = write(tmp_path, "name: r\n")
+    with pytest.raises(UserError, match=r"^overrides: key 'federation.rounds'"):
+        load_recipe(good, ["federation.rounds=many"])
+    with pytest.raises(UserError, match=r"^overrides: unknown key 'federation.roundz'"):
+        load_recipe(good, ["federation.roundz=3"])
 
 
 def test_missing_recipe_file():

@@ -123,9 +123,17 @@ def test_fer2013_skip_bad_with_nothing_left_raises(tmp_path):
 
 def test_fer2013_missing_columns_are_named(tmp_path):
     path = write_csv(tmp_path / "data.csv", [f"0,{pixels()}"], header="label,pixels")
-    expected = f"{path}, line 1: missing column(s) emotion; the header has label, pixels"
+    expected = f"{path}, line 1: missing column(s) emotion; the header has 'label', 'pixels'"
     with pytest.raises(UserError, match=re.escape(expected)):
         fer2013.load(cfg("fer2013", path))
+
+
+def test_fer2013_without_a_header_says_so_in_a_short_line(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text(f"0,{pixels()},Training\n3,{pixels()},Training\n")
+    with pytest.raises(UserError, match="looks like a data row: the file has no header") as error:
+        fer2013.load(cfg("fer2013", path))
+    assert len(str(error.value)) < 200 + len(str(path))  # not the row's 2,304 pixels
 
 
 def test_fer2013_missing_or_empty_path(tmp_path):

@@ -17,7 +17,7 @@ from fedssl.federation.fedmatch import nearest_helpers
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.federation.messages import Payload, Update, array_bytes
 from fedssl.learners.base import ClientContext
-from fedssl.learners.fedmatch import FedMatchLearner, agreement_labels, decode_delta, encode_delta
+from fedssl.learners.fedmatch import FedMatchLearner, agreement_labels, decode_delta, encode_delta, encode_update
 
 
 def tiny_model() -> nn.Module:
@@ -89,6 +89,15 @@ def test_sparse_deltas_drop_small_entries_and_count_their_bytes():
     buffers = {n: update.arrays[n] for n in learner.plain_names}
     assert set(update.arrays) == set(sparse) | set(buffers)
     assert update.num_bytes == 8 + array_bytes(buffers)  # one int32 index and one float32 value
+
+
+def test_an_array_is_sent_sparse_only_where_that_is_smaller_than_dense():
+    received = torch.zeros(10)
+    few = encode_update(received + torch.tensor([1.0] * 4 + [0.0] * 6), received, 0.0, "psi/w")  # 4 x 8 < 10 x 4 bytes
+    assert set(few) == {"psi/w/index", "psi/w/value"} and array_bytes(few) == 32
+    new = received + torch.tensor([1.0] * 5 + [0.0] * 5)  # 5 x 8 bytes is not below 40: dense
+    many = encode_update(new, received, 0.0, "psi/w")
+    assert set(many) == {"psi/w"} and torch.equal(many["psi/w"], new) and array_bytes(many) == 40
 
 
 def fedmatch_setup(tiny_recipe, *overrides):

@@ -119,6 +119,12 @@ def _read_csv(path: Path, skip_bad: bool) -> tuple[dict, Columns, int, list[str]
     return rows, columns, total, skipped
 
 
+def brief(text: str, limit: int = 32) -> str:
+    """`text` quoted, cut to `limit` characters: a field may hold a whole image's
+    pixels, which an error line must not print."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _header_columns(header: list[str] | None, path: Path) -> Columns:
     """Column positions of emotion, pixels and (optional) Usage in `header`."""
     if not header:
@@ -126,9 +132,11 @@ def _header_columns(header: list[str] | None, path: Path) -> Columns:
     names = [name.strip() for name in header]
     missing = [name for name in REQUIRED_COLUMNS if name not in names]
     if missing:
+        headerless = len(names) > 1 and names[0].isdigit()
         raise UserError(
             f"{path}, line 1: missing column(s) {', '.join(missing)}; "
-            f"the header has {', '.join(names)} (expected emotion,pixels[,Usage])"
+            + ("it looks like a data row: the file has no header line 'emotion,pixels,Usage'" if headerless
+               else f"the header has {', '.join(brief(name) for name in names)} (expected emotion,pixels[,Usage])")
         )
     usage = names.index("Usage") if "Usage" in names else None
     return Columns(names.index("emotion"), names.index("pixels"), usage, len(names))
@@ -155,7 +163,7 @@ def parse_row(row: list[str], columns: Columns) -> tuple[np.ndarray, int, str]:
         return pixels, label, "train"
     value = row[columns.usage].strip()
     if value not in SPLITS:
-        raise BadRow(f"Usage {value!r} is not one of {', '.join(SPLITS)}")
+        raise BadRow(f"Usage {brief(value)} is not one of {', '.join(SPLITS)}")
     return pixels, label, SPLITS[value]
 
 
@@ -163,7 +171,7 @@ def _parse_label(text: str) -> int:
     try:
         label = int(text)
     except ValueError:
-        raise BadRow(f"emotion {text.strip()!r} is not an integer") from None
+        raise BadRow(f"emotion {brief(text.strip())} is not an integer") from None
     if not 0 <= label < len(FER2013_CLASSES):
         raise BadRow(f"emotion {label} is out of range 0..{len(FER2013_CLASSES) - 1}")
     return label
