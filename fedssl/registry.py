@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from importlib.metadata import entry_points
 from typing import Callable, Generic, Iterator, TypeVar
 
 from fedssl.errors import UserError
@@ -25,6 +26,11 @@ def did_you_mean(name: str, candidates: list[str]) -> str:
 class Registry(Generic[T]):
     """A mapping from names to objects; registering a name twice raises.
 
+    Other packages add entries through the Python entry point group `entry_points`
+    (e.g. `[project.entry-points."fedssl.thresholds"] mine = "my_pkg.thresholds"`):
+    each is imported when a name is not found or the names are listed, and
+    registers its entries with the same decorator.
+
     Example:
         ALGORITHMS = Registry("algorithm")
 
@@ -32,9 +38,11 @@ class Registry(Generic[T]):
         def fedavg(...): ...
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, entry_points: str | None = None):
         self.kind = kind
+        self.group = entry_points
         self._entries: dict[str, T] = {}
+        self._loaded: set[str] = set()  # entry points imported so far
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -45,8 +53,20 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def load_plugins(self) -> None:
+        """Import the modules other packages declare in this registry's entry point
+        group, those not imported yet."""
+        if self.group is None:
+            return
+        for point in entry_points(group=self.group):
+            if point.value not in self._loaded:
+                self._loaded.add(point.value)
+                point.load()
+
     def get(self, name: str, key: str | None = None) -> T:
         """The entry called `name`; a `UserError` naming `key` if there is none."""
+        if name not in self._entries:
+            self.load_plugins()
         if name not in self._entries:
             where = f"{key}: " if key else ""
             raise UserError(
@@ -56,10 +76,11 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
+        self.load_plugins()
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self.names()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

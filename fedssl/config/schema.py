@@ -67,7 +67,7 @@ class TrainConfig:
 class SSLConfig:
     unlabeled_ratio: int = 7  # mu: unlabeled images per labeled image in a step (FixMatch: 7)
     lambda_u: float = 1.0  # weight of the unlabeled loss
-    threshold: str = "fixed"  # pseudo-label confidence threshold: fixed | flexmatch (class-wise adaptive)
+    threshold: str = "fixed"  # pseudo-label confidence threshold rule: fixed | flexmatch (class-wise adaptive) | any rule registered in fedssl.ssl.thresholds.THRESHOLDS
     tau: float = 0.95  # confidence threshold (FlexMatch: its upper bound)
     distribution_alignment: bool = False  # align predicted class distributions to the labeled one (ReMixMatch)
     server_steps: int = 0  # labels at the server: server fine-tuning steps on its labeled set per round (SemiFL)

@@ -11,6 +11,7 @@ from fedssl.data.sources import SOURCE_MODULES
 from fedssl.errors import UserError
 from fedssl.federation.sampling import clients_per_round
 from fedssl.registry import did_you_mean
+from fedssl.ssl.thresholds import THRESHOLDS
 
 AUGMENTATIONS = ("none", "weak", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -149,7 +150,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(cfg.data.channels in (1, 3), "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
     require(cfg.data.image_size >= 1, "data.image_size", f"must be >= 1, got {cfg.data.image_size}")
     ssl = cfg.algorithm.ssl
-    check_choice(ssl.threshold, ("fixed", "flexmatch"), "algorithm.ssl.threshold")
+    THRESHOLDS.get(ssl.threshold, key="algorithm.ssl.threshold")
     require(0 < ssl.tau <= 1, "algorithm.ssl.tau", f"must be in (0, 1], got {ssl.tau}")
     require(ssl.unlabeled_ratio >= 1, "algorithm.ssl.unlabeled_ratio", f"must be >= 1, got {ssl.unlabeled_ratio}")
     require(ssl.server_steps >= 0, "algorithm.ssl.server_steps", f"must be >= 0, got {ssl.server_steps}")

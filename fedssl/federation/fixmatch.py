@@ -9,6 +9,7 @@ from fedssl.errors import UserError
 from fedssl.federation.algorithm import ALGORITHMS
 from fedssl.federation.fedavg import FedAvg
 from fedssl.learners.fixmatch import FixMatchLearner
+from fedssl.ssl.thresholds import THRESHOLDS
 
 
 @ALGORITHMS.register("fixmatch")
@@ -23,8 +24,8 @@ class FixMatch(FedAvg):
 
     @property
     def keeps_client_state(self) -> bool:
-        ssl = self.cfg.algorithm.ssl  # FlexMatch's learning status, distribution alignment's running mean
-        return ssl.threshold == "flexmatch" or ssl.distribution_alignment
+        ssl = self.cfg.algorithm.ssl  # e.g. FlexMatch's learning status, distribution alignment's running mean
+        return THRESHOLDS.get(ssl.threshold, key="algorithm.ssl.threshold").keeps_client_state or ssl.distribution_alignment
 
     def make_learner(self, model: nn.Module) -> FixMatchLearner:
         algo = self.cfg.algorithm

@@ -13,7 +13,7 @@ from fedssl.learners.base import Batch, ClientContext
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.ssl.alignment import align, update_running_mean
 from fedssl.ssl.pseudo_labels import masked_cross_entropy, pseudo_labels
-from fedssl.ssl.thresholds import FixedThreshold, FlexMatchThreshold
+from fedssl.ssl.thresholds import THRESHOLDS, FixedThreshold, ThresholdRule
 
 class FixMatchLearner(SupervisedLearner):
     """FixMatch (Sohn et al., NeurIPS 2020) on a client: cross-entropy on labeled
@@ -36,14 +36,13 @@ class FixMatchLearner(SupervisedLearner):
         self.num_classes = num_classes
         self.teacher_kind = teacher
         self.teacher: nn.Module | None = None
-        self.threshold: FixedThreshold | FlexMatchThreshold = FixedThreshold(ssl_cfg.tau)
+        self.threshold: ThresholdRule = FixedThreshold(ssl_cfg.tau)
         self.running_mean = torch.full((num_classes,), 1.0 / num_classes)
 
     def start_round(self, payload: Payload, context: ClientContext) -> None:
         super().start_round(payload, context)
-        if self.ssl_cfg.threshold == "flexmatch":
-            self.threshold = FlexMatchThreshold(self.ssl_cfg.tau, self.num_classes, context.num_unlabeled,
-                                                context.state.get("flexmatch_selected"))
+        rule = THRESHOLDS.get(self.ssl_cfg.threshold, key="algorithm.ssl.threshold")
+        self.threshold = rule.build(self.ssl_cfg.tau, self.num_classes, context.num_unlabeled, context.state)
         self.running_mean = context.state.get("da_running_mean", torch.full((self.num_classes,), 1.0 / self.num_classes))
         if self.teacher_kind == "global":
             if self.teacher is None:
