@@ -1,6 +1,7 @@
-"""tools/flower_certs.py makes what Flower 1.42 accepts: fast checks, the loopback
-test runs the real thing."""
+"""tools/flower_certs.py makes what Flower 1.42 accepts, and the README's deployment
+commands use flags Flower has: fast checks, the loopback test runs the real thing."""
 
+import re
 import socket
 import ssl
 import subprocess
@@ -75,3 +76,20 @@ def test_an_existing_file_is_never_overwritten(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "flower_certs.py"), str(tmp_path), "--nodes", "2"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "node1 exists already" in done.stderr
+
+
+def readme_commands(program: str) -> list[str]:
+    """The README's `program` command lines, continuation lines joined."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return [line for line in text.splitlines() if line.startswith(program + " ")]
+
+
+@pytest.mark.parametrize("program", ["flower-superlink", "flower-supernode"])
+def test_the_readme_deployment_uses_flags_flower_has(program):
+    commands = readme_commands(program)
+    assert commands, f"no {program} command in the README"
+    flags = {flag for line in commands for flag in re.findall(r"(?<!\S)(--[a-z-]+)", line)}
+    assert "--insecure" not in flags  # the deployment shown is the encrypted one
+    helps = subprocess.run([str(Path(sys.executable).parent / program), "--help"],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert not [flag for flag in flags if flag not in helps], helps
