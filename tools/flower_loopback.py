@@ -1,20 +1,27 @@
 """A loopback Flower deployment: a SuperLink and N SuperNodes on 127.0.0.1, a run
 submitted with `flwr run`, and every process stopped on exit, also on failure.
 
-    python tools/flower_loopback.py RECIPE [key=value ...] [--nodes N] [--timeout S] [--data-paths DIR ...]
+    python tools/flower_loopback.py RECIPE [key=value ...] [--nodes N] [--timeout S] [--data-paths DIR ...] [--insecure]
 
 Each SuperNode is its own process started with Flower's `flower-supernode`, holding
 the partitions `--node-config "partition-id=..."` names (client ids are dealt
 round-robin over the nodes) and, with `--data-paths`, its own images
 (`data-path=...`, one per node). The run directory is prepared as `fedssl run` does;
-the ServerApp writes metrics.jsonl and summary.json into it. Insecure mode: for
-tests and demos only (see README, "Running across machines", for TLS).
+the ServerApp writes metrics.jsonl and summary.json into it.
+
+By default the deployment is encrypted and authenticated as the README's "Running
+across machines" shows: a CA and the SuperLink's certificate made by
+`flower_certs.py`, TLS on the SuperLink's one port, `--enable-supernode-auth`, each
+SuperNode's public key registered with `flwr supernode register` before the node
+starts with its private key. `--insecure` (`secure=False`) runs all of it in
+plaintext with self-registering nodes, as Flower's `--insecure` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +35,8 @@ from fedssl.backends.flower.server import SERVER_ERROR
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.io import atomic_write_text
 from fedssl.launch import SUMMARY, prepare_run_dir
+
+import flower_certs  # next to this file, in tools/
 
 APP_TOML = """\
 [build-system]
@@ -78,10 +87,15 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
 
 
 class Loopback:
-    """Starts processes in their own process groups and stops all of them on exit."""
+    """Starts processes in their own process groups and stops all of them on exit.
+    `certs` (from `flower_certs.make`) switches the SuperNodes it starts to TLS."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, superlink: str, env: dict[str, str], certs: dict[str, Path] | None = None):
         self.workdir = workdir
+        self.superlink = superlink
+        self.env = env
+        self.certs = certs
+        self.bindir = Path(sys.executable).parent
         self.processes: list[subprocess.Popen] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -91,6 +105,18 @@ class Loopback:
         log.close()
         self.processes.append(process)
         return process
+
+    def start_supernode(self, name: str, node_config: str | None = None,
+                        auth_key: Path | None = None) -> subprocess.Popen:
+        """A SuperNode dialling the SuperLink: over TLS when there are certificates,
+        presenting `auth_key` (an OpenSSH private key) when given."""
+        args = [str(self.bindir / "flower-supernode"), "--superlink", self.superlink, "--port", str(free_port())]
+        args += ["--root-certificates", str(self.certs["ca"])] if self.certs else ["--insecure"]
+        if auth_key is not None:
+            args += ["--auth-supernode-private-key", str(auth_key)]
+        if node_config:
+            args += ["--node-config", node_config]
+        return self.start(name, args, self.env)
 
     def stop(self, process: subprocess.Popen, grace: float = 5.0) -> None:
         if process.poll() is None:
@@ -116,10 +142,11 @@ class Loopback:
 
 
 def run(recipe: str, overrides: list[str], nodes: int, timeout: float, workdir: Path,
-        after_start=None, data_paths: list[str] | None = None) -> Path:
+        after_start=None, data_paths: list[str] | None = None, secure: bool = True) -> Path:
     """Run the recipe on a loopback deployment; returns the run directory.
-    `after_start(loopback, supernodes)` runs once the run is submitted (tests kill nodes there);
-    `data_paths`, one per node, point each node at its own images."""
+    `after_start(loopback, supernodes)` runs once the run is submitted (tests kill nodes
+    or start intruders there); `data_paths`, one per node, point each node at its own
+    images; `secure` turns on TLS and SuperNode authentication."""
     if data_paths is not None and len(data_paths) != nodes:
         raise ValueError(f"--data-paths: {len(data_paths)} paths for {nodes} nodes")
     cfg = load_recipe(recipe, overrides)
@@ -132,26 +159,42 @@ def run(recipe: str, overrides: list[str], nodes: int, timeout: float, workdir: 
     home = workdir / "flwr-home"
     port = free_port()
     home.mkdir(exist_ok=True)
+    certs = None
+    if secure:  # throwaway keys, made afresh for every run (flower_certs never overwrites one)
+        shutil.rmtree(workdir / "certs", ignore_errors=True)
+        certs = flower_certs.make(workdir / "certs", nodes=nodes)
+    # the CLI's side of the connection: verify the SuperLink against our CA, or plaintext
+    transport = f'root-certificates = "{certs["ca"]}"' if certs else "insecure = true"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{port}"\n{transport}\n')
     # the apps import fedssl from wherever this process does
     env = os.environ | {"FLWR_HOME": str(home), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    bindir = Path(sys.executable).parent
-    with Loopback(workdir) as loop:
-        link = loop.start("superlink", [str(bindir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                        "--port", str(port), "--disable-runtime-dependency-installation",
-                                        "--database", str(workdir / "state.db")], env)
+    with Loopback(workdir, f"127.0.0.1:{port}", env, certs) as loop:
+        flwr = str(loop.bindir / "flwr")
+        link_args = [str(loop.bindir / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+                     "--disable-runtime-dependency-installation", "--database", str(workdir / "state.db")]
+        if certs:
+            link_args += ["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["server_cert"]),
+                          "--ssl-keyfile", str(certs["server_key"]), "--enable-supernode-auth"]
+        else:
+            link_args += ["--insecure"]
+        link = loop.start("superlink", link_args, env)
         wait_for_port(port, link, 60)
+        if certs:  # with authentication on, only nodes whose public key was registered may connect
+            for node in range(nodes):
+                register = subprocess.run([flwr, "supernode", "register", str(certs[f"node{node}_pub"])],
+                                          env=env, capture_output=True, text=True, timeout=60)
+                if register.returncode:
+                    raise RuntimeError(f"flwr supernode register failed: {register.stdout}{register.stderr}")
         supernodes = []
         for node in range(nodes):
             partitions = ",".join(str(c) for c in range(node, cfg.federation.clients, nodes))
             node_config = f'partition-id="{partitions}"'
             if data_paths is not None:
                 node_config += f' data-path="{Path(data_paths[node]).resolve()}"'
-            supernodes.append(loop.start(f"supernode{node}", [
-                str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                "--port", str(free_port()), "--node-config", node_config], env))
-        submit = subprocess.run([str(bindir / "flwr"), "run", str(app), "--run-config", f'run-dir="{run_dir}"'],
+            supernodes.append(loop.start_supernode(f"supernode{node}", node_config,
+                                                   certs[f"node{node}"] if certs else None))
+        submit = subprocess.run([flwr, "run", str(app), "--run-config", f'run-dir="{run_dir}"'],
                                 env=env, capture_output=True, text=True, timeout=120)
         if submit.returncode:
             raise RuntimeError(f"flwr run failed: {submit.stdout}{submit.stderr}")
@@ -176,13 +219,16 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run's summary")
     parser.add_argument("--data-paths", nargs="+", help="each node's own images (one path per node)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext and self-registering SuperNodes (no TLS, no node authentication)")
     args = parser.parse_args()
     if args.data_paths and len(args.data_paths) != args.nodes:
         parser.error(f"--data-paths: {len(args.data_paths)} paths for --nodes {args.nodes}")
     # `kill` (SIGTERM) unwinds like Ctrl-C, so that every process started is stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="fedssl-loopback-") as workdir:
-        run_dir = run(args.recipe, args.overrides, args.nodes, args.timeout, Path(workdir), data_paths=args.data_paths)
+        run_dir = run(args.recipe, args.overrides, args.nodes, args.timeout, Path(workdir),
+                      data_paths=args.data_paths, secure=not args.insecure)
     print(f"summary: {run_dir / SUMMARY}")
     return 0
 

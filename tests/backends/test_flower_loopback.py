@@ -1,6 +1,8 @@
 """A real loopback deployment: flower-superlink and two flower-supernode processes on
-127.0.0.1 (reading their own image folders in the FedAvg run), runs submitted with
-`flwr run`, nothing left running afterwards."""
+127.0.0.1, runs submitted with `flwr run`, nothing left running afterwards. The FedAvg
+run is encrypted and authenticated (TLS, registered node keys; its nodes read their own
+image folders) and refuses SuperNodes without a registered key; FixMatch and the
+killed-node runs keep insecure mode covered."""
 
 import json
 import sys
@@ -30,37 +32,71 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-def run_loopback(tiny_recipe, tmp_path, overrides, after_start=None, timeout=240, data_paths=None):
-    started = []
+def run_loopback(tiny_recipe, tmp_path, overrides, after_start=None, timeout=240, data_paths=None, secure=False):
+    loops = []
 
     def record(loop, supernodes):
-        started.extend(loop.processes)
+        loops.append(loop)
         if after_start:
             after_start(loop, supernodes)
 
     try:
-        return flower_loopback.run(str(tiny_recipe), overrides, nodes=2, timeout=timeout,
-                                   workdir=tmp_path / "loopback", after_start=record, data_paths=data_paths)
+        return flower_loopback.run(str(tiny_recipe), overrides, nodes=2, timeout=timeout, workdir=tmp_path / "loopback",
+                                   after_start=record, data_paths=data_paths, secure=secure)
     finally:
-        assert started, "the run was never submitted"
+        assert loops, "the run was never submitted"
+        started = loops[0].processes  # also those after_start started
         assert not [p.pid for p in started if p.poll() is None or group_alive(p.pid)], "processes left behind"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedavg", "fixmatch"])
-def test_two_rounds_on_a_loopback_deployment(tiny_recipe, tmp_path, write_faces, algorithm):
-    overrides, data_paths = TWO_CLIENTS + [f"algorithm.name={algorithm}", f"name={algorithm}"], None
-    if algorithm == "fedavg":  # each node reads its own image folder; the server tests on its own
-        for seed, folder in enumerate(("server", "node0", "node1")):
-            write_faces(tmp_path / folder, count=60, seed=seed, size=28, channels=1)
-        overrides += ["data.source=folder", f"data.path={tmp_path / 'server'}", "data.partition.scheme=iid"]
-        data_paths = [tmp_path / "node0", tmp_path / "node1"]
-    run_dir = run_loopback(tiny_recipe, tmp_path, overrides, data_paths=data_paths)
+def assert_two_rounds(run_dir: Path, algorithm: str) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["algorithm"] == algorithm and summary["rounds"] == 2
     assert 0.0 <= summary["global_acc"] <= 1.0 and summary["dropped_clients"] == 0
     assert 0.0 <= summary["client_acc_mean"] <= 1.0  # scored by the nodes, on their own local test splits
     assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# what Flower 1.42's SuperLink answers a SuperNode it refuses, as the node logs it before exiting
+NOT_REGISTERED = "SuperNode authentication is enabled. All SuperNodes must be registered via the CLI."
+UNKNOWN_KEY = "Failed to activate SuperNode."
+
+
+@pytest.mark.slow
+def test_fedavg_over_tls_with_authenticated_nodes_refuses_unregistered_ones(tiny_recipe, tmp_path, write_faces):
+    for seed, folder in enumerate(("server", "node0", "node1")):  # each node reads its own image folder
+        write_faces(tmp_path / folder, count=60, seed=seed, size=28, channels=1)
+    overrides = TWO_CLIENTS + ["algorithm.name=fedavg", "name=fedavg", "data.source=folder",
+                               f"data.path={tmp_path / 'server'}", "data.partition.scheme=iid"]
+    refused = {}
+
+    def start_intruders(loop, supernodes):
+        """Two SuperNodes that trust the CA and claim client 0, but whose key nobody
+        registered: one without a key (Flower then makes one and asks to self-register),
+        one with a key pair of its own. Both must be turned away at once."""
+        stranger, _ = flower_loopback.flower_certs.node_key_pair(tmp_path, "stranger")
+        intruders = {"keyless": loop.start_supernode("keyless", 'partition-id="0"'),
+                     "stranger": loop.start_supernode("stranger", 'partition-id="0"', auth_key=stranger)}
+        deadline = time.monotonic() + 90  # they take seconds; a node let in would wait for work forever
+        while any(p.poll() is None for p in intruders.values()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        refused.update({name: (p.poll(), (loop.workdir / f"{name}.log").read_text()) for name, p in intruders.items()})
+
+    run_dir = run_loopback(tiny_recipe, tmp_path, overrides, after_start=start_intruders, secure=True,
+                           data_paths=[tmp_path / "node0", tmp_path / "node1"])
+    assert_two_rounds(run_dir, "fedavg")  # the registered nodes served both clients
+    for name, reason in (("keyless", NOT_REGISTERED), ("stranger", UNKNOWN_KEY)):
+        code, log = refused[name]
+        assert code not in (None, 0), f"SuperNode {name}, whose key nobody registered, was let in:\n{log}"
+        assert reason in log, log
+    # the nodes that did take part reached the SuperLink over TLS, verified against the CA
+    assert "running on https://127.0.0.1" in (tmp_path / "loopback" / "superlink.log").read_text()
+
+
+@pytest.mark.slow
+def test_fixmatch_on_an_insecure_loopback_deployment(tiny_recipe, tmp_path):
+    run_dir = run_loopback(tiny_recipe, tmp_path, TWO_CLIENTS + ["algorithm.name=fixmatch", "name=fixmatch"])
+    assert_two_rounds(run_dir, "fixmatch")
 
 
 def kill_first_node_after_round_one(run_dir: Path):
