@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from fedssl.backends.flower.server import SERVER_ERROR
@@ -160,9 +158,8 @@ def run(recipe: str, overrides: list[str], nodes: int, timeout: float, workdir: 
     port = free_port()
     home.mkdir(exist_ok=True)
     certs = None
-    if secure:  # throwaway keys, made afresh for every run (flower_certs never overwrites one)
-        shutil.rmtree(workdir / "certs", ignore_errors=True)
-        certs = flower_certs.make(workdir / "certs", nodes=nodes)
+    if secure:  # throwaway keys, made afresh for every run in a folder of their own
+        certs = flower_certs.make(Path(tempfile.mkdtemp(prefix="certs-", dir=workdir)), nodes=nodes)
     # the CLI's side of the connection: verify the SuperLink against our CA, or plaintext
     transport = f'root-certificates = "{certs["ca"]}"' if certs else "insecure = true"
     (home / "config.toml").write_text(
