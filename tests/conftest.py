@@ -38,12 +38,22 @@ logging:
 """
 
 
+def write_tiny_recipe(directory: Path) -> Path:
+    path = directory / "tiny.yaml"
+    path.write_text(TINY_RECIPE.format(output_dir=directory / "runs"))
+    return path
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     """A recipe that trains in about a second, writing its runs under tmp_path/runs."""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_RECIPE.format(output_dir=tmp_path / "runs"))
-    return path
+    return write_tiny_recipe(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_tiny_recipe(tmp_path_factory) -> Path:
+    """`tiny_recipe` for a module whose tests share one (slow) run."""
+    return write_tiny_recipe(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
