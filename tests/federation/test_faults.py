@@ -2,7 +2,6 @@
 and counted; too few updates stop the run."""
 
 import logging
-import math
 
 import pytest
 import torch
