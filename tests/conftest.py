@@ -38,12 +38,22 @@ logging:
 """
 
 
+def write_tiny_recipe(directory: Path) -> Path:
+    path = directory / "tiny.yaml"
+    path.write_text(TINY_RECIPE.format(output_dir=directory / "runs"))
+    return path
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     """A recipe that trains in about a second, writing its runs under tmp_path/runs."""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_RECIPE.format(output_dir=tmp_path / "runs"))
-    return path
+    return write_tiny_recipe(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_tiny_recipe(tmp_path_factory) -> Path:
+    """`tiny_recipe` for a module whose tests share one (slow) run."""
+    return write_tiny_recipe(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -75,3 +85,71 @@ def write_faces():
         return paths
 
     return write
+
+
+@pytest.fixture
+def loopback_grid(over_flower_wire, monkeypatch):
+    """`LoopbackGrid(client_app, {node_id: node_config})`: Flower's Grid carrying each
+    message through Flower's wire format to the real ClientApp of its node in this
+    process, and the reply back the same way; a ClientApp that raises answers with an
+    error reply, as on the simulation engine. Each node keeps its own Context, and
+    `delivered` holds every (node, message, reply) in order. This stands in for
+    Flower's transport alone: the ServerApp's and ClientApp's code run as deployed."""
+    from uuid import uuid4
+
+    from flwr.app import Context, Error, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+    from flwr.serverapp import Grid
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Who sends: the ServerApp's identity, which Flower's runtime sets before the app runs.
+    for key, value in {"_task_id": 1, "_run_id": 1, "_node_id": SUPERLINK_NODE_ID}.items():
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    class LoopbackGrid(Grid):
+        def __init__(self, client_app, node_configs: dict[int, dict]):
+            self.client_app = client_app
+            self.contexts = {node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
+                             for node, config in node_configs.items()}
+            self.delivered: list[tuple[int, Message, Message]] = []
+
+        def get_node_ids(self):
+            return list(self.contexts)
+
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for message in messages:
+                message.metadata.__dict__["_message_id"] = uuid4().hex  # as the SuperLink does
+                message.content = over_flower_wire(message.content)
+                node = message.metadata.dst_node_id
+                try:
+                    reply = self.client_app(message, self.contexts[node])
+                    reply.content = over_flower_wire(reply.content)
+                except Exception as error:
+                    reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(error).__name__}: {error}"),
+                                    reply_to=message)
+                self.delivered.append((node, message, reply))
+                replies.append(reply)
+            return replies
+
+        # The rest of Grid's interface: the server side of fedssl does not use it.
+        def set_run(self, run):
+            raise NotImplementedError
+
+        @property
+        def run(self):
+            raise NotImplementedError
+
+        def create_message(self, *args, **kwargs):
+            raise NotImplementedError
+
+        def get_nodes(self):
+            raise NotImplementedError
+
+        def push_messages(self, messages):
+            raise NotImplementedError
+
+        def pull_messages(self, message_ids):
+            raise NotImplementedError
+
+    return LoopbackGrid

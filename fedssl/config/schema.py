@@ -140,6 +140,7 @@ class FederationConfig:
     krum_select: int = 0  # multi_krum: m, how many best-scored updates are averaged (0: n - f)
     min_clients: int = 1  # a round needs this many usable updates, else it is retried (round_retries) or the run stops
     round_retries: int = 0  # times a round with too few usable updates is redrawn from the clients that did not fail
+    max_update_ratio: float = 1000.0  # an update whose distance from the weights it was sent exceeds this x max(their norm, 1) is dropped and counted (e.g. a rogue x1e30 update)
     flower: FlowerConfig = field(default_factory=FlowerConfig)  # backend=flower: client resources and timeouts
 
 

@@ -66,6 +66,7 @@ def validate_robustness(cfg: RecipeConfig) -> None:
     require(fed.byzantine >= 0, "federation.byzantine", f"must be >= 0, got {fed.byzantine}")
     require(fed.krum_select >= 0, "federation.krum_select", f"must be >= 0, got {fed.krum_select}")
     require(fed.round_retries >= 0, "federation.round_retries", f"must be >= 0, got {fed.round_retries}")
+    require(fed.max_update_ratio > 0, "federation.max_update_ratio", f"must be > 0, got {fed.max_update_ratio}")
     per_round = clients_per_round(fed)
     require(1 <= fed.min_clients <= per_round, "federation.min_clients",
             f"must be between 1 and the {per_round} clients sampled per round, got {fed.min_clients}")

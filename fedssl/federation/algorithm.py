@@ -79,12 +79,14 @@ class Algorithm:
         """The model weights (state_dict names) that are evaluated and exported."""
         return state.params
 
-    def personal_weights(self, state: ServerState, client: LocalClient) -> Arrays:
+    def personal_weights(self, global_weights: Arrays, client: LocalClient) -> Arrays:
         """The weights of `client`'s personalized model, which is scored on its own local
-        test split: the global model with its personal layers (FedPer), its personal
-        model (Ditto), or the global model adapted on its training data (Per-FedAvg).
-        Without personalization, the global model."""
-        return self.global_weights(state)
+        test split: the global model (`global_weights`) with its personal layers
+        (FedPer), its personal model (Ditto), or the global model adapted on its
+        training data (Per-FedAvg). Without personalization, the global model. It is
+        built from the global weights alone, which is all a node is sent to score
+        its clients: never the server's state."""
+        return global_weights
 
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,8 +29,8 @@ from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, sa
 from fedssl.federation.client import Augmentations, ClientTrainer
 from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
 from fedssl.federation.evaluate import Score, score
-from fedssl.federation.faults import check_update
-from fedssl.federation.messages import Payload, Update
+from fedssl.federation.faults import Holding, check_update
+from fedssl.federation.messages import Arrays, Payload, Update, array_bytes
 from fedssl.federation.metrics import client_kind, mean_acc, round_metrics
 from fedssl.federation.personal_eval import LocalClient, labeled_batches, personal_metrics, personal_summary
 from fedssl.federation.robust import minimum_updates
@@ -45,6 +46,8 @@ from fedssl.tracking.run_logger import RunLogger, read_metrics
 log = logging.getLogger(__name__)
 
 SERVER_ID = -1  # the server's "client id" when it trains on its own labeled data
+# What a round sent, received and dropped, training and evaluation together; summed over the run.
+TRAFFIC = ("bytes_up", "bytes_down", "dropped_clients")
 # Keys that may differ between a killed run and its resumption.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir",
                      "federation.states_in_memory", "federation.state_dir")
@@ -68,7 +71,8 @@ class Collected:
             average as one update.
         receipts: every usable update, with its arrays dropped where they were
             folded into the average (its client, examples and metrics stay).
-        bytes_up, bytes_down: what the usable updates and every payload weigh.
+        bytes_up, bytes_down: what every update received and every payload sent
+            weigh (retried draws included; see `messages.array_bytes`).
         dropped: clients whose update was unusable.
     """
 
@@ -77,6 +81,23 @@ class Collected:
     bytes_up: int
     bytes_down: int
     dropped: int
+
+
+def data_holdings(data: FederatedData) -> dict[int, Holding]:
+    """What each client of `data` holds: its training examples, local test samples and kind."""
+    return {c.client_id: Holding(len(c.labeled) + len(c.unlabeled), len(c.test), client_kind(c)) for c in data.clients}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Clients' evaluation rows, and what scoring them cost: the bytes of the arrays
+    sent to the nodes that scored them (in process, as if each client were its own
+    node; the rows that come back are scalars, no arrays), and `dropped`, the rows
+    that were unusable or never came."""
+
+    rows: list[dict[str, Any]]
+    bytes_down: int = 0
+    dropped: int = 0
 
 
 @dataclass
@@ -129,7 +150,20 @@ class Federation:
 
     @property
     def kinds(self) -> dict[int, str]:
-        return {c.client_id: client_kind(c) for c in self.data.clients}
+        return {c: holding.kind for c, holding in self.holdings.items()}
+
+    @cached_property
+    def holdings(self) -> dict[int, Holding]:
+        """What the server knows each client holds (the updates and evaluation rows
+        it accepts are checked against it)."""
+        return data_holdings(self.data)
+
+    def check(self, client_id: int, update: Update, payload: Payload) -> str | None:
+        """Why the server cannot use client `client_id`'s `update` to `payload`
+        (None if it can): `faults.check_update` against what the client holds."""
+        return check_update(update, payload.arrays, dense=self.algorithm.dense_updates,
+                            max_examples=self.holdings[client_id].examples,
+                            max_ratio=self.cfg.federation.max_update_ratio)
 
     def initial_state(self) -> ServerState:
         return self.algorithm.init_server_state(self.trainer.learner.arrays(self.trainer.shared_names))
@@ -174,7 +208,7 @@ class Federation:
         except Exception as error:
             log.debug("client %d raised", client_id, exc_info=True)
             return error, {}, f"it raised {type(error).__name__}: {error}"
-        return update, kept, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
+        return update, kept, self.check(client_id, update, payload)
 
     def fit_clients(self, round_index: int, state: ServerState, sampled: list[int]
                     ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
@@ -205,8 +239,7 @@ class Federation:
             log.warning("round %d: training %d clients together raised %s: %s; training them one at a time",
                         round_index, len(clients), type(error).__name__, error)
             return {}
-        dense = self.algorithm.dense_updates
-        return {u.client_id: (u, {}, check_update(u, payloads[u.client_id].arrays, dense=dense)) for u in updates}
+        return {u.client_id: (u, {}, self.check(u.client_id, u, payloads[u.client_id])) for u in updates}
 
     @property
     def averages_as_they_come(self) -> bool:
@@ -218,8 +251,9 @@ class Federation:
     def collect(self, round_index: int, state: ServerState) -> Collected:
         """Train the sampled clients; their usable updates (see `Collected`).
 
-        An update that raised, holds non-finite values or arrays of a wrong name or
-        shape is dropped with a warning naming the client. With fewer usable updates
+        An update that raised or fails `check` (non-finite values, arrays of a wrong
+        name, shape or dtype, too many examples, too far from what was sent) is
+        dropped with a warning naming the client. With fewer usable updates
         than federation.min_clients (or than the aggregator needs), the round is drawn
         again from the clients that did not fail, up to federation.round_retries
         times, and then the run stops. Under DP a Poisson draw may pick fewer clients
@@ -229,20 +263,21 @@ class Federation:
         needed = max(fed.min_clients, minimum_updates(fed))
         failed: dict[int, str] = {}
         raised: list[Exception] = []
-        bytes_down = 0
+        bytes_down, bytes_up = 0, 0
         for attempt in range(fed.round_retries + 1):
             sampled = self.sample(round_index, attempt, set(failed))
-            updates, kept, bytes_up = [], {}, 0
+            updates, kept = [], {}
             running = RunningAverage() if self.averages_as_they_come else None
             for client_id, payload, (update, keep, problem) in self.fit_clients(round_index, state, sampled):
                 bytes_down += payload.num_bytes
+                if isinstance(update, Update):  # it came, usable or not
+                    bytes_up += update.num_bytes
                 if problem:
                     log.warning("round %d: dropped the update of client %d: %s", round_index, client_id, problem)
                     failed[client_id] = problem
                     if isinstance(update, Exception):
                         raised.append(update)
                 else:
-                    bytes_up += update.num_bytes
                     if running is not None:
                         running.add(update)
                         update = replace(update, arrays={})  # folded in: only its counts and metrics stay
@@ -269,27 +304,39 @@ class Federation:
         return Collected(aggregated, updates, bytes_up, bytes_down, len(failed))
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The global model on the server test set, and each client's row (see `score_clients`)."""
-        self.trainer.learner.load_arrays(self.algorithm.global_weights(state))
+        """The global model on the server test set, and each client's row (see
+        `score_clients`). The metrics include what the evaluation cost and dropped
+        (`bytes_down`, `bytes_up`, `dropped_clients`), for the round to add to its own."""
+        weights = self.algorithm.global_weights(state)
+        self.trainer.learner.load_arrays(weights)
         server = score(self.model, self.test.images, self.test.labels)
-        rows = self.score_clients(state, [client.client_id for client in self.data.clients])
+        scored = self.evaluate_clients(weights, [client.client_id for client in self.data.clients])
+        rows = scored.rows
         metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
         kinds = sorted({row["kind"] for row in rows})
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}
-        return metrics | personal_metrics(rows), rows
+        traffic = {"bytes_down": scored.bytes_down, "bytes_up": 0, "dropped_clients": scored.dropped}
+        return metrics | personal_metrics(rows) | traffic, rows
 
-    def score_clients(self, state: ServerState, client_ids: list[int]) -> list[dict[str, Any]]:
-        """Per client, the global model and the client's personalized model on the
-        client's own local test split. A backend whose clients hold their data
+    def evaluate_clients(self, weights: Arrays, client_ids: list[int]) -> Scored:
+        """Every client's row (`score_clients`), counting the global weights as sent to
+        each client, as to a node of its own. A backend whose clients hold their data
         elsewhere (Flower) overrides this, as it does `fit_clients`."""
-        self.trainer.learner.load_arrays(self.algorithm.global_weights(state))
+        return Scored(self.score_clients(weights, client_ids), bytes_down=len(client_ids) * array_bytes(weights))
+
+    def score_clients(self, weights: Arrays, client_ids: list[int]) -> list[dict[str, Any]]:
+        """Per client, the global model (`weights`, the algorithm's `global_weights`)
+        and the client's personalized model on the client's own local test split.
+        This is all a node needs to score its clients: the global weights, not the
+        server's state."""
+        self.trainer.learner.load_arrays(weights)
         rows = []
         for client_id in client_ids:
             local = self.score_local(client_id)
             rows.append({"client": client_id, "kind": client_kind(self.data.clients[client_id]),
                          "test_samples": local.count, "acc": local.accuracy, "loss": local.loss})
-        self.score_personal(state, rows)
+        self.score_personal(weights, rows)
         return rows
 
     def score_local(self, client_id: int) -> Score:
@@ -304,13 +351,13 @@ class Federation:
                                                 self.cfg.seed, client_id, steps)
         return LocalClient(client_id, self.store.peek(client_id), batches)
 
-    def score_personal(self, state: ServerState, rows: list[dict[str, Any]]) -> None:
+    def score_personal(self, weights: Arrays, rows: list[dict[str, Any]]) -> None:
         """Add each client's personalized model's scores on its own local test split to
         its row (without personalization that model is the global one, scored already)."""
         for row in rows:
             if self.algorithm.personalized:
                 client = self.local_client(row["client"])
-                self.trainer.learner.load_arrays(self.algorithm.personal_weights(state, client))
+                self.trainer.learner.load_arrays(self.algorithm.personal_weights(weights, client))
                 local = self.score_local(row["client"])
                 row |= {"personal_acc": local.accuracy, "personal_loss": local.loss}
             else:
@@ -343,6 +390,11 @@ def privacy_summary(privacy: CentralDP | None, rounds: int) -> dict[str, Any]:
     return {"epsilon": privacy.epsilon(rounds), "delta": privacy.cfg.delta, "noise_multiplier": privacy.noise_multiplier}
 
 
+def add_evaluation(metrics: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    """A round's metrics with its evaluation's: the traffic and drops add up."""
+    return metrics | evaluated | {key: metrics[key] + evaluated[key] for key in TRAFFIC}
+
+
 def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                    build: Callable[[RecipeConfig], Federation] = Federation.build) -> dict[str, Any]:
     """Run (or resume) a federation; returns the summary also written to summary.json.
@@ -359,7 +411,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
     federation = build(cfg)
     federation.data.save(run_dir / "partition.npz")
     state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
-    totals = {"bytes_up": 0, "bytes_down": 0, "dropped_clients": 0}
+    totals = dict.fromkeys(TRAFFIC, 0)
     if checkpoint:
         state = ServerState(**checkpoint["server_state"])
         federation.store.load_state_dict(checkpoint["client_states"])
@@ -378,13 +430,12 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
         for round_index in progress:
             began = time.perf_counter()
             state, metrics = federation.fit_round(round_index, state)
-            totals["bytes_up"] += metrics["bytes_up"]
-            totals["bytes_down"] += metrics["bytes_down"]
-            totals["dropped_clients"] += metrics["dropped_clients"]
             if round_index % fed.eval_every == 0 or round_index == fed.rounds:
                 evaluated, rows = federation.evaluate(state)
-                metrics |= evaluated
+                metrics = add_evaluation(metrics, evaluated)
                 progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
+            for key in TRAFFIC:
+                totals[key] += metrics[key]
             elapsed += time.perf_counter() - began
             metrics["seconds"] = elapsed
             logger.log_round(round_index, metrics)
@@ -403,7 +454,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
         logger.abort()
         raise
     if not rows:  # resumed after the last round: nothing trained, evaluate what is there
-        evaluated, rows = federation.evaluate(state)
+        evaluated, rows = federation.evaluate(state)  # outside any round: its traffic is in no round's total
         metrics |= evaluated
     summary = {
         "name": cfg.name,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedssl.federation.aggregate import ServerState
 from fedssl.federation.algorithm import ALGORITHMS
 from fedssl.federation.fedavg import FedAvg
 from fedssl.federation.messages import Arrays
@@ -33,9 +32,9 @@ class MetaLearned(FedAvg):
     def adapt_lr(self) -> float:
         raise NotImplementedError
 
-    def personal_weights(self, state: ServerState, client: LocalClient) -> Arrays:
+    def personal_weights(self, global_weights: Arrays, client: LocalClient) -> Arrays:
         steps = self.cfg.algorithm.meta.adapt_steps
-        return adapt_arrays(self.model, self.global_weights(state), client.batches(steps), self.adapt_lr)
+        return adapt_arrays(self.model, global_weights, client.batches(steps), self.adapt_lr)
 
 
 @ALGORITHMS.register("perfedavg")

@@ -44,8 +44,8 @@ class Personalized(FedAvg):
             return FixMatchLearner(model, self.cfg.train, algo.ssl, model.num_classes, proximal_mu)
         return SupervisedLearner(model, self.cfg.train, proximal_mu)
 
-    def personal_weights(self, state: ServerState, client: LocalClient) -> Arrays:
-        return self.global_weights(state) | personal_arrays(client.state)
+    def personal_weights(self, global_weights: Arrays, client: LocalClient) -> Arrays:
+        return global_weights | personal_arrays(client.state)
 
 
 class PersonalLayers(Personalized):

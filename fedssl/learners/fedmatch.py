@@ -58,8 +58,8 @@ HELPER = re.compile(r"helper(\d+)/(.+)")
 
 
 def encode_delta(new: torch.Tensor, received: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The entries of `new - received` with |delta| > threshold: int32 flat indices
-    and float32 values."""
+    """The entries of `new - received` with |delta| > threshold: int32 flat indices,
+    in increasing order (as the server requires), and float32 values."""
     delta = (new.detach() - received).flatten()
     index = (delta.abs() > threshold).nonzero().flatten()
     return index.to(torch.int32), delta[index].to(torch.float32)

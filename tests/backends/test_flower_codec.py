@@ -1,11 +1,13 @@
 """The codec: fedssl's messages survive Flower's wire format exactly, and nothing
 but arrays and scalars is let through."""
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedssl.backends.flower.codec import (CodecError, decode_evaluate, decode_payload, decode_rows, decode_update,
-                                          encode_evaluate, encode_payload, encode_rows, encode_update)
+from fedssl.backends.flower.codec import (CodecError, MalformedMessage, decode_evaluate, decode_payload, decode_rows,
+                                          decode_update, encode_evaluate, encode_payload, encode_rows, encode_update)
 from fedssl.federation.messages import Payload, Update
 
 
@@ -82,3 +84,44 @@ def test_evaluation_round_trip_is_exact(over_flower_wire):
 def test_evaluation_rows_refuse_anything_but_scalars():
     with pytest.raises(CodecError):
         encode_rows([{"client": 0, "per_sample": [0.1, 0.2]}])
+
+
+def tampered(update_records, **changes):
+    """An encoded update with records replaced (None: removed), as a rogue node might send it."""
+    records = dict(update_records)
+    for key, value in changes.items():
+        if value is None:
+            del records[key]
+        else:
+            records[key] = value
+    return RecordDict(records)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"meta": None}, "it lacks the 'meta' record"),
+    ({"arrays": None}, "it lacks the 'arrays' record"),
+    ({"metrics": None}, "it lacks the 'metrics' record"),
+    ({"meta": ConfigRecord({"client_id": 2})}, "num_examples must be an integer, got None"),
+    ({"meta": ConfigRecord({"client_id": 2, "num_examples": 1e9})}, "num_examples must be an integer, got 1000000000.0"),
+    ({"meta": ConfigRecord({"client_id": "2", "num_examples": 5})}, "client_id must be an integer, got '2'"),
+    ({"arrays": ConfigRecord({"w": 1.0})}, "it lacks the 'arrays' record"),
+    ({"arrays": ArrayRecord({"w": Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"junk")})},
+     "array 'w' cannot be read"),
+    ({"arrays": ArrayRecord({"w": Array.from_numpy_ndarray(np.array(["a", "b"]))})}, "array 'w' cannot be read"),
+])
+def test_a_malformed_update_is_a_malformed_message_not_a_crash(change, why):
+    good = encode_update(Update(client_id=2, arrays={"w": torch.ones(2)}, num_examples=5, metrics={"train_loss": 0.5}))
+    assert decode_update(good).num_examples == 5
+    with pytest.raises(MalformedMessage, match=why):
+        decode_update(tampered(good, **change))
+
+
+def test_evaluation_replies_hold_rows_of_scalars_only():
+    reply = encode_rows([{"client": 0, "acc": 0.5}])
+    reply["arrays"] = ArrayRecord({"w": Array.from_numpy_ndarray(np.zeros(2))})
+    with pytest.raises(MalformedMessage, match="holds rows of scalars only"):
+        decode_rows(reply)
+    metrics = encode_rows([{"client": 0, "acc": 0.5}])
+    metrics["m"] = MetricRecord({"acc": 1.0})
+    with pytest.raises(MalformedMessage):
+        decode_rows(metrics)

@@ -123,8 +123,9 @@ def test_a_killed_supernode_is_dropped_and_the_run_finishes(tiny_recipe, tmp_pat
                            after_start=kill_first_node_after_round_one(tmp_path / "runs" / "killed"))
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds[0]["dropped_clients"] == 0 and rounds[-1]["dropped_clients"] == 1  # client 0, gone
-    assert summary["rounds"] == 2 and summary["dropped_clients"] == 1
+    # client 0, gone: its update and its evaluation row
+    assert rounds[0]["dropped_clients"] == 0 and rounds[-1]["dropped_clients"] == 2
+    assert summary["rounds"] == 2 and summary["dropped_clients"] == 2
 
 
 @pytest.mark.slow

@@ -1,18 +1,22 @@
 """A deployed node's own data (node config `data-path`): all of it goes to the
-partitions the node holds, labelled in the server's class order."""
+partitions the node holds, labelled in the server's class order, and what it holds
+is what the server bounds the node's replies with."""
 
 import shutil
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
+from fedssl.backends.flower.client import app as client_app
 from fedssl.backends.flower.node import federation_for
+from fedssl.backends.flower.server import FlowerFederation, node_answer
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.data.dataset import FER2013_CLASSES, SourceData
 from fedssl.data.federated import node_federated_data
 from fedssl.data.sources.synthetic_faces import generate_synthetic_faces
 from fedssl.errors import UserError
+from fedssl.federation.loop import data_holdings
 
 
 def node_context(partitions: str, data_path=None) -> Context:
@@ -72,3 +76,28 @@ def test_virtual_nodes_of_one_process_build_the_recipes_data_once(tiny_recipe, t
     other = federation_for(on_files, node_context("1,2", tmp_path / "node"), list(FER2013_CLASSES))
     assert other is not own  # a node's own images are split over the partitions it holds
     assert other.data.clients[0].num_samples == 0 and own.data.clients[0].num_samples > 0
+
+
+def test_what_a_node_with_its_own_data_declares_bounds_its_replies(tiny_recipe, tmp_path, write_faces, loopback_grid):
+    for seed, folder in enumerate(("server", "node")):
+        write_faces(tmp_path / folder, count=60, seed=seed, size=28, channels=1)
+    cfg = load_recipe(tiny_recipe, ["data.source=folder", f"data.path={tmp_path / 'server'}", "data.partition.scheme=iid",
+                                    "federation.clients=3", "federation.clients_per_round=3"])
+    grid = loopback_grid(client_app, {7: {"partition-id": "0,2", "data-path": str(tmp_path / "node")},
+                                      8: {"partition-id": "1"}})  # node 8 rebuilds the recipe's partition
+    server = FlowerFederation.on_grid(cfg, grid)
+
+    on_node = data_holdings(federation_for(to_yaml(cfg), grid.contexts[7], list(server.data.class_names)).data)
+    own = data_holdings(server.data)
+    assert server.holdings == {0: on_node[0], 1: own[1], 2: on_node[2]}
+    assert on_node[0] != own[0] and on_node[0].examples + on_node[2].examples > own[0].examples + own[2].examples
+
+
+@pytest.mark.parametrize("answer", [{"partitions": [0], "kinds": ["labeled"]},
+                                    {"partitions": [0], "kinds": ["labeled"], "examples": [5], "test_samples": [],
+                                     "own_data": True},
+                                    {"partitions": [0], "kinds": ["labeled"], "examples": [5], "test_samples": [1],
+                                     "own_data": "yes"}])
+def test_a_malformed_answer_to_the_query_stops_the_run_naming_the_node(answer):
+    with pytest.raises(UserError, match=r"node 9: its answer to the server's query is malformed"):
+        node_answer(RecordDict({"run": ConfigRecord(answer)}), 9)

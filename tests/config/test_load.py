@@ -97,6 +97,7 @@ def test_required_value_left_out(tmp_path):
         ("data.channels=2", "data.channels"),
         ("federation.concurrency=parallel", "federation.concurrency"),
         ("federation.concurrent_clients=0", "federation.concurrent_clients"),
+        ("federation.max_update_ratio=0", "federation.max_update_ratio"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):

@@ -1,4 +1,5 @@
-"""Faulty clients: unusable updates are dropped, named and counted; too few stop the run."""
+"""Faulty and rogue clients: unusable updates and evaluation rows are dropped, named
+and counted; too few updates stop the run."""
 
 import logging
 
@@ -9,7 +10,7 @@ from fedssl.cli import main
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.algorithm import ALGORITHMS
-from fedssl.federation.faults import check_update
+from fedssl.federation.faults import Holding, accept_rows, check_row, check_update
 from fedssl.federation.fedavg import FedAvg
 from fedssl.federation.loop import Federation, run_federation
 from fedssl.federation.messages import Update
@@ -34,16 +35,107 @@ def test_check_update_accepts_a_dense_update_and_names_each_fault():
     assert "num_examples" in check_update(Update(7, dict(REFERENCE), -1), REFERENCE)
 
 
-def test_sparse_deltas_are_accepted_only_from_algorithms_that_send_them():
-    sparse = Update(7, {"w/index": torch.tensor([0, 5], dtype=torch.int32), "w/value": torch.tensor([0.1, 0.2])}, 5)
-    assert check_update(sparse, REFERENCE, dense=False) is None  # FedMatch: arrays left out are unchanged
-    assert "unexpected array 'w/index'" in check_update(sparse, REFERENCE, dense=True)
-    out_of_range = Update(7, {"w/index": torch.tensor([6]), "w/value": torch.tensor([0.1])}, 5)
-    assert "index out of range" in check_update(out_of_range, REFERENCE, dense=False)
-    half = Update(7, {"w/index": torch.tensor([1])}, 5)
-    assert "lacks its /value part" in check_update(half, REFERENCE, dense=False)
-    nan = Update(7, {"w/index": torch.tensor([1]), "w/value": torch.tensor([float("nan")])}, 5)
-    assert "non-finite values in 'w/value'" in check_update(nan, REFERENCE, dense=False)
+def test_an_array_of_another_dtype_is_refused_even_where_it_holds_the_same_values():
+    assert "array 'w' is float64, expected float32" in check_update(update(w=torch.zeros(2, 3, dtype=torch.float64)),
+                                                                   REFERENCE)
+    counter = update(**{"bn.num_batches_tracked": torch.tensor(0.0)})
+    assert "array 'bn.num_batches_tracked' is float32, expected int64" in check_update(counter, REFERENCE)
+
+
+def test_a_client_cannot_claim_more_examples_than_it_holds():
+    claims = lambda n: check_update(Update(7, dict(REFERENCE), n), REFERENCE, max_examples=40)
+    assert claims(40) is None and claims(0) is None  # a client that did not train reports 0
+    assert claims(10**9) == "num_examples 1000000000 exceeds the 40 examples the client holds"
+    assert "num_examples must be a count" in claims(True)
+
+
+@pytest.mark.parametrize("metrics, problem", [
+    ({"train_loss": float("inf")}, "metric 'train_loss' must be a finite number, got inf"),
+    ({"train_loss": [1.0]}, "metric 'train_loss' must be a finite number"),
+    ({"pl_seen": 4, "pl_masked": 5, "pl_correct": 1}, "pl_correct <= pl_masked <= pl_seen"),
+    ({"pl_seen": 4, "pl_masked": 2, "pl_correct": -1}, "pl_correct <= pl_masked <= pl_seen"),
+])
+def test_metrics_must_be_finite_and_pseudo_label_counts_consistent(metrics, problem):
+    assert problem in check_update(Update(7, dict(REFERENCE), 5, metrics), REFERENCE)
+    fine = {"train_loss": 0.5, "pl_seen": 4, "pl_masked": 2, "pl_correct": 1}
+    assert check_update(Update(7, dict(REFERENCE), 5, fine), REFERENCE) is None
+
+
+def test_an_update_too_far_from_what_it_was_sent_is_refused():
+    sent = {"w": torch.full((2, 3), 0.5), "b": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(3)}
+    # ||sent|| = sqrt(6 x 0.25) ~ 1.22 over the floating arrays; a move of d in every entry of w is sqrt(6) d away
+    moved = lambda d: Update(7, {"w": sent["w"] + d, "b": sent["b"], "bn.num_batches_tracked": torch.tensor(9)}, 5)
+    assert check_update(moved(0.49), sent, max_ratio=1.0) is None  # 1.20 <= 1 x 1.22
+    assert "it moved the weights by 1.47, more than federation.max_update_ratio=1 x 1.22" in check_update(
+        moved(0.6), sent, max_ratio=1.0)
+    huge = Update(7, {"w": sent["w"] * 1e30, "b": sent["b"], "bn.num_batches_tracked": torch.tensor(3)}, 5)
+    assert check_update(huge, sent) is None  # no bound unless one is given (the loop gives federation.max_update_ratio)
+    assert "it moved the weights by 1.22e+30, more than federation.max_update_ratio=1000" in check_update(
+        huge, sent, max_ratio=1000.0)
+    # below a weight norm of 1 the bound is the ratio itself: a model sent as zeros may still learn
+    zero = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    assert check_update(Update(7, {"w": torch.full((2, 3), 0.4), "b": zero["b"]}, 5), zero, max_ratio=1.0) is None
+    assert "by 1.22, more than" in check_update(Update(7, {"w": torch.full((2, 3), 0.5), "b": zero["b"]}, 5), zero,
+                                                max_ratio=1.0)
+
+
+def test_a_sparse_delta_is_bounded_by_the_norm_of_its_values():
+    sent = {"w": torch.ones(2, 3), "b": torch.zeros(3)}  # ||sent|| = sqrt(6) ~ 2.45
+    delta = lambda values: Update(7, {"w/index": torch.tensor([0, 4], dtype=torch.int32),
+                                      "w/value": torch.tensor(values)}, 5)
+    assert check_update(delta([1.5, 1.5]), sent, dense=False, max_ratio=1.0) is None  # 2.12 <= 2.45
+    assert "moved the weights by 3.54" in check_update(delta([2.5, 2.5]), sent, dense=False, max_ratio=1.0)
+    assert "moved the weights by 1e+30" in check_update(delta([1e30, 0.0]), sent, dense=False, max_ratio=1000.0)
+
+
+def test_a_sparse_delta_holds_increasing_integer_positions_and_values_of_the_arrays_dtype():
+    sparse = lambda index, value: check_update(Update(7, {"w/index": index, "w/value": value}, 5), REFERENCE, dense=False)
+    assert "value is float64, expected float32" in sparse(torch.tensor([0]), torch.tensor([0.1], dtype=torch.float64))
+    assert "index must be integer, got bool" in sparse(torch.tensor([True]), torch.tensor([0.1]))
+    assert "index must be strictly increasing" in sparse(torch.tensor([2, 2]), torch.tensor([0.1, 0.1]))
+    assert "index must be strictly increasing" in sparse(torch.tensor([3, 1]), torch.tensor([0.1, 0.1]))
+
+
+HOLDINGS = {0: Holding(examples=40, test_samples=10, kind="labeled"), 1: Holding(30, 0, "unlabeled"),
+            2: Holding(50, 12, "mixed")}
+
+
+def row(client=0, **values):
+    return {"client": client, "kind": HOLDINGS[client].kind, "test_samples": HOLDINGS[client].test_samples,
+            "acc": 0.5, "loss": 1.2, "personal_acc": 0.6, "personal_loss": 1.1} | values
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (row(2), "a row about client 2, which it was not asked to score"),
+    (row() | {"client": "0"}, "a row about client '0', which it was not asked to score"),
+    ({k: v for k, v in row().items() if k != "loss"}, "the row of client 0 lacks loss"),
+    (row(pixels=0.1), "the row of client 0 has unexpected keys pixels"),
+    (row(kind="mixed"), "the row of client 0 says kind 'mixed', the client is labeled"),
+    (row(test_samples=11), "the row of client 0 says test_samples 11, the client holds 10"),
+    (row(acc=1.5), "the row of client 0: acc must be in [0, 1], got 1.5"),
+    (row(personal_acc=float("nan")), "personal_acc must be in [0, 1], got nan"),
+    (row(loss=-0.1), "loss must be finite and >= 0, got -0.1"),
+    (row(personal_loss=float("inf")), "personal_loss must be finite and >= 0, got inf"),
+    (row(acc="1.0"), "acc must be a number, got '1.0'"),
+    (row(acc=True), "acc must be a number, got True"),
+])
+def test_an_evaluation_row_is_refused_unless_complete_in_range_and_about_a_client_asked(bad, problem):
+    assert check_row(row(), [0, 1], HOLDINGS) is None
+    assert problem in check_row(bad, [0, 1], HOLDINGS)
+
+
+def test_a_client_without_a_test_split_reports_nan_scores():
+    assert check_row(row(1, acc=float("nan"), loss=float("nan"), personal_acc=float("nan"), personal_loss=float("nan")),
+                     [1], HOLDINGS) is None
+
+
+def test_a_nodes_reply_keeps_its_good_rows_and_counts_every_other():
+    rows = [row(0), row(0, acc=0.9), row(2, acc=1.0), row(1, acc=2.0)]
+    good, problems = accept_rows(rows, [0, 1, 3], {**HOLDINGS, 3: Holding(5, 5, "labeled")})
+    assert good == [row(0)]
+    assert problems == ["a second row about client 0", "a row about client 2, which it was not asked to score",
+                        "the row of client 1: acc must be in [0, 1], got 2.0",
+                        "no row about client 3, which it was asked to score"]
 
 
 # -- a FedAvg whose chosen clients misbehave -----------------------------------------------------
@@ -76,6 +168,10 @@ class FaultyLearner(SupervisedLearner):
             out["fc.bias"] = out["fc.bias"][:-1]
         elif self.fault == "name":
             out["fc.bias_v2"] = out.pop("fc.bias")
+        elif self.fault == "huge":  # finite, but the mean of it and any honest update is ~1e29
+            out = {name: value * 1e30 for name, value in out.items()}
+        elif self.fault == "float64":
+            out["fc.bias"] = out["fc.bias"].double()
         return out
 
 
@@ -97,17 +193,18 @@ def register(monkeypatch):
 
 ALL_SAMPLED = ["algorithm.name=faulty", "federation.clients_per_round=6"]
 EXPECTED = {"raise": "it raised ValueError: disk on fire", "nan": "non-finite values in 'fc.bias'",
-            "shape": "array 'fc.bias' has shape (6,), expected (7,)", "name": "unexpected array 'fc.bias_v2' (not among the 8 arrays sent)"}
+            "shape": "array 'fc.bias' has shape (6,), expected (7,)", "name": "unexpected array 'fc.bias_v2' (not among the 8 arrays sent)",
+            "huge": "it moved the weights by 1.", "float64": "array 'fc.bias' is float64, expected float32"}
 
 
-@pytest.mark.parametrize("fault", ["raise", "nan", "shape", "name"])
+@pytest.mark.parametrize("fault", ["raise", "nan", "shape", "name", "huge", "float64"])
 def test_a_faulty_update_is_dropped_named_and_counted(tiny_recipe, tmp_path, register, caplog, fault):
     register("faulty", faulty_fedavg(fault))
     cfg = load_recipe(tiny_recipe, [*ALL_SAMPLED, "federation.rounds=2"])
     with caplog.at_level(logging.WARNING, logger="fedssl.federation.loop"):
         summary = run_federation(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert f"round 1: dropped the update of client 5: {EXPECTED[fault]}" in warnings
+    assert any(w.startswith(f"round 1: dropped the update of client 5: {EXPECTED[fault]}") for w in warnings), warnings
     rounds = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["dropped_clients"] for m in rounds] == [1, 1] and [m["clients"] for m in rounds] == [5, 5]
     assert summary["dropped_clients"] == 2

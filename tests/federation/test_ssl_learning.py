@@ -370,7 +370,7 @@ def test_one_local_epoch_pseudo_labels_every_unlabeled_sample_once(tiny_recipe):
     ("fixmatch", MIXED_CLIENTS),
     ("semifl", [*UNLABELED_ONLY, "algorithm.ssl.server_steps=2"]),
 ])
-def test_bytes_per_round_are_clients_times_the_shared_weights(tiny_recipe, tmp_path, algorithm, extra):
+def test_bytes_per_round_are_messages_times_the_shared_weights(tiny_recipe, tmp_path, algorithm, extra):
     cfg = load_recipe(tiny_recipe, [*SMALL, f"algorithm.name={algorithm}", *extra, "federation.rounds=2"])
     federation = Federation.build(cfg)
     weights = federation.model.state_dict()
@@ -381,7 +381,11 @@ def test_bytes_per_round_are_clients_times_the_shared_weights(tiny_recipe, tmp_p
     _, metrics = federation.fit_round(1, federation.initial_state())
     assert metrics["bytes_down"] == metrics["bytes_up"] == clients * per_client
     summary = run_federation(cfg, tmp_path / "run")
-    assert summary["bytes_down"] == summary["bytes_up"] == 2 * clients * per_client
+    # every round trains `clients` and evaluates all of them, each as on a node of its own:
+    # one more message down per client, the global weights; its reply holds scalars only
+    evaluated = cfg.federation.clients
+    assert summary["bytes_up"] == 2 * clients * per_client
+    assert summary["bytes_down"] == 2 * (clients + evaluated) * per_client
 
 
 MIXED_POPULATION = [*SMALL, "algorithm.name=fixmatch", "data.labels.mode=mixed", "data.labels.labeled_clients=0.5",

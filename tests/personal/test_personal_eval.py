@@ -85,6 +85,6 @@ def test_meta_learners_are_scored_after_adapting_on_their_training_data(tiny_rec
     federation = Federation.build(cfg)
     state = federation.initial_state()
     client = federation.local_client(0)
-    adapted = federation.algorithm.personal_weights(state, client)
+    adapted = federation.algorithm.personal_weights(state.params, client)
     assert not torch.equal(adapted["fc.weight"], state.params["fc.weight"])
-    assert torch.equal(federation.algorithm.personal_weights(state, client)["fc.weight"], adapted["fc.weight"])
+    assert torch.equal(federation.algorithm.personal_weights(state.params, client)["fc.weight"], adapted["fc.weight"])

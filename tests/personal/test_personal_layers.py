@@ -157,8 +157,7 @@ def test_ditto_update_and_personal_model_match_two_hand_computed_sgd_steps(tiny_
     torch.testing.assert_close(kept["personal/weight"], v)
     torch.testing.assert_close(kept["personal/bias"], c)
     # the personal model is what the client's personalized evaluation uses
-    personal = algorithm.personal_weights(algorithm.init_server_state({"weight": w, "bias": b}),
-                                          LocalClient(0, kept))
+    personal = algorithm.personal_weights({"weight": w, "bias": b}, LocalClient(0, kept))
     torch.testing.assert_close(personal["weight"], v)
 
 

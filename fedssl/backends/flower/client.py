@@ -1,13 +1,14 @@
 """The ClientApp: one client's round on a SuperNode.
 
-It answers three messages: `query`, which partitions this node holds (the server
-maps fedssl's client ids to Flower node ids with it; the node builds its data then,
-so that a node whose data does not fit the recipe stops the run at once); `train`, one local fit from
-the payload, through the same `Federation.fit_client` as the in-process loop; and
-`evaluate`, the global and the personalized model on each of its clients' local
-test splits, through the loop's `Federation.score_clients`. Clients' data and
-personal state never leave the node. The server checks every update (it trusts no
-client).
+It answers three messages: `query`, which partitions this node holds and what
+they hold (the server maps fedssl's client ids to Flower node ids with it; the node
+builds its data then, so that a node whose data does not fit the recipe stops the
+run at once); `train`, one local fit from the payload, through the same
+`Federation.fit_client` as the in-process loop; and `evaluate`, the global model
+it is sent and each client's personalized model (built from the global weights
+and the client's own state) on each of its clients' local test splits, through the
+loop's `Federation.score_clients`. Clients' data and personal state never leave
+the node. The server checks every reply (it trusts no node).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssl.backends.flower.codec import decode_evaluate, decode_payload, encode_rows, encode_update
-from fedssl.backends.flower.node import commit_state, federation_for, hold_state, load_state, node_partitions
-from fedssl.federation.aggregate import ServerState
-from fedssl.federation.loop import Federation
-from fedssl.federation.metrics import client_kind
+from fedssl.backends.flower.node import (DATA_PATH_KEY, commit_state, federation_for, hold_state, load_state,
+                                        node_partitions)
+from fedssl.federation.loop import Federation, data_holdings
 
 RUN = "run"  # the ConfigRecord that carries the resolved recipe and the server's class names
 # The ConfigRecord naming a train message's draw (a round is redrawn after too few
@@ -31,9 +31,16 @@ app = ClientApp()
 
 @app.query()
 def partitions(message: Message, context: Context) -> Message:
+    """The partitions this node holds, their kind (labeled, unlabeled or mixed),
+    and, for the server to bound this node's replies with, how many training
+    examples and local test samples each holds (`own_data`: read from the node's
+    data-path; otherwise the recipe's partition, which the server knows itself)."""
     federation, held = run_federation_for(message.content, context), node_partitions(context)
-    kinds = [client_kind(federation.data.clients[c]) for c in held]  # labeled, unlabeled or mixed
-    return Message(RecordDict({RUN: ConfigRecord({"partitions": held, "kinds": kinds})}), reply_to=message)
+    holdings = data_holdings(federation.data)
+    answer = {"partitions": held, "kinds": [holdings[c].kind for c in held],
+              "examples": [holdings[c].examples for c in held], "test_samples": [holdings[c].test_samples for c in held],
+              "own_data": context.node_config.get(DATA_PATH_KEY) is not None}
+    return Message(RecordDict({RUN: ConfigRecord(answer)}), reply_to=message)
 
 
 @app.train()
@@ -57,13 +64,13 @@ def train_client(content: RecordDict, context: Context) -> RecordDict:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    params, client_ids = decode_evaluate(message.content)
+    weights, client_ids = decode_evaluate(message.content)
     check_held(context, client_ids)
     federation = run_federation_for(message.content, context)
     for client_id, accepted in zip(client_ids, message.content.config_records[DRAW]["accepted"], strict=True):
         commit_state(context, client_id, str(accepted))
         federation.store.put(client_id, load_state(context, client_id))
-    return Message(encode_rows(federation.score_clients(ServerState(params), client_ids)), reply_to=message)
+    return Message(encode_rows(federation.score_clients(weights, client_ids)), reply_to=message)
 
 
 def check_held(context: Context, client_ids: list[int]) -> None:

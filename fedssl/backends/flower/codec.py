@@ -3,7 +3,9 @@
 Exactly the fields of `fedssl.federation.messages` cross the wire: arrays by name
 (ArrayRecord), scalars (ConfigRecord) and metrics (MetricRecord). Anything else
 is refused here, so that a learner cannot leak images or per-sample values by
-putting them in a message.
+putting them in a message. What a node sends back is untrusted: decoding a reply
+that lacks a record or holds a value of the wrong type raises `MalformedMessage`,
+which the server turns into a dropped reply (`faults` checks the decoded values).
 """
 
 from __future__ import annotations
@@ -23,6 +25,25 @@ class CodecError(TypeError):
     """A message field that is not an array or a scalar (a bug in an algorithm)."""
 
 
+class MalformedMessage(ValueError):
+    """A received message that does not hold what its kind must (a faulty or rogue sender)."""
+
+
+def record(records: Any, key: str) -> Any:
+    """`records[key]` (one kind of record of a RecordDict), or MalformedMessage."""
+    try:
+        return records[key]
+    except KeyError:
+        raise MalformedMessage(f"it lacks the {key!r} record") from None
+
+
+def integer(values: Any, key: str) -> int:
+    value = values.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedMessage(f"{key} must be an integer, got {value!r}")
+    return value
+
+
 def encode_arrays(arrays: Arrays, what: str) -> ArrayRecord:
     record = ArrayRecord()
     for name, value in arrays.items():
@@ -36,8 +57,14 @@ def encode_arrays(arrays: Arrays, what: str) -> ArrayRecord:
 
 
 def decode_arrays(record: ArrayRecord) -> Arrays:
-    # copy: numpy views of received bytes are read-only, torch wants writable memory
-    return {name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()}
+    arrays = {}
+    for name, array in record.items():
+        try:  # numpy bytes from the wire: np.load without pickles, then a dtype torch must know
+            # copy: numpy views of received bytes are read-only, torch wants writable memory
+            arrays[name] = torch.from_numpy(np.array(array.numpy(), copy=True))
+        except Exception as error:
+            raise MalformedMessage(f"array {name!r} cannot be read: {type(error).__name__}: {error}") from None
+    return arrays
 
 
 def check_scalars(values: dict[str, Any], what: str, allowed: tuple[type, ...]) -> dict[str, Any]:
@@ -80,16 +107,19 @@ def encode_update(update: Update) -> RecordDict:
 
 
 def decode_update(content: RecordDict) -> Update:
-    meta = content.config_records[META]
-    return Update(client_id=int(meta["client_id"]), arrays=decode_arrays(content.array_records[ARRAYS]),
-                  num_examples=int(meta["num_examples"]), metrics=dict(content.metric_records[METRICS]))
+    """A node's update, as it sent it (MalformedMessage if it lacks a field or a
+    field has the wrong type; `faults.check_update` judges the values)."""
+    meta = record(content.config_records, META)
+    return Update(client_id=integer(meta, "client_id"), arrays=decode_arrays(record(content.array_records, ARRAYS)),
+                  num_examples=integer(meta, "num_examples"), metrics=dict(record(content.metric_records, METRICS)))
 
 
-def encode_evaluate(params: Arrays, client_ids: list[int]) -> RecordDict:
-    """What a node needs to score its clients: the global model's shared arrays
-    (the server state's `params`) and which of its clients to score."""
+def encode_evaluate(weights: Arrays, client_ids: list[int]) -> RecordDict:
+    """What a node needs to score its clients: the global model's weights (the
+    algorithm's `global_weights`, never the server's state) and which of its
+    clients to score."""
     return RecordDict({
-        ARRAYS: encode_arrays(params, "server_state.params"),
+        ARRAYS: encode_arrays(weights, "global_weights"),
         META: ConfigRecord({"clients": [int(c) for c in client_ids]}),
     })
 
@@ -105,4 +135,7 @@ def encode_rows(rows: list[dict[str, Any]]) -> RecordDict:
 
 
 def decode_rows(content: RecordDict) -> list[dict[str, Any]]:
-    return [dict(record) for record in content.config_records.values()]
+    """A node's evaluation rows, as it sent them (`faults.check_row` judges them)."""
+    if content.array_records or content.metric_records:
+        raise MalformedMessage("an evaluation reply holds rows of scalars only, and it holds arrays or metrics")
+    return [dict(row) for row in content.config_records.values()]

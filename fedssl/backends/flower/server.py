@@ -3,12 +3,16 @@
 `FlowerFederation` is the loop's `Federation` with two methods replaced: a round's
 sampled clients are trained by sending each its payload as a Flower message and
 receiving its update (`fit_clients`), and clients are scored on their own local
-test splits by the nodes that hold them (`score_clients`). Every message also tells
-the node which of its clients' updates the server used (`collect` notes them), so
-that nodes keep only what their clients learned with those. Sampling, the fault
-checks, retries, aggregation, central DP, evaluation, checkpoints and logging
-(metrics.jsonl, summary.json, W&B) are the loop's own `run_federation`, run on the
-server.
+test splits by the nodes that hold them (`evaluate_clients`). A node receives only
+what its clients need: a train message carries the client's payload, an evaluate
+message the global model's weights (`Algorithm.global_weights`), never the server's
+state or another client's arrays. Every message also tells the node which of its
+clients' updates the server used (`collect` notes them), so that nodes keep only
+what their clients learned with those. Nothing a node sends back is trusted: a
+malformed or implausible update or evaluation row is dropped with a warning and
+counted (`fedssl.federation.faults`). Sampling, the fault checks, retries,
+aggregation, central DP, evaluation, checkpoints and logging (metrics.jsonl,
+summary.json, W&B) are the loop's own `run_federation`, run on the server.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.backends.flower.client import DRAW, RUN
-from fedssl.backends.flower.codec import decode_rows, decode_update, encode_evaluate, encode_payload
+from fedssl.backends.flower.codec import MalformedMessage, decode_rows, decode_update, encode_evaluate, encode_payload
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.federation.aggregate import ServerState
 from fedssl.federation.algorithm import build_algorithm
-from fedssl.federation.faults import check_update
-from fedssl.federation.loop import Collected, Federation, run_federation
-from fedssl.federation.messages import Payload, Update
+from fedssl.federation.faults import Holding, accept_rows
+from fedssl.federation.loop import Collected, Federation, Scored, data_holdings, run_federation
+from fedssl.federation.messages import Arrays, Payload, Update, array_bytes
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,8 @@ class FlowerFederation(Federation):
 
     grid: Grid | None = None
     nodes: dict[int, int] = field(default_factory=dict)  # fedssl client id -> Flower node id
-    node_kinds: dict[int, str] = field(default_factory=dict)  # client id -> kind, as its node's data says
+    # client id -> what it holds: the server's own partition, or what a node with its own data declared
+    node_holdings: dict[int, Holding] = field(default_factory=dict)
     recipe_yaml: str = ""
     draws: int = 0  # rounds drawn so far, retries included: the current draw's number
     accepted: dict[int, str] = field(default_factory=dict)  # client id -> draw of its last accepted update
@@ -55,12 +60,14 @@ class FlowerFederation(Federation):
     def on_grid(cls, cfg: RecipeConfig, grid: Grid) -> FlowerFederation:
         federation = cls.build(cfg)
         federation.grid, federation.recipe_yaml = grid, to_yaml(cfg)
-        federation.nodes, federation.node_kinds = discover_nodes(grid, cfg, federation.run_record())
+        federation.nodes, declared = discover_nodes(grid, cfg, federation.run_record())
+        own = data_holdings(federation.data)  # the recipe's partition, which nodes without data-path rebuild
+        federation.node_holdings = {c: declared[c] or own[c] for c in federation.nodes}
         return federation
 
     @property
-    def kinds(self) -> dict[int, str]:
-        return self.node_kinds
+    def holdings(self) -> dict[int, Holding]:
+        return self.node_holdings
 
     def run_record(self) -> ConfigRecord:
         """What every node needs to build its part of the run."""
@@ -107,33 +114,49 @@ class FlowerFederation(Federation):
             return error, {}, f"it did not answer within federation.flower.round_timeout={timeout:g}s"
         if reply.has_error():
             return RuntimeError(error_line(reply)), {}, f"its node replied with an error: {error_line(reply)}"
-        update = decode_update(reply.content)
+        try:
+            update = decode_update(reply.content)
+        except MalformedMessage as error:
+            return error, {}, f"its node sent a malformed reply: {error}"
         if update.client_id != client_id:
             return update, {}, f"its node answered for client {update.client_id}"
-        return update, {}, check_update(update, payload.arrays, dense=self.algorithm.dense_updates)
+        return update, {}, self.check(client_id, update, payload)
 
-    def score_clients(self, state: ServerState, client_ids: list[int]) -> list[dict[str, Any]]:
+    def evaluate_clients(self, weights: Arrays, client_ids: list[int]) -> Scored:
         """Ask each node to score its clients (global and personalized model, on
-        their local test splits: data and personal state stay on the node). A node
-        that errs or stays silent past round_timeout is left out of this evaluation,
-        with a warning naming its clients."""
+        their local test splits: data and personal state stay on the node), sending
+        it the global `weights` and which clients to score. A row that fails
+        `faults.check_row` (or a node that errs, stays silent past round_timeout or
+        sends a malformed reply) is left out of this evaluation with a warning, and
+        counted as dropped."""
         by_node: dict[int, list[int]] = {}
         for client_id in client_ids:
             by_node.setdefault(self.nodes[client_id], []).append(client_id)
         messages = {}
         for node, held in by_node.items():
-            content = encode_evaluate(state.params, held)
+            content = encode_evaluate(weights, held)
             content[RUN] = self.run_record()
             content[DRAW] = ConfigRecord({"accepted": [self.accepted.get(c, "") for c in held]})
             messages[node] = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
-        rows = []
+        rows, dropped = [], 0
         for node, reply in self.exchange(messages).items():
-            if reply is None or reply.has_error():
-                why = "it did not answer within federation.flower.round_timeout" if reply is None else error_line(reply)
-                log.warning("evaluation: node %d (clients %s) left out: %s", node, by_node[node], why)
+            held = by_node[node]
+            try:
+                if reply is None:
+                    raise TimeoutError("it did not answer within federation.flower.round_timeout")
+                if reply.has_error():
+                    raise RuntimeError(error_line(reply))
+                received = decode_rows(reply.content)
+            except (TimeoutError, RuntimeError, MalformedMessage) as error:
+                log.warning("evaluation: node %d (clients %s) left out: %s", node, held, error)
+                dropped += len(held)
                 continue
-            rows.extend(decode_rows(reply.content))
-        return sorted(rows, key=lambda row: row["client"])
+            good, problems = accept_rows(received, held, self.holdings)
+            for problem in problems:
+                log.warning("evaluation: dropped from node %d (clients %s): %s", node, held, problem)
+            rows, dropped = rows + good, dropped + len(problems)
+        return Scored(sorted(rows, key=lambda row: row["client"]), bytes_down=len(messages) * array_bytes(weights),
+                      dropped=dropped)
 
 
 def error_line(reply: Message) -> str:
@@ -142,14 +165,17 @@ def error_line(reply: Message) -> str:
     return lines[-1] if lines else f"error code {reply.error.code}"
 
 
-def discover_nodes(grid: Grid, cfg: RecipeConfig, run: ConfigRecord) -> tuple[dict[int, int], dict[int, str]]:
-    """Ask every connected node which partitions it holds and of what kind their
-    data is (sending it the `run` record to build that data with), until every
-    client id of the recipe has a node, or raise after federation.flower.connect_timeout.
-    Returns the node and the kind of every client id."""
+def discover_nodes(grid: Grid, cfg: RecipeConfig, run: ConfigRecord) -> tuple[dict[int, int], dict[int, Holding | None]]:
+    """Ask every connected node which partitions it holds and what their data is
+    (sending it the `run` record to build that data with), until every client id of
+    the recipe has a node, or raise after federation.flower.connect_timeout.
+    Returns the node of every client id, and what a node with its own data
+    (`data-path`) declares the client holds (None where the node rebuilds the
+    recipe's partition, which the server knows itself). Such a declaration is the
+    node's word: it bounds the node's later replies, but nothing verifies it."""
     wanted, timeout = set(range(cfg.federation.clients)), cfg.federation.flower.connect_timeout
     nodes: dict[int, int] = {}
-    kinds: dict[int, str] = {}
+    declared: dict[int, Holding | None] = {}
     asked: set[int] = set()
     deadline = time.monotonic() + timeout
     while True:
@@ -157,22 +183,40 @@ def discover_nodes(grid: Grid, cfg: RecipeConfig, run: ConfigRecord) -> tuple[di
         if new:
             queries = [Message(RecordDict({RUN: run}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
             for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
+                node = reply.metadata.src_node_id
                 if reply.has_error():
-                    raise UserError(f"node {reply.metadata.src_node_id}: {error_line(reply)}")
-                answer = reply.content.config_records[RUN]
-                for partition, kind in zip(answer["partitions"], answer["kinds"]):
+                    raise UserError(f"node {node}: {error_line(reply)}")
+                for partition, holding in node_answer(reply.content, node).items():
                     if partition in nodes:
                         raise UserError(f"node config: partition-id {partition} is held by two nodes "
-                                        f"({nodes[partition]} and {reply.metadata.src_node_id})")
-                    nodes[int(partition)], kinds[int(partition)] = reply.metadata.src_node_id, str(kind)
+                                        f"({nodes[partition]} and {node})")
+                    nodes[partition], declared[partition] = node, holding
             asked.update(new)
         if wanted <= set(nodes):
-            return {c: nodes[c] for c in sorted(wanted)}, {c: kinds[c] for c in sorted(wanted)}
+            return {c: nodes[c] for c in sorted(wanted)}, {c: declared[c] for c in sorted(wanted)}
         if time.monotonic() > deadline:
             missing = sorted(wanted - set(nodes))
             raise UserError(f"federation.flower.connect_timeout: after {timeout:g}s no connected node holds "
                             f"partition-id {', '.join(map(str, missing))} (federation.clients={cfg.federation.clients})")
         time.sleep(POLL_SECONDS)
+
+
+def node_answer(content: RecordDict, node: int) -> dict[int, Holding | None]:
+    """A node's answer to the query: per partition it holds, what it declares the
+    partition holds where it brings its own data, None where it rebuilds the
+    recipe's. A malformed answer stops the run here, before any round, naming the node."""
+    try:
+        answer = content.config_records[RUN]
+        lists = [list(answer[key]) for key in ("partitions", "kinds", "examples", "test_samples")]
+        own = answer["own_data"]
+        if len({len(values) for values in lists}) != 1 or not isinstance(own, bool):
+            raise ValueError("its lists differ in length or own_data is not a bool")
+        partitions, kinds, examples, tests = lists
+        return {int(p): Holding(int(e), int(t), str(k)) if own else None
+                for p, k, e, t in zip(partitions, kinds, examples, tests, strict=True)}
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"node {node}: its answer to the server's query is malformed ({type(error).__name__}: "
+                        f"{error}); is it running the same fedssl version as the server?") from None
 
 
 def check_resumable(cfg: RecipeConfig, resume: bool) -> None:

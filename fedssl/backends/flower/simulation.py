@@ -13,16 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedssl.backends.flower.client import app as client_app
+from fedssl.backends.flower.client import app as fedssl_client_app
 from fedssl.backends.flower.server import check_resumable, serve
 from fedssl.config.schema import RecipeConfig
 
 
-def simulate(cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Run the federation on Flower's simulation engine; returns its summary."""
+def simulate(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
+             client_app: ClientApp = fedssl_client_app) -> dict[str, Any]:
+    """Run the federation on Flower's simulation engine; returns its summary. The
+    virtual nodes run `client_app` (fedssl's own; tests pass one that misbehaves)."""
     check_resumable(cfg, resume)  # before the engine starts: a refusal takes a second, not Ray's start-up
     result: dict[str, Any] = {}
     server_app = ServerApp()
