@@ -10,6 +10,7 @@ from fedssl.cli import main
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.algorithm import ALGORITHMS
+from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.faults import Holding, accept_rows, check_row, check_update
 from fedssl.federation.fedavg import FedAvg
 from fedssl.federation.loop import Federation, run_federation
@@ -208,7 +209,7 @@ def test_a_faulty_update_is_dropped_named_and_counted(tiny_recipe, tmp_path, reg
     rounds = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["dropped_clients"] for m in rounds] == [1, 1] and [m["clients"] for m in rounds] == [5, 5]
     assert summary["dropped_clients"] == 2
-    params = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["server_state"]["params"]
+    params = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["server_state"]["params"]
     assert set(params) == set(Federation.build(load_recipe(tiny_recipe)).initial_state().params)
     assert all(bool(torch.isfinite(v).all()) for v in params.values() if v.is_floating_point())
 
