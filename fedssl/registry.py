@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from importlib.metadata import entry_points
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -26,10 +28,12 @@ def did_you_mean(name: str, candidates: list[str]) -> str:
 class Registry(Generic[T]):
     """A mapping from names to objects; registering a name twice raises.
 
-    Other packages add entries through the Python entry point group `entry_points`
-    (e.g. `[project.entry-points."fedssl.thresholds"] mine = "my_pkg.thresholds"`):
-    each is imported when a name is not found or the names are listed, and
-    registers its entries with the same decorator.
+    Entries register themselves when their module is imported. The registry imports
+    them itself, so that no list of modules is kept by hand: every module of the
+    `packages` it is given (fedssl's own, e.g. `fedssl.algorithms`), and the modules
+    other packages declare in the Python entry point group `entry_points` (e.g.
+    `[project.entry-points."fedssl.algorithms"] mine = "my_pkg.my_algorithm"`),
+    when a name is not found or the names are listed.
 
     Example:
         ALGORITHMS = Registry("algorithm")
@@ -38,11 +42,12 @@ class Registry(Generic[T]):
         def fedavg(...): ...
     """
 
-    def __init__(self, kind: str, entry_points: str | None = None):
+    def __init__(self, kind: str, entry_points: str | None = None, packages: tuple[str, ...] = ()):
         self.kind = kind
         self.group = entry_points
+        self.packages = packages
         self._entries: dict[str, T] = {}
-        self._loaded: set[str] = set()  # entry points imported so far
+        self._loaded: set[str] = set()  # packages scanned and entry points imported so far
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -54,8 +59,13 @@ class Registry(Generic[T]):
         return decorator
 
     def load_plugins(self) -> None:
-        """Import the modules other packages declare in this registry's entry point
-        group, those not imported yet."""
+        """Import the modules that register entries and were not imported yet: those of
+        `packages`, and those other packages declare in the entry point group."""
+        for package in self.packages:
+            if package not in self._loaded:
+                self._loaded.add(package)
+                for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+                    importlib.import_module(f"{package}.{module.name}")
         if self.group is None:
             return
         for point in entry_points(group=self.group):

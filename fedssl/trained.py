@@ -19,7 +19,7 @@ from torch import nn
 from fedssl.config.load import merge_config
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState
+from fedssl.algorithms.aggregate import ServerState
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.launch import CHECKPOINT
 from fedssl.models.factory import build_model
@@ -79,7 +79,7 @@ def load_trained(path: str | Path) -> TrainedModel:
             more than data), or weights that do not fit the model the recipe
             describes (the message says which tensor and which shapes).
     """
-    from fedssl.federation.algorithm import build_algorithm
+    from fedssl.algorithms.base import build_algorithm
 
     file = checkpoint_path(path)
     checkpoint = load_checkpoint(file)

@@ -21,15 +21,23 @@ FIELD_LINE = re.compile(r"^\s+(\w+): [^=]+= (.+?)\s+#\s*(.*)$")
 
 
 def field_comments(cls: type) -> dict[str, str]:
+    """The comment beside each field, read from the source of `cls` and its bases (the
+    schema's `algorithm` section is assembled at run time and has no source of its own)."""
     comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = FIELD_LINE.match(line)
-        if match:
-            comments[match.group(1)] = match.group(3)
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            match = FIELD_LINE.match(line)
+            if match:
+                comments[match.group(1)] = match.group(3)
     return comments
 
 
-def rows(cls: type = schema.RecipeConfig, prefix: str = ""):
+def rows(cls: type | None = None, prefix: str = ""):
+    cls = cls or schema.recipe_schema()
     comments = field_comments(cls)
     instance = cls()
     for f in dataclasses.fields(cls):

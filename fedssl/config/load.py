@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fedssl.config.schema import RecipeConfig
+from fedssl.config.schema import recipe_schema, RecipeConfig
 from fedssl.config.validate import validate
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
@@ -84,7 +84,7 @@ def merge_config(layers: Sequence[Any], source: str | Sequence[str] = "overrides
     required with `???`; a later layer must then give it.
     """
     sources = [source] * len(layers) if isinstance(source, str) else list(source)
-    merged = OmegaConf.structured(RecipeConfig)
+    merged = OmegaConf.structured(recipe_schema())
     required: set[str] = set()
     for layer, source in zip(layers, sources, strict=True):
         layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
@@ -117,8 +117,9 @@ def leaf_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def all_keys(schema: type = RecipeConfig, prefix: str = "") -> list[str]:
+def all_keys(schema: type | None = None, prefix: str = "") -> list[str]:
     """Every dotted key of the schema, leaves and sections alike."""
+    schema = schema or recipe_schema()
     keys = []
     for f in fields(schema):
         key = f"{prefix}{f.name}"

@@ -1,14 +1,29 @@
 """The typed recipe schema: one dataclass per component.
 
-A recipe YAML is merged onto `RecipeConfig` (OmegaConf structured config), so an
+A recipe YAML is merged onto `recipe_schema()` (OmegaConf structured config), so an
 unknown key or a wrong type is caught before anything runs. Every field's comment
-is its documentation; README's recipe reference is generated from the same words.
+is its documentation; the recipe reference is generated from the same words.
+
+An algorithm's own keys live beside it: its module registers a dataclass in
+`ALGORITHM_SECTIONS` (e.g. `algorithm.fedmatch` in fedssl/algorithms/fedmatch.py),
+and `recipe_schema()` adds every registered section under `algorithm`. A section
+may define `check(self, cfg)`, which validation calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Optional
+
+from fedssl.registry import Registry
+
+# Sections of `algorithm:` declared by algorithm modules: fedssl's own (every module
+# of fedssl.algorithms) and those other packages declare in the `fedssl.algorithms`
+# entry point group. The modules are imported when the schema is first built.
+ALGORITHM_SECTIONS: Registry[type] = Registry("algorithm section", entry_points="fedssl.algorithms",
+                                              packages=("fedssl.algorithms",))
 
 
 @dataclass
@@ -74,43 +89,14 @@ class SSLConfig:
 
 
 @dataclass
-class FedMatchConfig:
-    lambda_s: float = 10.0  # weight of the labeled loss on sigma
-    lambda_iccs: float = 1e-2  # weight of the inter-client consistency (KL to helpers)
-    lambda_l1: float = 1e-4  # L1 sparsity of psi (the paper uses 1e-5 with labels at the server)
-    lambda_l2: float = 10.0  # L2 tie of psi to the frozen sigma
-    tau: float = 0.85  # confidence threshold of agreement-based pseudo-labels
-    helpers: int = 2  # H: nearest client models sent as helpers
-    helper_every: int = 10  # h: rounds between helper refreshes
-    sparsity: float = 1e-5  # delta entries with |value| below this are not sent
-
-
-@dataclass
-class PersonalConfig:
-    patterns: list[str] = field(default_factory=list)  # fedper/fedrep/fedbn: fnmatch patterns of the state_dict arrays that stay on the client (default: fedper/fedrep the classifier, fedbn the normalization layers)
-    head_epochs: int = 1  # fedrep: epochs training the head (body frozen) before train.local_epochs training the body (head frozen)
-    lam: float = 0.1  # ditto: lambda, the pull of each client's personal model toward the global one
-    ssl: bool = False  # fedper/fedrep/fedbn/ditto: clients also learn from unlabeled data with FixMatch (algorithm.ssl)
-
-
-@dataclass
-class MetaConfig:
-    variant: str = "fo"  # perfedavg: fo (first-order) | hf (Hessian-free, finite-difference Hessian-vector product)
-    inner_lr: float = 0.01  # perfedavg: alpha, the inner (adaptation) step size; train.lr is the outer step beta
-    hf_delta: float = 0.001  # perfedavg hf: delta of the finite-difference Hessian-vector product
-    adapt_steps: int = 1  # perfedavg/reptile: SGD steps on a client's labeled data that adapt the global model before its personal evaluation
-
-
-@dataclass
 class AlgorithmConfig:
-    name: str = "fedavg"  # the registered algorithm: fedavg | fedprox | fixmatch | fedmatch | semifl | fedper | fedrep | fedbn | ditto | perfedavg | reptile
+    name: str = "fedavg"  # the registered algorithm: fedavg | fedprox | fixmatch | fedmatch | semifl | fedper | fedrep | fedbn | ditto | perfedavg | reptile | any algorithm another package registers
     proximal_mu: float = 0.0  # FedProx proximal term weight (mu); 0 disables it
     server_lr: float = 1.0  # server learning rate applied to the averaged update
     server_momentum: float = 0.0  # FedAvgM server momentum (beta); 0 is plain FedAvg
     ssl: SSLConfig = field(default_factory=SSLConfig)
-    fedmatch: FedMatchConfig = field(default_factory=FedMatchConfig)
-    personal: PersonalConfig = field(default_factory=PersonalConfig)
-    meta: MetaConfig = field(default_factory=MetaConfig)
+    # + one section per algorithm module that declares one (`ALGORITHM_SECTIONS`):
+    # algorithm.fedmatch, algorithm.personal, algorithm.meta, ... (see `recipe_schema`)
 
 
 @dataclass
@@ -186,3 +172,16 @@ class RecipeConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def recipe_schema() -> type[RecipeConfig]:
+    """`RecipeConfig` with every registered algorithm section under `algorithm`."""
+    return _schema(tuple((name, ALGORITHM_SECTIONS.get(name)) for name in ALGORITHM_SECTIONS.names()))
+
+
+@lru_cache(maxsize=None)
+def _schema(sections: tuple[tuple[str, type], ...]) -> type[RecipeConfig]:
+    algorithm = dataclasses.make_dataclass(
+        "AlgorithmConfig", [(name, cls, field(default_factory=cls)) for name, cls in sections], bases=(AlgorithmConfig,))
+    return dataclasses.make_dataclass(
+        "RecipeConfig", [("algorithm", algorithm, field(default_factory=algorithm))], bases=(RecipeConfig,))

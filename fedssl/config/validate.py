@@ -9,7 +9,7 @@ from fedssl.data.federated import LABEL_MODES
 from fedssl.data.partition import SCHEMES
 from fedssl.data.sources import SOURCE_MODULES
 from fedssl.errors import UserError
-from fedssl.federation.sampling import clients_per_round
+from fedssl.sampling import clients_per_round
 from fedssl.registry import did_you_mean
 from fedssl.ssl.thresholds import THRESHOLDS
 
@@ -17,15 +17,11 @@ AUGMENTATIONS = ("none", "weak", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("inprocess", "flower")
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")  # fedssl.federation.robust
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")  # fedssl.algorithms.robust
 PRIVACY_MECHANISMS = ("none", "central")
 ACCOUNTANTS = ("rdp", "pld")  # fedssl.privacy.accountant
 DEVICES = ("cpu", "cuda", "auto")
 CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.federation.concurrent
-META_VARIANTS = ("fo", "hf")
-# Algorithms that read algorithm.personal.patterns and algorithm.personal.ssl.
-PERSONAL_PATTERN_ALGORITHMS = ("fedper", "fedrep", "fedbn")
-PERSONAL_SSL_ALGORITHMS = ("fedper", "fedrep", "fedbn", "ditto")
 
 
 def check_choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -39,23 +35,12 @@ def require(condition: bool, key: str, message: str) -> None:
         raise UserError(f"{key}: {message}")
 
 
-def validate_personal(cfg: RecipeConfig) -> None:
-    """Personalization keys: values in range, and switches set only where an
-    algorithm reads them (a switch that does nothing would hide a mistake)."""
-    name, personal, meta = cfg.algorithm.name, cfg.algorithm.personal, cfg.algorithm.meta
-    require(personal.head_epochs >= 0, "algorithm.personal.head_epochs", f"must be >= 0, got {personal.head_epochs}")
-    require(personal.lam >= 0, "algorithm.personal.lam", f"must be >= 0, got {personal.lam}")
-    require(not personal.patterns or name in PERSONAL_PATTERN_ALGORITHMS, "algorithm.personal.patterns",
-            f"only {', '.join(PERSONAL_PATTERN_ALGORITHMS)} keep layers by pattern; algorithm.name is {name!r}")
-    require(not personal.ssl or name in PERSONAL_SSL_ALGORITHMS, "algorithm.personal.ssl",
-            f"only {', '.join(PERSONAL_SSL_ALGORITHMS)} take it (fixmatch is FedAvg with FixMatch); "
-            f"algorithm.name is {name!r}")
-    check_choice(meta.variant, META_VARIANTS, "algorithm.meta.variant")
-    require(meta.inner_lr > 0, "algorithm.meta.inner_lr", f"must be > 0, got {meta.inner_lr}")
-    require(meta.hf_delta > 0, "algorithm.meta.hf_delta", f"must be > 0, got {meta.hf_delta}")
-    require(meta.adapt_steps >= 0, "algorithm.meta.adapt_steps", f"must be >= 0, got {meta.adapt_steps}")
-    fed = cfg.federation
-    require(fed.states_in_memory >= 0, "federation.states_in_memory", f"must be >= 0, got {fed.states_in_memory}")
+def validate_sections(cfg: RecipeConfig) -> None:
+    """Each algorithm section's own checks (its `check(cfg)`, beside its keys)."""
+    for name in sorted(vars(cfg.algorithm)):
+        check = getattr(getattr(cfg.algorithm, name), "check", None)
+        if callable(check):
+            check(cfg)
 
 
 def validate_robustness(cfg: RecipeConfig) -> None:
@@ -155,12 +140,9 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(0 < ssl.tau <= 1, "algorithm.ssl.tau", f"must be in (0, 1], got {ssl.tau}")
     require(ssl.unlabeled_ratio >= 1, "algorithm.ssl.unlabeled_ratio", f"must be >= 1, got {ssl.unlabeled_ratio}")
     require(ssl.server_steps >= 0, "algorithm.ssl.server_steps", f"must be >= 0, got {ssl.server_steps}")
-    fm = cfg.algorithm.fedmatch
-    require(0 <= fm.tau <= 1, "algorithm.fedmatch.tau", f"must be in [0, 1], got {fm.tau}")
-    require(fm.helpers >= 0, "algorithm.fedmatch.helpers", f"must be >= 0, got {fm.helpers}")
-    require(fm.helper_every >= 1, "algorithm.fedmatch.helper_every", f"must be >= 1, got {fm.helper_every}")
-    require(fm.sparsity >= 0, "algorithm.fedmatch.sparsity", f"must be >= 0, got {fm.sparsity}")
-    validate_personal(cfg)
+    require(cfg.federation.states_in_memory >= 0, "federation.states_in_memory",
+            f"must be >= 0, got {cfg.federation.states_in_memory}")
+    validate_sections(cfg)
     validate_robustness(cfg)
     validate_privacy(cfg)
     require(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")

@@ -12,7 +12,7 @@ import torch
 
 from fedssl.config.schema import SSLConfig, TrainConfig
 from fedssl.data.transforms import augment_batch, reseed, to_tensor
-from fedssl.federation.messages import Payload, Update
+from fedssl.messages import Payload, Update
 from fedssl.federation.tensors import TensorPool, client_seed, cycle_batches
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 

@@ -38,7 +38,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedssl.config.schema import RecipeConfig
 from fedssl.data.transforms import augment_batch, to_tensor
 from fedssl.federation.client import ClientTrainer, round_steps
-from fedssl.federation.messages import Payload, Update
+from fedssl.messages import Payload, Update
 from fedssl.federation.tensors import client_seed, cycle_batches
 from fedssl.learners.supervised import SupervisedLearner
 

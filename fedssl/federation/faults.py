@@ -19,7 +19,7 @@ from typing import Any, Collection, Mapping
 
 import torch
 
-from fedssl.federation.messages import Arrays, Update
+from fedssl.messages import Arrays, Update
 
 SPARSE = ("/index", "/value")  # an array sent as a sparse delta: NAME/index + NAME/value (FedMatch)
 # Every key of an evaluation row, and nothing else: per-client scores, never per-sample values.

@@ -23,18 +23,19 @@ from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.data.transforms import build_transform
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import RunningAverage, ServerState
-from fedssl.federation.algorithm import Algorithm, build_algorithm
+from fedssl.algorithms.aggregate import RunningAverage, ServerState
+from fedssl.algorithms.base import Algorithm, build_algorithm
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fedssl.federation.client import Augmentations, ClientTrainer
 from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
 from fedssl.federation.evaluate import Score, score
 from fedssl.federation.faults import Holding, check_update
-from fedssl.federation.messages import Arrays, Payload, Update, array_bytes
+from fedssl.messages import Arrays, Payload, Update, array_bytes
 from fedssl.federation.metrics import client_kind, mean_acc, round_metrics
-from fedssl.federation.personal_eval import LocalClient, labeled_batches, personal_metrics, personal_summary
-from fedssl.federation.robust import minimum_updates
-from fedssl.federation.sampling import clients_per_round, poisson_sample, sample_clients
+from fedssl.algorithms.base import LocalClient
+from fedssl.federation.personal_eval import labeled_batches, personal_metrics, personal_summary
+from fedssl.algorithms.robust import minimum_updates
+from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
 from fedssl.io import atomic_write_text

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from fedssl.data.federated import ClientData
-from fedssl.federation.messages import Update
+from fedssl.messages import Update
 
 
 def client_kind(client: ClientData) -> str:

@@ -12,27 +12,15 @@ never on another client's or on the server's test set. The mean over clients
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from fedssl.algorithms.base import LabeledBatch
 from fedssl.federation.tensors import client_seed, cycle_batches
 
-# A labeled batch: images and labels.
-LabeledBatch = tuple[torch.Tensor, torch.Tensor]
 WORST_SHARE = 0.1  # personal_acc_p10: the worst 10% of clients
-
-
-@dataclass(frozen=True)
-class LocalClient:
-    """What a client's personalization may use: what it kept from its rounds, and
-    `batches(n)`, n mini-batches of its labeled training data (never its test split)."""
-
-    client_id: int
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-    batches: Callable[[int], Iterator[LabeledBatch]] = lambda steps: iter(())
 
 
 def labeled_batches(images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, batch_size: int,

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from fedssl.federation.messages import Arrays, Payload
+from fedssl.messages import Arrays, Payload
 
 # A training batch: "x", "y" (labeled images and labels) and, for learners that use
 # unlabeled data, "u_weak", "u_strong" (two augmentations of the same unlabeled

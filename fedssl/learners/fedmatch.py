@@ -42,16 +42,20 @@ array whose delta would take more bytes than the array itself is sent dense.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from fedssl.config.schema import FedMatchConfig, TrainConfig
-from fedssl.federation.messages import Arrays, Payload
+from fedssl.config.schema import TrainConfig
+from fedssl.messages import Arrays, Payload
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 from fedssl.learners.supervised import build_optimizer
+
+if TYPE_CHECKING:  # the algorithm module owns its config section
+    from fedssl.algorithms.fedmatch import FedMatchConfig
 
 SIGMA, PSI = "sigma/", "psi/"
 HELPER = re.compile(r"helper(\d+)/(.+)")

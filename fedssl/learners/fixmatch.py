@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fedssl.config.schema import SSLConfig, TrainConfig
-from fedssl.federation.messages import Payload
+from fedssl.messages import Payload
 from fedssl.learners.base import Batch, ClientContext
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.ssl.alignment import align, update_running_mean

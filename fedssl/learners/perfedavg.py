@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from fedssl.config.schema import MetaConfig, TrainConfig
+from fedssl.config.schema import TrainConfig
 from fedssl.learners.base import Batch
 from fedssl.learners.maml import MAML, FunctionalLearner, Params, cross_entropy
 from fedssl.learners.supervised import SupervisedLearner
+
+if TYPE_CHECKING:  # the algorithm module owns its config section
+    from fedssl.algorithms.meta import MetaConfig
 
 
 def perfedavg_gradient(learner: FunctionalLearner, inner: tuple, outer: tuple, hessian: tuple | None,

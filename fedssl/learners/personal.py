@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fedssl.federation.messages import Arrays, Payload
+from fedssl.messages import Arrays, Payload
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
 PERSONAL = "personal/"  # prefix of a client's personal arrays in its kept state

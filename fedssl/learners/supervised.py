@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedssl.config.schema import TrainConfig
-from fedssl.federation.messages import Payload
+from fedssl.messages import Payload
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
 

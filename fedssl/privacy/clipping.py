@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from fedssl.federation.messages import Arrays
+from fedssl.messages import Arrays
 
 
 def update_delta(arrays: Arrays, reference: Arrays) -> Arrays:

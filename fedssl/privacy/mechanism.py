@@ -42,8 +42,8 @@ import torch
 
 from fedssl.config.schema import PrivacyConfig, RecipeConfig
 from fedssl.errors import UserError
-from fedssl.federation.messages import Arrays, Update
-from fedssl.federation.sampling import clients_per_round
+from fedssl.messages import Arrays, Update
+from fedssl.sampling import clients_per_round
 from fedssl.privacy import accountant
 from fedssl.privacy.clipping import adapt_clip, clip_to_norm, noisy_unclipped_fraction, split_noise, update_delta
 

@@ -8,7 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedssl.backends.flower.codec import (CodecError, MalformedMessage, decode_evaluate, decode_payload, decode_rows,
                                           decode_update, encode_evaluate, encode_payload, encode_rows, encode_update)
-from fedssl.federation.messages import Payload, Update
+from fedssl.messages import Payload, Update
 
 
 def arrays():

@@ -8,10 +8,10 @@ from fedssl.backends.flower.client import DRAW, RUN, train_client
 from fedssl.backends.flower.codec import decode_update, encode_payload
 from fedssl.backends.flower.node import commit_state, load_state, pending_key
 from fedssl.config.load import load_recipe, to_yaml
-from fedssl.federation.algorithm import ALGORITHMS
+from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.faults import check_update
 from fedssl.federation.loop import Federation
-from fedssl.federation.personal_layers import FedPer
+from fedssl.algorithms.personal import FedPer
 from fedssl.learners.personal import PersonalLayersLearner
 
 FAULTY = 1

@@ -33,9 +33,9 @@ from flwr.clientapp import ClientApp
 from fedssl.backends.flower import client as fedssl_client
 from fedssl.backends.flower.simulation import simulate
 from fedssl.config.load import load_recipe
-from fedssl.federation.aggregate import ServerState
+from fedssl.algorithms.aggregate import ServerState
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.fedmatch import SERVER, FedMatch
+from fedssl.algorithms.fedmatch import SERVER, FedMatch
 from fedssl.federation.loop import Federation
 from fedssl.tracking.run_logger import read_metrics
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fedssl.federation.aggregate import ServerState, server_step, weighted_average
-from fedssl.federation.messages import Update
+from fedssl.algorithms.aggregate import ServerState, server_step, weighted_average
+from fedssl.messages import Update
 
 
 def update(client_id, n, **arrays):

@@ -9,12 +9,12 @@ import torch
 from fedssl.cli import main
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.algorithm import ALGORITHMS
+from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.faults import Holding, accept_rows, check_row, check_update
-from fedssl.federation.fedavg import FedAvg
+from fedssl.algorithms.fedavg import FedAvg
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.federation.messages import Update
+from fedssl.messages import Update
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.tracking.run_logger import read_metrics
 

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from fedssl.config.load import load_recipe
-from fedssl.config.schema import FedMatchConfig, TrainConfig
+from fedssl.algorithms.fedmatch import FedMatchConfig
+from fedssl.config.schema import TrainConfig
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState
-from fedssl.federation.algorithm import build_algorithm
-from fedssl.federation.fedmatch import nearest_helpers
+from fedssl.algorithms.aggregate import ServerState
+from fedssl.algorithms.base import build_algorithm
+from fedssl.algorithms.fedmatch import nearest_helpers
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.federation.messages import Payload, Update, array_bytes
+from fedssl.messages import Payload, Update, array_bytes
 from fedssl.learners.base import ClientContext
 from fedssl.learners.fedmatch import FedMatchLearner, agreement_labels, decode_delta, encode_delta, encode_update
 

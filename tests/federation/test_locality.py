@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import re
 from dataclasses import dataclass, field
 
@@ -35,12 +34,12 @@ from fedssl.backends.flower.codec import (decode_arrays, decode_evaluate, decode
 from fedssl.backends.flower.node import state_key
 from fedssl.backends.flower.server import FlowerFederation
 from fedssl.config.load import load_recipe
-from fedssl.federation.aggregate import ServerState
-from fedssl.federation.algorithm import ALGORITHM_MODULES, ALGORITHMS
+from fedssl.algorithms.aggregate import ServerState
+from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.faults import ROW_KEYS
-from fedssl.federation.fedmatch import SERVER
+from fedssl.algorithms.fedmatch import SERVER
 from fedssl.federation.loop import Federation, add_evaluation
-from fedssl.federation.messages import Arrays, Update, array_bytes
+from fedssl.messages import Arrays, Update, array_bytes
 
 MIXED_CLIENTS = ["data.labels.mode=client", "data.labels.per_class=2", "algorithm.ssl.unlabeled_ratio=2"]
 # What each algorithm needs beyond the tiny recipe (as in test_ssl_learning's smoke cases);
@@ -56,8 +55,6 @@ NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients
 
 
 def registered_algorithms() -> list[str]:
-    for module in ALGORITHM_MODULES:
-        importlib.import_module(module)
     return ALGORITHMS.names()
 
 

@@ -6,10 +6,10 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import weighted_average
+from fedssl.algorithms.aggregate import weighted_average
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.federation.messages import Payload
+from fedssl.messages import Payload
 from fedssl.learners.base import ClientContext
 
 

@@ -7,11 +7,11 @@ from fedssl.config.load import load_recipe
 from fedssl.config.schema import FederationConfig
 from fedssl.config.validate import AGGREGATORS
 from fedssl.errors import UserError
-from fedssl.federation.algorithm import ALGORITHMS
-from fedssl.federation.fedavg import FedAvg
+from fedssl.algorithms.base import ALGORITHMS
+from fedssl.algorithms.fedavg import FedAvg
 from fedssl.federation.loop import Federation
-from fedssl.federation.messages import Update
-from fedssl.federation.robust import combine, coordinate_median, krum, krum_scores, multi_krum, trimmed_mean
+from fedssl.messages import Update
+from fedssl.algorithms.robust import combine, coordinate_median, krum, krum_scores, multi_krum, trimmed_mean
 from fedssl.learners.supervised import SupervisedLearner
 
 

@@ -4,7 +4,7 @@ import numpy as np
 
 from fedssl.config.schema import FederationConfig, TrainConfig
 from fedssl.federation.client import round_steps
-from fedssl.federation.sampling import clients_per_round, sample_clients
+from fedssl.sampling import clients_per_round, sample_clients
 from fedssl.federation.tensors import cycle_batches
 
 

@@ -1,7 +1,6 @@
 """Semi-supervised learning in the federation: what the learners see, what they learn
 from, and what the loop measures and reports."""
 
-import importlib
 import json
 import math
 from collections import Counter
@@ -12,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.algorithm import ALGORITHM_MODULES, ALGORITHMS
+from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.federation.messages import Update
+from fedssl.messages import Update
 from fedssl.federation.metrics import round_metrics
 from fedssl.tracking.run_logger import read_metrics
 
@@ -427,10 +426,8 @@ def test_a_mixed_population_scores_the_pseudo_labels_of_its_unlabeled_clients(ti
 
 
 def registered_algorithms() -> list[str]:
-    """Every algorithm name, read from the registry after importing the modules that fill it
-    (so a newly added algorithm is covered as soon as it registers)."""
-    for module in ALGORITHM_MODULES:
-        importlib.import_module(module)
+    """Every algorithm name, read from the registry (which imports every algorithm
+    module: a newly added algorithm is covered as soon as its module exists)."""
     return ALGORITHMS.names()
 
 

@@ -3,7 +3,8 @@
 import torch
 from torch import nn
 
-from fedssl.config.schema import MetaConfig, TrainConfig
+from fedssl.algorithms.meta import MetaConfig
+from fedssl.config.schema import TrainConfig
 from fedssl.learners.maml import MAML, adapt_arrays, cross_entropy
 from fedssl.learners.perfedavg import PerFedAvgLearner
 

@@ -7,10 +7,10 @@ from torch import nn
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.algorithm import build_algorithm
+from fedssl.algorithms.base import build_algorithm
 from fedssl.federation.loop import Federation
-from fedssl.federation.messages import Payload
-from fedssl.federation.personal_eval import LocalClient
+from fedssl.messages import Payload
+from fedssl.algorithms.base import LocalClient
 from fedssl.learners.base import ClientContext
 
 HEAD = ("fc.weight", "fc.bias")

@@ -10,7 +10,7 @@ import pytest
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.algorithm import build_algorithm
+from fedssl.algorithms.base import build_algorithm
 from fedssl.federation.loop import Federation
 
 HERE = Path(__file__).parent

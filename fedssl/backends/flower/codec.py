@@ -1,6 +1,6 @@
 """fedssl's Payload/Update <-> Flower's RecordDict.
 
-Exactly the fields of `fedssl.federation.messages` cross the wire: arrays by name
+Exactly the fields of `fedssl.messages` cross the wire: arrays by name
 (ArrayRecord), scalars (ConfigRecord) and metrics (MetricRecord). Anything else
 is refused here, so that a learner cannot leak images or per-sample values by
 putting them in a message. What a node sends back is untrusted: decoding a reply
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedssl.federation.messages import Arrays, Payload, Scalar, Update
+from fedssl.messages import Arrays, Payload, Scalar, Update
 
 ARRAYS, EXTRAS, CONFIG, META, METRICS = "arrays", "extras", "config", "meta", "metrics"
 

@@ -32,11 +32,11 @@ from fedssl.backends.flower.codec import MalformedMessage, decode_rows, decode_u
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState
-from fedssl.federation.algorithm import build_algorithm
+from fedssl.algorithms.aggregate import ServerState
+from fedssl.algorithms.base import build_algorithm
 from fedssl.federation.faults import Holding, accept_rows
 from fedssl.federation.loop import Collected, Federation, Scored, data_holdings, run_federation
-from fedssl.federation.messages import Arrays, Payload, Update, array_bytes
+from fedssl.messages import Arrays, Payload, Update, array_bytes
 
 log = logging.getLogger(__name__)
 

@@ -15,20 +15,52 @@ shared arrays with its own personal ones) is what `personal_acc` scores.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
+from fedssl.config.validate import require
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState
-from fedssl.federation.algorithm import ALGORITHMS
-from fedssl.federation.fedavg import FedAvg
-from fedssl.federation.messages import Arrays
-from fedssl.federation.personal_eval import LocalClient
+from fedssl.algorithms.aggregate import ServerState
+from fedssl.algorithms.base import ALGORITHMS, Algorithm
+from fedssl.algorithms.fedavg import FedAvg
+from fedssl.messages import Arrays
+from fedssl.algorithms.base import LocalClient
 from fedssl.learners.base import FederatedLearner
 from fedssl.learners.fixmatch import FixMatchLearner
 from fedssl.learners.personal import DittoLearner, FedRepLearner, PersonalLayersLearner, personal_arrays
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.models.personal import PATTERNS_KEY, head_array_names, norm_array_names, select_arrays
+
+
+def readers(base: type[Algorithm]) -> list[str]:
+    """The registered algorithms built on `base` (those that read a key it reads)."""
+    return [name for name in ALGORITHMS.names() if issubclass(ALGORITHMS.get(name), base)]
+
+
+@ALGORITHM_SECTIONS.register("personal")
+@dataclass
+class PersonalConfig:
+    """`algorithm.personal`: which layers stay on the clients, and how they train."""
+
+    patterns: list[str] = field(default_factory=list)  # fedper/fedrep/fedbn: fnmatch patterns of the state_dict arrays that stay on the client (default: fedper/fedrep the classifier, fedbn the normalization layers)
+    head_epochs: int = 1  # fedrep: epochs training the head (body frozen) before train.local_epochs training the body (head frozen)
+    lam: float = 0.1  # ditto: lambda, the pull of each client's personal model toward the global one
+    ssl: bool = False  # fedper/fedrep/fedbn/ditto: clients also learn from unlabeled data with FixMatch (algorithm.ssl)
+
+    def check(self, cfg: RecipeConfig) -> None:
+        """Values in range, and switches set only where the algorithm reads them (a
+        switch that does nothing would hide a mistake)."""
+        name = cfg.algorithm.name
+        require(self.head_epochs >= 0, "algorithm.personal.head_epochs", f"must be >= 0, got {self.head_epochs}")
+        require(self.lam >= 0, "algorithm.personal.lam", f"must be >= 0, got {self.lam}")
+        by_pattern = readers(PersonalLayers)
+        require(not self.patterns or name in by_pattern, "algorithm.personal.patterns",
+                f"only {', '.join(by_pattern)} keep layers by pattern; algorithm.name is {name!r}")
+        with_ssl = readers(Personalized)
+        require(not self.ssl or name in with_ssl, "algorithm.personal.ssl",
+                f"only {', '.join(with_ssl)} take it (fixmatch is FedAvg with FixMatch); algorithm.name is {name!r}")
 
 
 class Personalized(FedAvg):

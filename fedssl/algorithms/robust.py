@@ -24,8 +24,8 @@ import torch
 
 from fedssl.config.schema import FederationConfig
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import weighted_average
-from fedssl.federation.messages import Arrays, Update
+from fedssl.algorithms.aggregate import weighted_average
+from fedssl.messages import Arrays, Update
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 

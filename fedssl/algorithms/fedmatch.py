@@ -26,6 +26,7 @@ client and the cached choice is sent every round.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -34,15 +35,37 @@ from scipy.spatial import cKDTree
 from torch import nn
 from torch.func import functional_call
 
-from fedssl.config.schema import RecipeConfig
+from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
+from fedssl.config.validate import require
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState, weighted_average
-from fedssl.federation.algorithm import ALGORITHMS, Algorithm, ServerTrainer
-from fedssl.federation.messages import Arrays, Payload, Update
+from fedssl.algorithms.aggregate import ServerState, weighted_average
+from fedssl.algorithms.base import ALGORITHMS, Algorithm, ServerTrainer
+from fedssl.messages import Arrays, Payload, Update
 from fedssl.learners.fedmatch import PSI, SIGMA, FedMatchLearner, decode_delta
 
 SERVER = "server/"  # server-only arrays in ServerState.params, never broadcast
 PROBES = 10  # random images that embed a model
+
+
+@ALGORITHM_SECTIONS.register("fedmatch")
+@dataclass
+class FedMatchConfig:
+    """`algorithm.fedmatch`: FedMatch's loss weights, helpers and upload sparsity."""
+
+    lambda_s: float = 10.0  # weight of the labeled loss on sigma
+    lambda_iccs: float = 1e-2  # weight of the inter-client consistency (KL to helpers)
+    lambda_l1: float = 1e-4  # L1 sparsity of psi (the paper uses 1e-5 with labels at the server)
+    lambda_l2: float = 10.0  # L2 tie of psi to the frozen sigma
+    tau: float = 0.85  # confidence threshold of agreement-based pseudo-labels
+    helpers: int = 2  # H: nearest client models sent as helpers
+    helper_every: int = 10  # h: rounds between helper refreshes
+    sparsity: float = 1e-5  # delta entries with |value| below this are not sent
+
+    def check(self, cfg: RecipeConfig) -> None:
+        require(0 <= self.tau <= 1, "algorithm.fedmatch.tau", f"must be in [0, 1], got {self.tau}")
+        require(self.helpers >= 0, "algorithm.fedmatch.helpers", f"must be >= 0, got {self.helpers}")
+        require(self.helper_every >= 1, "algorithm.fedmatch.helper_every", f"must be >= 1, got {self.helper_every}")
+        require(self.sparsity >= 0, "algorithm.fedmatch.sparsity", f"must be >= 0, got {self.sparsity}")
 
 
 def nearest_helpers(embeddings: np.ndarray, num_helpers: int) -> list[list[int]]:

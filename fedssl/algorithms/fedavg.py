@@ -8,10 +8,10 @@ from torch import nn
 
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.federation.aggregate import ServerState, server_step
-from fedssl.federation.algorithm import ALGORITHMS, Algorithm, ServerTrainer
-from fedssl.federation.messages import Update
-from fedssl.federation.robust import combine
+from fedssl.algorithms.aggregate import ServerState, server_step
+from fedssl.algorithms.base import ALGORITHMS, Algorithm, ServerTrainer
+from fedssl.messages import Update
+from fedssl.algorithms.robust import combine
 from fedssl.learners.supervised import SupervisedLearner
 
 

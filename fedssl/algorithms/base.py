@@ -9,20 +9,32 @@ labeled data) override the optional hooks below.
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 from fedssl.config.schema import RecipeConfig
-from fedssl.federation.aggregate import ServerState
-from fedssl.federation.messages import Arrays, Payload, Scalar, Update
-from fedssl.federation.personal_eval import LocalClient
+from fedssl.algorithms.aggregate import ServerState
+from fedssl.messages import Arrays, Payload, Scalar, Update
 from fedssl.learners.base import FederatedLearner
 from fedssl.registry import Registry
 
+# A labeled batch: images and labels.
+LabeledBatch = tuple[torch.Tensor, torch.Tensor]
 # Runs the algorithm's learner on the server's labeled set from a payload.
 ServerTrainer = Callable[[Payload], Update]
+
+
+@dataclass(frozen=True)
+class LocalClient:
+    """What a client's personalization may use: what it kept from its rounds, and
+    `batches(n)`, n mini-batches of its labeled training data (never its test split)."""
+
+    client_id: int
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    batches: Callable[[int], Iterator[LabeledBatch]] = lambda steps: iter(())
 
 
 class Algorithm:
@@ -89,14 +101,11 @@ class Algorithm:
         return global_weights
 
 
-ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
-
-# Modules that register algorithms, imported when an algorithm is first looked up.
-ALGORITHM_MODULES = ("fedssl.federation.fedavg", "fedssl.federation.fixmatch", "fedssl.federation.fedmatch",
-                     "fedssl.federation.personal_layers", "fedssl.federation.meta")
+# Every module of fedssl.algorithms, and any module another package declares in the
+# `fedssl.algorithms` entry point group, is imported when an algorithm is looked up.
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", entry_points="fedssl.algorithms",
+                                                 packages=("fedssl.algorithms",))
 
 
 def build_algorithm(cfg: RecipeConfig) -> Algorithm:
-    for module in ALGORITHM_MODULES:
-        importlib.import_module(module)
     return ALGORITHMS.get(cfg.algorithm.name, key="algorithm.name")(cfg)

@@ -8,15 +8,39 @@ scored on its own local test split. The server side is FedAvg's averaging.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from fedssl.federation.algorithm import ALGORITHMS
-from fedssl.federation.fedavg import FedAvg
-from fedssl.federation.messages import Arrays
-from fedssl.federation.personal_eval import LocalClient
+from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
+from fedssl.config.validate import check_choice, require
+
+from fedssl.algorithms.base import ALGORITHMS
+from fedssl.algorithms.fedavg import FedAvg
+from fedssl.messages import Arrays
+from fedssl.algorithms.base import LocalClient
 from fedssl.learners.maml import adapt_arrays
 from fedssl.learners.perfedavg import PerFedAvgLearner
 from fedssl.learners.supervised import SupervisedLearner
+
+META_VARIANTS = ("fo", "hf")
+
+
+@ALGORITHM_SECTIONS.register("meta")
+@dataclass
+class MetaConfig:
+    """`algorithm.meta`: how Per-FedAvg meta-trains and how clients adapt."""
+
+    variant: str = "fo"  # perfedavg: fo (first-order) | hf (Hessian-free, finite-difference Hessian-vector product)
+    inner_lr: float = 0.01  # perfedavg: alpha, the inner (adaptation) step size; train.lr is the outer step beta
+    hf_delta: float = 0.001  # perfedavg hf: delta of the finite-difference Hessian-vector product
+    adapt_steps: int = 1  # perfedavg/reptile: SGD steps on a client's labeled data that adapt the global model before its personal evaluation
+
+    def check(self, cfg: RecipeConfig) -> None:
+        check_choice(self.variant, META_VARIANTS, "algorithm.meta.variant")
+        require(self.inner_lr > 0, "algorithm.meta.inner_lr", f"must be > 0, got {self.inner_lr}")
+        require(self.hf_delta > 0, "algorithm.meta.hf_delta", f"must be > 0, got {self.hf_delta}")
+        require(self.adapt_steps >= 0, "algorithm.meta.adapt_steps", f"must be >= 0, got {self.adapt_steps}")
 
 
 class MetaLearned(FedAvg):

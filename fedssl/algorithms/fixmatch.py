@@ -6,8 +6,8 @@ from torch import nn
 
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.federation.algorithm import ALGORITHMS
-from fedssl.federation.fedavg import FedAvg
+from fedssl.algorithms.base import ALGORITHMS
+from fedssl.algorithms.fedavg import FedAvg
 from fedssl.learners.fixmatch import FixMatchLearner
 from fedssl.ssl.thresholds import THRESHOLDS
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from fedssl.federation.messages import Arrays, Update
+from fedssl.messages import Arrays, Update
 
 
 @dataclass(frozen=True)
