@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -12,10 +12,19 @@ from fedssl.messages import Arrays, Update
 
 @dataclass(frozen=True)
 class ServerState:
-    """The global model's shared arrays and the server optimizer's momentum buffer."""
+    """What the server keeps between rounds, checkpointed whole.
+
+    Attributes:
+        params: the global model's shared arrays: what clients are sent and what the
+            algorithm's `global_weights` is built from.
+        momentum: the server optimizer's momentum buffer (FedAvgM).
+        extras: the algorithm's own server state (FedMatch: every client's latest
+            model, embeddings and helper choice), never sent or evaluated as such.
+    """
 
     params: Arrays
     momentum: Arrays | None = None
+    extras: Arrays = field(default_factory=dict)
 
 
 class RunningAverage:
@@ -66,7 +75,7 @@ def server_step(state: ServerState, average: Arrays, lr: float = 1.0, momentum: 
     Distribution for Federated Visual Classification", 2019).
     """
     if lr == 1.0 and momentum == 0.0:
-        return ServerState(params=average, momentum=None)
+        return ServerState(params=average, momentum=None, extras=state.extras)
     params, velocity = {}, {}
     for name, current in state.params.items():
         if not current.is_floating_point():  # counters are not optimized, they are taken
@@ -78,4 +87,4 @@ def server_step(state: ServerState, average: Arrays, lr: float = 1.0, momentum: 
             step = momentum * previous + step
             velocity[name] = step
         params[name] = current - lr * step
-    return ServerState(params=params, momentum=velocity or None)
+    return ServerState(params=params, momentum=velocity or None, extras=state.extras)

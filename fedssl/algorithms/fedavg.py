@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 from torch import nn
@@ -37,7 +38,7 @@ class FedAvg(Algorithm):
         if train_on_server is None:
             return state
         update = train_on_server(self.payload(round_index, state, client_id=-1))
-        return ServerState(params=update.arrays, momentum=state.momentum)
+        return replace(state, params=update.arrays)
 
     def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
         trained = [u for u in updates if u.num_examples > 0]

@@ -16,9 +16,11 @@ round the server:
    count, as FedAvg), averages the buffers, and embeds each client's new model.
 
 Everything the server remembers between rounds (each client's latest model and
-embedding, the chosen helpers) lives in `ServerState.params` under "server/", so
-that aggregation stays a pure function and a resumed run picks helpers exactly as
-the killed one would have. The authors' code differs in two ways we do not follow:
+embedding, the chosen helpers and their snapshots) is FedMatch's declared server
+state, `ServerState.extras` ("model/<client>/<name>", "embedding/<client>",
+"helpers/<client>", "snapshot/<client>/<name>", "refreshed"): checkpointed whole,
+so aggregation stays a pure function and a resumed run picks helpers exactly as
+the killed one would have, and never part of the arrays that are sent or evaluated. The authors' code differs in two ways we do not follow:
 it sends a helper's psi only (the receiver adds its own sigma), and only on refresh
 rounds (no helpers in between); here a helper is the full sigma + psi model of that
 client and the cached choice is sent every round.
@@ -26,7 +28,7 @@ client and the cached choice is sent every round.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -43,7 +45,6 @@ from fedssl.algorithms.base import ALGORITHMS, Algorithm, ServerTrainer
 from fedssl.messages import Arrays, Payload, Update
 from fedssl.learners.fedmatch import PSI, SIGMA, FedMatchLearner, decode_delta
 
-SERVER = "server/"  # server-only arrays in ServerState.params, never broadcast
 PROBES = 10  # random images that embed a model
 
 
@@ -86,16 +87,13 @@ def decomposed_names(params: Arrays) -> list[str]:
 
 def plain_names(params: Arrays) -> list[str]:
     """Buffers (and any non-floating parameter): shared as they are."""
-    return [k for k in params if not k.startswith((SIGMA, PSI, SERVER))]
+    return [k for k in params if not k.startswith((SIGMA, PSI))]
 
 
-def broadcast(params: Arrays) -> Arrays:
-    return {k: v for k, v in params.items() if not k.startswith(SERVER)}
-
-
-def client_ids(params: Arrays, kind: str) -> list[int]:
-    prefix = f"{SERVER}{kind}/"
-    return sorted({int(k[len(prefix):].split("/")[0]) for k in params if k.startswith(prefix)})
+def client_ids(extras: Arrays, kind: str) -> list[int]:
+    """The clients that have an `extras` entry of `kind` ("embedding", ...)."""
+    prefix = f"{kind}/"
+    return sorted({int(k[len(prefix):].split("/")[0]) for k in extras if k.startswith(prefix)})
 
 
 @ALGORITHMS.register("fedmatch")
@@ -131,48 +129,48 @@ class FedMatch(Algorithm):
         return learner.shared_names()
 
     def payload(self, round_index: int, state: ServerState, client_id: int) -> Payload:
-        params = state.params
-        extras = {}
-        helpers = params.get(f"{SERVER}helpers/{client_id}")
+        params, extras = state.params, state.extras
+        helper_models = {}
+        helpers = extras.get(f"helpers/{client_id}")
         if helpers is not None:
             names = decomposed_names(params) + plain_names(params)
             for j, helper in enumerate(helpers.tolist()):
-                extras |= {f"helper{j}/{n}": params[f"{SERVER}snapshot/{helper}/{n}"] for n in names}
+                helper_models |= {f"helper{j}/{n}": extras[f"snapshot/{helper}/{n}"] for n in names}
         config = {"role": "client", "train_sigma": not self.labels_at_server}
-        return Payload(round=round_index, arrays=broadcast(params), config=config, extras=extras)
+        return Payload(round=round_index, arrays=params, config=config, extras=helper_models)
 
     def server_round(self, round_index: int, state: ServerState, train_on_server: ServerTrainer | None) -> ServerState:
         params = dict(state.params)
         if train_on_server is not None:
-            update = train_on_server(Payload(round=round_index, arrays=broadcast(params), config={"role": "server"}))
+            update = train_on_server(Payload(round=round_index, arrays=params, config={"role": "server"}))
             params |= {k: v for k, v in update.arrays.items() if not k.startswith(PSI)}  # sigma and buffers
-        return ServerState(params=self.refresh_helpers(round_index, params), momentum=state.momentum)
+        return replace(state, params=params, extras=self.refresh_helpers(round_index, params, state.extras))
 
-    def refresh_helpers(self, round_index: int, params: Arrays) -> Arrays:
-        """Choose new helpers if `helper_every` rounds have passed since the last choice
-        (or none was made yet) and at least two clients have reported."""
+    def refresh_helpers(self, round_index: int, params: Arrays, extras: Arrays) -> Arrays:
+        """`extras` with new helpers if `helper_every` rounds have passed since the last
+        choice (or none was made yet) and at least two clients have reported."""
         cfg = self.cfg.algorithm.fedmatch
-        ids = client_ids(params, "embedding")
-        last = params.get(f"{SERVER}refreshed")
+        ids = client_ids(extras, "embedding")
+        last = extras.get("refreshed")
         if cfg.helpers <= 0 or len(ids) < 2 or (last is not None and round_index - int(last) < cfg.helper_every):
-            return params
-        embeddings = torch.stack([params[f"{SERVER}embedding/{c}"] for c in ids]).cpu().numpy()
+            return extras
+        embeddings = torch.stack([extras[f"embedding/{c}"] for c in ids]).cpu().numpy()
         nearest = nearest_helpers(embeddings, cfg.helpers)
-        fresh = {k: v for k, v in params.items() if not k.startswith((f"{SERVER}helpers/", f"{SERVER}snapshot/"))}
+        fresh = {k: v for k, v in extras.items() if not k.startswith(("helpers/", "snapshot/"))}
         names = decomposed_names(params) + plain_names(params)
         for row, client in zip(nearest, ids):
-            fresh[f"{SERVER}helpers/{client}"] = torch.tensor([ids[j] for j in row], dtype=torch.int64)
+            fresh[f"helpers/{client}"] = torch.tensor([ids[j] for j in row], dtype=torch.int64)
         for helper in {ids[j] for row in nearest for j in row}:
             # The models as they are now, kept until the next refresh (no copy: arrays are never changed in place).
-            fresh |= {f"{SERVER}snapshot/{helper}/{n}": params[f"{SERVER}model/{helper}/{n}"] for n in names}
-        fresh[f"{SERVER}refreshed"] = torch.tensor(round_index, dtype=torch.int64)
+            fresh |= {f"snapshot/{helper}/{n}": extras[f"model/{helper}/{n}"] for n in names}
+        fresh["refreshed"] = torch.tensor(round_index, dtype=torch.int64)
         return fresh
 
     def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
         trained = [u for u in updates if u.num_examples > 0]
         if not trained:
             return state
-        params = dict(state.params)
+        params, extras = dict(state.params), dict(state.extras)
         names, plain = decomposed_names(params), plain_names(params)
         models = {u.client_id: self.decode(u, params, names, plain) for u in trained}
         for part in (SIGMA, PSI):
@@ -185,9 +183,9 @@ class FedMatch(Algorithm):
                                         for u in trained])
         for client, arrays in models.items():
             theta = {n: arrays[SIGMA + n] + arrays[PSI + n] for n in names} | {n: arrays[n] for n in plain}
-            params |= {f"{SERVER}model/{client}/{n}": v for n, v in theta.items()}
-            params[f"{SERVER}embedding/{client}"] = self.embed(theta)
-        return ServerState(params=params, momentum=state.momentum)
+            extras |= {f"model/{client}/{n}": v for n, v in theta.items()}
+            extras[f"embedding/{client}"] = self.embed(theta)
+        return replace(state, params=params, extras=extras)
 
     @staticmethod
     def decode(update: Update, params: Arrays, names: list[str], plain: list[str]) -> Arrays:

@@ -33,9 +33,8 @@ from flwr.clientapp import ClientApp
 from fedssl.backends.flower import client as fedssl_client
 from fedssl.backends.flower.simulation import simulate
 from fedssl.config.load import load_recipe
-from fedssl.algorithms.aggregate import ServerState
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.algorithms.fedmatch import SERVER, FedMatch
+from fedssl.algorithms.fedmatch import FedMatch
 from fedssl.federation.loop import Federation
 from fedssl.tracking.run_logger import read_metrics
 
@@ -161,11 +160,11 @@ def rogue_run(module_tiny_recipe, tmp_path_factory):
     cfg = load_recipe(module_tiny_recipe, OVERRIDES)
     run_dir = Path(cfg.output_dir) / "rogue"
     run_dir.mkdir(parents=True)
-    states: dict[int, dict] = {}
+    states: dict = {}  # round -> the ServerState its payloads were made from
     payload = FedMatch.payload
 
     def recording_payload(self, round_index, state, client_id):  # on the server, in this process
-        states[round_index] = state.params
+        states[round_index] = state
         return payload(self, round_index, state, client_id)
 
     warnings, fedssl_log = Warnings(), logging.getLogger("fedssl")
@@ -216,9 +215,9 @@ def test_a_node_receives_only_its_clients_payload_and_the_global_model_on_the_si
     shared, model_names = set(federation.trainer.shared_names), set(federation.model.state_dict())
     as_numpy = lambda arrays: {fingerprint(a.numpy()) for a in arrays.values()} - {None}
 
-    public = set().union(*(as_numpy({k: v for k, v in p.items() if k in shared}) for p in states.values()),
-                         *(as_numpy(federation.algorithm.global_weights(ServerState(p))) for p in states.values()))
-    server_private = set().union(*(as_numpy({k: v for k, v in p.items() if k.startswith(SERVER)}) for p in states.values()))
+    public = set().union(*(as_numpy({k: v for k, v in s.params.items() if k in shared}) for s in states.values()),
+                         *(as_numpy(federation.algorithm.global_weights(s)) for s in states.values()))
+    server_private = set().union(*(as_numpy(s.extras) for s in states.values()))
     sent_up = {c: set() for c in range(cfg.federation.clients)}  # what each client's (honest) update held
     for entry in received:
         if entry["kind"] == "train":
@@ -229,13 +228,13 @@ def test_a_node_receives_only_its_clients_payload_and_the_global_model_on_the_si
     for entry in received:
         arrays, client_id = entry["arrays"], entry["clients"][0]
         names = {name for record in arrays.values() for name in record}
-        assert not any(name.startswith(SERVER) for name in names)
+        assert not names & set().union(*(s.extras for s in states.values()))
         if entry["kind"] == "train":
             assert set(arrays) == {"arrays", "extras"} and set(arrays["arrays"]) == shared
             assert all(re.fullmatch(r"helper\d+/(.+)", n).group(1) in model_names for n in arrays["extras"])
-            params = states[entry["round"]]
-            chosen = params.get(f"{SERVER}helpers/{client_id}", torch.zeros(0)).tolist()
-            allowed = as_numpy({k: v for k, v in params.items() for h in chosen if k.startswith(f"{SERVER}snapshot/{h}/")})
+            extras = states[entry["round"]].extras
+            chosen = extras.get(f"helpers/{client_id}", torch.zeros(0)).tolist()
+            allowed = as_numpy({k: v for k, v in extras.items() for h in chosen if k.startswith(f"snapshot/{h}/")})
             helpers_travelled |= bool(arrays["extras"])
         else:
             assert set(arrays) == {"arrays"} and set(arrays["arrays"]) == model_names

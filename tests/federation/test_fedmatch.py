@@ -120,13 +120,16 @@ def test_aggregation_of_two_sparse_updates_by_hand(tiny_recipe):
                                    "1.num_batches_tracked": torch.tensor(count)}
     a = Update(0, sparse("sigma", "5.bias", [0, 2], [1.0, -2.0]) | buffers(1.0, 4), num_examples=1)  # no psi sent
     b = Update(1, sparse("sigma", "5.bias", [2], [4.0]) | sparse("psi", "5.bias", [1], [0.5]) | buffers(3.0, 8), num_examples=3)
-    new = algorithm.aggregate([a, b], ServerState(params=params)).params
+    aggregated = algorithm.aggregate([a, b], ServerState(params=params))
+    new = aggregated.params
     assert torch.allclose(new["sigma/5.bias"], torch.tensor([1.25, 2.0, 5.5]))  # 3 + (0.25 * -2 + 0.75 * 4)
     assert torch.allclose(new["psi/5.bias"], torch.tensor([0.0, 0.5, 0.0]))  # only b trained psi
     assert torch.equal(new["sigma/0.weight"], params["sigma/0.weight"])  # nobody changed it
     assert torch.allclose(new["1.running_mean"], torch.full((2,), 2.5)) and int(new["1.num_batches_tracked"]) == 7
     assert torch.allclose(algorithm.global_weights(ServerState(params=new))["5.bias"], torch.tensor([1.25, 2.5, 5.5]))
-    assert torch.allclose(new["server/model/1/5.bias"], torch.tensor([1.0, 2.5, 7.0]))  # b's own sigma + psi
+    assert torch.allclose(aggregated.extras["model/1/5.bias"], torch.tensor([1.0, 2.5, 7.0]))  # b's own sigma + psi
+    assert set(aggregated.extras) == {f"{kind}/{c}{rest}" for c in (0, 1) for kind, rest in
+                                      [("embedding", "")] + [("model", f"/{n}") for n in tiny_model().state_dict()]}
 
 
 def test_helpers_are_the_nearest_client_models_and_cached_between_refreshes(tiny_recipe):
@@ -137,10 +140,10 @@ def test_helpers_are_the_nearest_client_models_and_cached_between_refreshes(tiny
                Update(2, sparse("sigma", "5.bias", [0], [5.0]), 5)]
     state = algorithm.server_round(2, algorithm.aggregate(updates, state), None)
     payload = algorithm.payload(2, state, client_id=0)
-    assert int(state.params["server/helpers/0"]) == 1 and int(state.params["server/helpers/1"]) == 0
+    assert int(state.extras["helpers/0"]) == 1 and int(state.extras["helpers/1"]) == 0
     assert set(payload.extras) == {f"helper0/{n}" for n in tiny_model().state_dict()}
-    assert torch.allclose(payload.extras["helper0/5.bias"], state.params["server/model/1/5.bias"])
-    assert not any(k.startswith("server/") for k in payload.arrays)
+    assert torch.allclose(payload.extras["helper0/5.bias"], state.extras["model/1/5.bias"])
+    assert payload.arrays is state.params  # the server's own state stays with it
 
     cached = payload.extras["helper0/5.bias"]
     moved = [Update(1, sparse("sigma", "5.bias", [2], [1.0]), 5)]

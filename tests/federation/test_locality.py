@@ -7,8 +7,8 @@ asked about: never images, labels or per-sample values.
 Down: a node receives only what its own clients need. A train message carries the
 client's payload: the model's shared arrays and, for FedMatch, the helper models
 the server chose for that client. An evaluate message carries the global model.
-No message carries the server's private state (FedMatch's `server/` arrays: every
-client's latest model, embeddings, snapshots, the helper map) or another client's
+No message carries the server's private state (`ServerState.extras`, FedMatch's:
+every client's latest model, embeddings, snapshots, the helper map) or another client's
 arrays (what it sent up, what it keeps), except a client's declared helpers.
 
 In process, each client is its own node (what `fit_client` and `score_clients` are
@@ -37,7 +37,6 @@ from fedssl.config.load import load_recipe
 from fedssl.algorithms.aggregate import ServerState
 from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.faults import ROW_KEYS
-from fedssl.algorithms.fedmatch import SERVER
 from fedssl.federation.loop import Federation, add_evaluation
 from fedssl.messages import Arrays, Update, array_bytes
 
@@ -169,10 +168,10 @@ def flower_traffic(cfg, loopback_grid) -> tuple[Federation, Traffic]:
 def declared_helpers(state: ServerState, client_id: int) -> set[tuple]:
     """The contents of the helper models the server chose for `client_id` (FedMatch):
     the one place another client's arrays may travel to it."""
-    helpers = state.params.get(f"{SERVER}helpers/{client_id}")
+    helpers = state.extras.get(f"helpers/{client_id}")
     if helpers is None:
         return set()
-    return set().union(*(fingerprints({k: v for k, v in state.params.items() if k.startswith(f"{SERVER}snapshot/{h}/")})
+    return set().union(*(fingerprints({k: v for k, v in state.extras.items() if k.startswith(f"snapshot/{h}/")})
                          for h in helpers.tolist()))
 
 
@@ -192,7 +191,8 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
     # -- down: names. The payload's arrays are the model's shared arrays; an evaluation, the global model.
     for sent in traffic.down:
         names = set(sent.arrays) | set(sent.extras)
-        assert not any(name.startswith(SERVER) for name in names), f"server-private arrays sent to {sent.clients}"
+        private = set().union(*(s.extras for s in traffic.states.values()))
+        assert not names & private, f"server-private arrays sent to {sent.clients}"
         if sent.kind == "train":
             assert set(sent.arrays) == set(shared)
             for name in sent.extras:  # FedMatch's helpers: whole models, named helper<j>/<state_dict name>
@@ -208,7 +208,7 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
     public = set().union(*(fingerprints({k: v for k, v in s.params.items() if k in shared}) for s in traffic.states.values()),
                          *(fingerprints(federation.algorithm.global_weights(s)) for s in traffic.states.values()),
                          *(fingerprints(s.arrays) for s in traffic.down if s.kind == "evaluate"))
-    server_private = set().union(*(fingerprints({k: v for k, v in s.params.items() if k not in shared})
+    server_private = set().union(*(fingerprints({k: v for k, v in s.params.items() if k not in shared} | s.extras)
                                    for s in traffic.states.values()))
     own = {c: set() for c in clients}  # what belongs to each client: what it sent up and what it keeps
     for update in traffic.updates:
