@@ -1,0 +1,52 @@
+"""An algorithm added from outside the package is one module: installed as another
+package's `fedssl.algorithms` entry point, a recipe names it and sets its own keys,
+and it runs with its own server state on both backends."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedssl.config.load import load_recipe
+from fedssl.errors import UserError
+from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.launch import launch
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def toy_installed(tmp_path, monkeypatch):
+    """A distribution on the path (also of Flower's worker processes) declaring
+    `[fedssl.algorithms] toy = toy_algorithm`."""
+    site = tmp_path / "site"
+    info = site / "toy_algorithm-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-algorithm\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fedssl.algorithms]\ntoy = toy_algorithm\n")
+    for path in (site, HERE):
+        monkeypatch.syspath_prepend(str(path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def test_its_keys_are_checked_like_fedssls_own(tiny_recipe, toy_installed):
+    assert load_recipe(tiny_recipe, ["algorithm.name=toy", "algorithm.toy.step=0.5"]).algorithm.toy.step == 0.5
+    with pytest.raises(UserError, match=r"unknown key 'algorithm\.toy\.stpe' \(did you mean 'algorithm\.toy\.step'\?\)"):
+        load_recipe(tiny_recipe, ["algorithm.name=toy", "algorithm.toy.stpe=0.5"])
+    with pytest.raises(UserError, match=r"algorithm\.toy\.step: must be in \(0, 1\]"):
+        load_recipe(tiny_recipe, ["algorithm.name=toy", "algorithm.toy.step=2"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["inprocess", "flower"])
+def test_it_runs_from_a_recipe_with_its_own_server_state(tiny_recipe, toy_installed, backend):
+    overrides = ["algorithm.name=toy", "algorithm.toy.step=0.5", "federation.rounds=2", f"federation.backend={backend}",
+                 f"name=toy-{backend}"]
+    _, run_dir, summary = launch(str(tiny_recipe), overrides)
+    assert summary["algorithm"] == "toy" and summary["rounds"] == 2 and summary["dropped_clients"] == 0
+    state = load_checkpoint(run_dir / "checkpoint.pt")["server_state"]
+    assert int(state["extras"]["averaged"]) == 2 * 3  # two rounds of three clients
+    assert all(bool(torch.isfinite(v).all()) for v in state["params"].values() if v.is_floating_point())
+    assert json.loads((run_dir / "summary.json").read_text())["global_acc"] == summary["global_acc"]
