@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from fedssl.config.schema import TrainConfig
 from fedssl.data.dataset import ImageDataset
 from fedssl.data.labeled_subset import holdout_split, load_labeled, match_classes
-from fedssl.data.transforms import augment_batch, build_transform, to_tensor
+from fedssl.data.transforms import augment_batch, build_transform, check_augmentation, to_tensor
 from fedssl.errors import UserError
 from fedssl.federation.evaluate import Score, score
 from fedssl.io import atomic_write_text
@@ -55,7 +55,6 @@ from fedssl.models.split import head_parameter_names
 __all__ = ["MODES", "FineTuneOptions", "FineTuned", "FineTuner", "finetune", "personalize"]
 
 MODES = ("head", "full", "maml")
-AUGMENTATIONS = ("none", "weak", "strong")
 REPORT = "personalize.json"
 
 
@@ -79,8 +78,8 @@ class FineTuneOptions:
         """Raise a `UserError` naming the flag of the first bad value."""
         if self.mode not in MODES:
             raise UserError(f"--mode: unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.augment is not None and self.augment not in AUGMENTATIONS:
-            raise UserError(f"--augment: unknown augmentation {self.augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.augment is not None:
+            check_augmentation(self.augment, key="--augment")
         for flag, value in (("--epochs", self.epochs), ("--steps", self.steps), ("--batch-size", self.batch_size)):
             if value is not None and value < 1:
                 raise UserError(f"{flag}: must be at least 1, got {value}")

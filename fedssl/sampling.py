@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fedssl.config.schema import FederationConfig
+if TYPE_CHECKING:  # sampling sits below config: it reads the section, never imports it
+    from fedssl.config.schema import FederationConfig
 
 
 def clients_per_round(cfg: FederationConfig) -> int:

@@ -21,7 +21,7 @@ from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import ServerState
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.launch import CHECKPOINT
+from fedssl.run_dir import CHECKPOINT
 from fedssl.models.factory import build_model
 
 __all__ = ["TrainedModel", "checkpoint_path", "load_trained"]

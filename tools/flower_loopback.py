@@ -32,7 +32,7 @@ from pathlib import Path
 from fedssl.backends.flower.server import SERVER_ERROR
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.io import atomic_write_text
-from fedssl.launch import SUMMARY, prepare_run_dir
+from fedssl.run_dir import SUMMARY, prepare_run_dir
 
 import flower_certs  # next to this file, in tools/
 

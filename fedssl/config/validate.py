@@ -5,15 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 from fedssl.config.schema import RecipeConfig
-from fedssl.data.federated import LABEL_MODES
-from fedssl.data.partition import SCHEMES
-from fedssl.data.sources import SOURCE_MODULES
 from fedssl.errors import UserError
 from fedssl.sampling import clients_per_round
 from fedssl.registry import did_you_mean
 from fedssl.ssl.thresholds import THRESHOLDS
 
-AUGMENTATIONS = ("none", "weak", "strong")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("inprocess", "flower")
@@ -127,12 +123,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(cfg.algorithm.proximal_mu >= 0, "algorithm.proximal_mu", f"must be >= 0, got {cfg.algorithm.proximal_mu}")
     require(0 <= cfg.algorithm.server_momentum < 1, "algorithm.server_momentum", "must be in [0, 1)")
     require(cfg.algorithm.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {cfg.algorithm.server_lr}")
-    # Checked here, not only where they are used, so that a typo fails before
-    # minutes of data decoding rather than after.
-    check_choice(cfg.data.source, list(SOURCE_MODULES), "data.source")
-    check_choice(cfg.data.partition.scheme, SCHEMES, "data.partition.scheme")
-    check_choice(cfg.data.labels.mode, LABEL_MODES, "data.labels.mode")
-    check_choice(cfg.data.augment, AUGMENTATIONS, "data.augment")
+    # data.source, data.partition.scheme, data.labels.mode and data.augment are
+    # checked by the data package, before it decodes anything (`load_source`).
     require(cfg.data.channels in (1, 3), "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
     require(cfg.data.image_size >= 1, "data.image_size", f"must be >= 1, got {cfg.data.image_size}")
     ssl = cfg.algorithm.ssl

@@ -270,13 +270,17 @@ def _check_fraction(value: float, key: str, *, low_open: bool = False, high_open
         raise UserError(f"{key}: must be in {interval}, got {value!r}")
 
 
+def check_label_mode(mode: str) -> str:
+    """`mode` if it is one of `LABEL_MODES`, else a `UserError` naming data.labels.mode."""
+    if mode not in LABEL_MODES:
+        raise UserError(f"data.labels.mode: unknown mode {mode!r}{did_you_mean(str(mode), list(LABEL_MODES))}; "
+                        f"choose one of {', '.join(LABEL_MODES)}")
+    return mode
+
+
 def _validate(cfg: DataConfig, has_test: bool) -> None:
     labels = cfg.labels
-    if labels.mode not in LABEL_MODES:
-        raise UserError(
-            f"data.labels.mode: unknown mode {labels.mode!r}{did_you_mean(str(labels.mode), list(LABEL_MODES))}; "
-            f"choose one of {', '.join(LABEL_MODES)}"
-        )
+    check_label_mode(labels.mode)
     if not has_test:
         _check_fraction(cfg.test_fraction, "data.test_fraction", low_open=True, high_open=True)
     _check_fraction(cfg.partition.local_test_fraction, "data.partition.local_test_fraction", high_open=True)

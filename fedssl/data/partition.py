@@ -265,19 +265,22 @@ def partition(
     """Split a pool with these `labels` (and `identities`, or None) as
     `scheme_cfg.scheme` says. `source` (the `data.source` name) only makes the
     error for `natural` without identities more specific."""
-    scheme = scheme_cfg.scheme
+    scheme = check_scheme(scheme_cfg.scheme)
     if scheme == "iid":
         return partition_iid(len(labels), num_clients, rng)
     if scheme == "dirichlet":
         return partition_dirichlet(labels, num_clients, scheme_cfg.alpha, rng, scheme_cfg.min_samples)
     if scheme == "shards":
         return partition_shards(labels, num_clients, scheme_cfg.classes_per_client, rng)
-    if scheme == "natural":
-        if identities is None:
-            where = f"data.source {source}" if source else "the data source"
-            raise UserError(f"data.partition.scheme: natural needs identities; {where} has none")
-        return partition_natural(identities, num_clients, rng)
-    raise UserError(
-        f"data.partition.scheme: unknown scheme {scheme!r}{did_you_mean(str(scheme), list(SCHEMES))}; "
-        f"choose one of {', '.join(SCHEMES)}"
-    )
+    if identities is None:  # natural
+        where = f"data.source {source}" if source else "the data source"
+        raise UserError(f"data.partition.scheme: natural needs identities; {where} has none")
+    return partition_natural(identities, num_clients, rng)
+
+
+def check_scheme(scheme: str) -> str:
+    """`scheme` if it is one of `SCHEMES`, else a `UserError` naming data.partition.scheme."""
+    if scheme not in SCHEMES:
+        raise UserError(f"data.partition.scheme: unknown scheme {scheme!r}{did_you_mean(str(scheme), list(SCHEMES))}; "
+                        f"choose one of {', '.join(SCHEMES)}")
+    return scheme

@@ -37,13 +37,22 @@ import cv2
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
-__all__ = ["KINDS", "build_transform", "reseed", "augment_batch", "to_tensor"]
+__all__ = ["AUGMENTATIONS", "KINDS", "build_transform", "check_augmentation", "reseed", "augment_batch", "to_tensor"]
 
-KINDS = ("eval", "none", "weak", "strong")
+AUGMENTATIONS = ("none", "weak", "strong")  # what data.augment (and personalize --augment) may name
+KINDS = ("eval", *AUGMENTATIONS)
 
 _BORDER = cv2.BORDER_REFLECT_101
 _GRAY = 127  # Cutout fill, mid-gray on 8-bit images
 _WEAK_SHIFT = 0.125  # FixMatch: translate by up to 12.5% of the side
+
+
+def check_augmentation(kind: str, key: str = "data.augment") -> str:
+    """`kind` if it is one of `AUGMENTATIONS`, else a `UserError` naming `key`."""
+    if kind not in AUGMENTATIONS:
+        raise UserError(f"{key}: unknown augmentation {kind!r}{did_you_mean(str(kind), list(AUGMENTATIONS))}; "
+                        f"choose one of {', '.join(AUGMENTATIONS)}")
+    return kind
 
 
 def build_transform(kind: str, image_size: int, seed: int | None = None) -> A.Compose:
@@ -57,11 +66,8 @@ def build_transform(kind: str, image_size: int, seed: int | None = None) -> A.Co
     Raises:
         UserError: unknown `kind` (named as data.augment).
     """
-    if kind not in KINDS:
-        raise UserError(
-            f"data.augment: unknown augmentation {kind!r}{did_you_mean(str(kind), list(KINDS))}; "
-            f"choose one of {', '.join(KINDS)}"
-        )
+    if kind != "eval":
+        check_augmentation(kind)
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     if kind in ("eval", "none"):

@@ -39,7 +39,7 @@ from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
 from fedssl.io import atomic_write_text
-from fedssl.launch import CHECKPOINT, CONFIG
+from fedssl.run_dir import CHECKPOINT, CONFIG
 from fedssl.models.factory import build_model
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.tracking.run_logger import RunLogger, read_metrics

@@ -5,7 +5,7 @@ nothing, and a run that failed before its first round is simply run again."""
 import pytest
 
 from fedssl.cli import main
-from fedssl.launch import RUN_MARKER
+from fedssl.run_dir import RUN_MARKER
 
 
 def run_cli(capsys, *args):

@@ -5,6 +5,7 @@ import pytest
 
 from fedssl.config.load import all_keys, load_recipe, merge_config, shipped_recipes, to_dict
 from fedssl.config.schema import RecipeConfig
+from fedssl.data.sources import load_source
 from fedssl.errors import UserError
 
 
@@ -91,9 +92,6 @@ def test_required_value_left_out(tmp_path):
         ("train.optimizer=sgdd", "train.optimizer"),
         ("logging.wandb.mode=offlin", "logging.wandb.mode"),
         ("train.lr=0", "train.lr"),
-        ("data.partition.scheme=dirichlt", "data.partition.scheme"),
-        ("data.source=synthetic", "data.source"),
-        ("data.labels.mode=clients", "data.labels.mode"),
         ("data.channels=2", "data.channels"),
         ("federation.concurrency=parallel", "federation.concurrency"),
         ("federation.concurrent_clients=0", "federation.concurrent_clients"),
@@ -104,6 +102,20 @@ def test_bad_values_name_the_key(tmp_path, override, key):
     path = write(tmp_path, "name: r\n")
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_recipe(path, [override])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.partition.scheme=dirichlt", "data.partition.scheme"),
+    ("data.source=synthetic", "data.source"),
+    ("data.labels.mode=clients", "data.labels.mode"),
+    ("data.augment=strnog", "data.augment"),
+])
+def test_a_data_choice_is_checked_before_anything_is_decoded(tmp_path, override, key):
+    """The data package checks the names its section chooses by: config imports no
+    data-building code, and still nothing is decoded before a typo is named."""
+    cfg = load_recipe(write(tmp_path, "name: r\n"), [override, "data.num_samples=1000000000"])  # would take hours
+    with pytest.raises(UserError, match=key.replace(".", r"\.") + ": unknown"):
+        load_source(cfg.data)
 
 
 def test_override_without_equals(tmp_path):

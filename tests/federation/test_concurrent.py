@@ -8,7 +8,7 @@ import torch
 from fedssl.config.load import load_recipe
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.loop import Federation, run_federation
-from fedssl.launch import CHECKPOINT
+from fedssl.run_dir import CHECKPOINT
 
 VMAP = ["federation.concurrency=vmap"]
 

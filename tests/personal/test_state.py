@@ -8,7 +8,7 @@ from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.loop import run_federation
 from fedssl.federation.state import ClientStateStore
-from fedssl.launch import CHECKPOINT
+from fedssl.run_dir import CHECKPOINT
 
 
 def state_of(client_id: int) -> dict[str, torch.Tensor]:

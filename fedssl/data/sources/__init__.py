@@ -22,7 +22,14 @@ SOURCE_MODULES = {
 
 
 def load_source(cfg: DataConfig) -> SourceData:
-    """Decode the source named by `cfg.source` into memory."""
+    """Decode the source named by `cfg.source` into memory, once every name the `data`
+    section chooses by is known to be right: a typo fails in a second, not after
+    minutes of decoding."""
+    from fedssl.data.federated import check_label_mode
+    from fedssl.data.partition import check_scheme
+    from fedssl.data.transforms import check_augmentation
+
+    check_scheme(cfg.partition.scheme), check_label_mode(cfg.labels.mode), check_augmentation(cfg.augment)
     if cfg.source not in SOURCE_MODULES:
         raise UserError(
             f"data.source: unknown source {cfg.source!r}{did_you_mean(cfg.source, list(SOURCE_MODULES))}; "
