@@ -1,10 +1,11 @@
-"""Print the recipe reference (every key, its default, its meaning) as a markdown table.
+"""The recipe reference page (every key, its default, its meaning), docs/recipe-reference.md.
 
 The meanings are the comments beside each field in fedssl/config/schema.py, so the
-README's table is regenerated from the schema rather than kept in step by hand:
+page is regenerated from the schema rather than kept in step by hand;
+tests/test_docs.py fails when the committed page and this script disagree:
 
-    python tools/recipe_reference.py            # print it
-    python tools/recipe_reference.py --readme   # rewrite the table at the end of README.md
+    python tools/recipe_reference.py           # print the page
+    python tools/recipe_reference.py --write   # rewrite docs/recipe-reference.md
 """
 
 from __future__ import annotations
@@ -57,15 +58,24 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
-def rewrite_readme(path: Path) -> None:
-    """Replace the reference table, the last thing in the README, with a fresh one."""
-    text = path.read_text()
-    start = text.index("| key | default | meaning |")
-    path.write_text(text[:start] + markdown() + "\n")
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "recipe-reference.md"
+
+HEADER = """# Recipe reference
+
+Every key, its default and its meaning, generated from `fedssl/config/schema.py` by
+`python tools/recipe_reference.py --write` (do not edit this page by hand; a test
+keeps it in step with the schema). A recipe sets keys as nested YAML; the command line
+overrides any of them as `key=value` ([running](running.md#overrides-and-errors)).
+"""
+
+
+def page() -> str:
+    """The whole reference page: a short header, then the table."""
+    return f"{HEADER}\n{markdown()}\n"
 
 
 if __name__ == "__main__":
-    if "--readme" in sys.argv:
-        rewrite_readme(Path(__file__).resolve().parents[1] / "README.md")
+    if "--write" in sys.argv:
+        PAGE.write_text(page())
     else:
-        print(markdown())
+        print(page(), end="")

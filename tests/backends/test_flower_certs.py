@@ -1,5 +1,5 @@
-"""tools/flower_certs.py makes what Flower 1.42 accepts, and the README's deployment
-commands use flags Flower has: fast checks, the loopback test runs the real thing."""
+"""tools/flower_certs.py makes what Flower 1.42 accepts, and the deployment commands
+in docs/deployment.md use flags Flower has: fast checks, the loopback test runs the real thing."""
 
 import re
 import socket
@@ -79,15 +79,15 @@ def test_an_existing_file_is_never_overwritten(tmp_path):
 
 
 def readme_commands(program: str) -> list[str]:
-    """The README's `program` command lines, continuation lines joined."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    """The deployment page's `program` command lines, continuation lines joined."""
+    text = (ROOT / "docs" / "deployment.md").read_text().replace("\\\n", " ")
     return [line for line in text.splitlines() if line.startswith(program + " ")]
 
 
 @pytest.mark.parametrize("program", ["flower-superlink", "flower-supernode"])
 def test_the_readme_deployment_uses_flags_flower_has(program):
     commands = readme_commands(program)
-    assert commands, f"no {program} command in the README"
+    assert commands, f"no {program} command in docs/deployment.md"
     flags = {flag for line in commands for flag in re.findall(r"(?<!\S)(--[a-z-]+)", line)}
     assert "--insecure" not in flags  # the deployment shown is the encrypted one
     helps = subprocess.run([str(Path(sys.executable).parent / program), "--help"],
