@@ -9,8 +9,8 @@ round-robin over the nodes) and, with `--data-paths`, its own images
 (`data-path=...`, one per node). The run directory is prepared as `fedssl run` does;
 the ServerApp writes metrics.jsonl and summary.json into it.
 
-By default the deployment is encrypted and authenticated as the README's "Running
-across machines" shows: a CA and the SuperLink's certificate made by
+By default the deployment is encrypted and authenticated as docs/deployment.md
+shows: a CA and the SuperLink's certificate made by
 `flower_certs.py`, TLS on the SuperLink's one port, `--enable-supernode-auth`, each
 SuperNode's public key registered with `flwr supernode register` before the node
 starts with its private key. `--insecure` (`secure=False`) runs all of it in
