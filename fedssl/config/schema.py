@@ -181,7 +181,14 @@ def recipe_schema() -> type[RecipeConfig]:
 
 @lru_cache(maxsize=None)
 def _schema(sections: tuple[tuple[str, type], ...]) -> type[RecipeConfig]:
+    # Named after their sections and kept in this module, so that a config can be pickled.
+    suffix = "".join(f"_{name}" for name, _ in sections)
     algorithm = dataclasses.make_dataclass(
-        "AlgorithmConfig", [(name, cls, field(default_factory=cls)) for name, cls in sections], bases=(AlgorithmConfig,))
-    return dataclasses.make_dataclass(
-        "RecipeConfig", [("algorithm", algorithm, field(default_factory=algorithm))], bases=(RecipeConfig,))
+        f"AlgorithmConfig{suffix}", [(name, cls, field(default_factory=cls)) for name, cls in sections],
+        bases=(AlgorithmConfig,))
+    recipe = dataclasses.make_dataclass(
+        f"RecipeConfig{suffix}", [("algorithm", algorithm, field(default_factory=algorithm))], bases=(RecipeConfig,))
+    for made in (algorithm, recipe):
+        made.__module__ = __name__
+        globals()[made.__name__] = made
+    return recipe

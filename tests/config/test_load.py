@@ -123,6 +123,15 @@ def test_override_without_equals(tmp_path):
         load_recipe(write(tmp_path, "name: r\n"), ["federation.rounds"])
 
 
+def test_a_config_with_algorithm_sections_pickles(tmp_path):
+    """Worker processes receive configs pickled: the schema's assembled classes must be findable."""
+    import pickle
+
+    cfg = load_recipe(write(tmp_path, "algorithm:\n  name: fedmatch\n  fedmatch:\n    tau: 0.5\n"))
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and again.algorithm.fedmatch.tau == 0.5
+
+
 def test_resolved_config_round_trips():
     cfg = merge_config([{"seed": 3, "federation": {"rounds": 2}}])
     again = merge_config([to_dict(cfg)])
