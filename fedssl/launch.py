@@ -48,7 +48,7 @@ def launch(
 
         return cfg, run_dir, simulate(cfg, run_dir, resume=resume)
 
-    from fedssl.federation.loop import run_federation
+    from fedssl.federation.run import run_federation
 
     return cfg, run_dir, run_federation(cfg, run_dir, resume=resume)
 

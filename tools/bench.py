@@ -41,7 +41,8 @@ from fedssl.data.federated import build_federated_data
 from fedssl.data.transforms import augment_batch, build_transform
 from fedssl.errors import UserError
 from fedssl.federation.client import round_steps
-from fedssl.federation.loop import Federation, resolve_device
+from fedssl.federation.clients import resolve_device
+from fedssl.federation.engine import Federation
 from fedssl.federation.tensors import cycle_batches
 from fedssl.models.factory import build_model
 from fedssl.tracking.run_logger import read_metrics
@@ -127,7 +128,7 @@ def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: in
         ideal_times.append(ideal_loop(cfg, pool.images, pool.labels, batches))
     return {
         "clients": clients, "samples": TOTAL_IMAGES // clients, "steps": sum(steps),
-        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if federation.cohort else "sequential",
+        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if federation.clients.cohort else "sequential",
         "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
         "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
     }
@@ -149,7 +150,7 @@ def personal_memory(clients: int, per_round: int, samples: int, rounds: int, dev
         state, _ = federation.fit_round(round_index, state)
     federation.evaluate(state)
     return {"clients": clients, "per_round": per_round, "samples": samples, "rounds": rounds,
-            "seconds": time.perf_counter() - began, "heads_in_memory": federation.store.in_memory,
+            "seconds": time.perf_counter() - began, "heads_in_memory": federation.clients.store.in_memory,
             "built_mb": built_mb, "host_mb": peak_host_mb()}
 
 
@@ -166,7 +167,7 @@ def flower_cost(rounds: int, device: str, num_cpus: float) -> dict:
     data from the recipe, so the images are synthetic faces drawn at 28x28x1
     (75,000, of which 60,000 train), not a handed-in random source."""
     from fedssl.backends.flower.simulation import simulate
-    from fedssl.federation.loop import run_federation
+    from fedssl.federation.run import run_federation
 
     cfg = merge_config([workload(20, device, "sequential"), {
         "data": {"source": "synthetic_faces", "num_samples": TOTAL_IMAGES * 5 // 4, "test_fraction": 0.2, "channels": 1},

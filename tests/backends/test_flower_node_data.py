@@ -9,14 +9,18 @@ import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedssl.backends.flower.client import app as client_app
-from fedssl.backends.flower.node import federation_for
-from fedssl.backends.flower.server import FlowerFederation, node_answer
+from fedssl.backends.flower.node import clients_for
+from fedssl.backends.flower.server import FlowerClients, node_answer
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.data.dataset import FER2013_CLASSES, SourceData
 from fedssl.data.federated import node_federated_data
 from fedssl.data.sources.synthetic_faces import generate_synthetic_faces
 from fedssl.errors import UserError
-from fedssl.federation.loop import data_holdings
+from fedssl.federation.clients import InProcessClients, data_holdings
+from fedssl.federation.engine import Federation
+from fedssl.messages import Payload, Update
+from fedssl.privacy.mechanism import CentralDP
+from fedssl.tracking.run_logger import RunLogger
 
 
 def node_context(partitions: str, data_path=None) -> Context:
@@ -44,36 +48,53 @@ def test_a_node_folder_is_read_in_the_servers_class_order(tiny_recipe, tmp_path,
     for lacking in ("angry", "surprise"):  # a node need not hold every class
         shutil.rmtree(tmp_path / "node" / lacking)
     cfg = load_recipe(tiny_recipe, ["data.source=folder", f"data.path={tmp_path / 'server'}", "data.partition.scheme=iid"])
-    federation = federation_for(to_yaml(cfg), node_context("0,2", tmp_path / "node"), list(FER2013_CLASSES))
+    clients = clients_for(to_yaml(cfg), node_context("0,2", tmp_path / "node"), list(FER2013_CLASSES))
 
     on_disk = sorted(p.name for p in (tmp_path / "node").iterdir())
-    assert federation.data.class_names == FER2013_CLASSES and federation.model(federation.pool.images[:1]).shape[-1] == 7
-    present = {FER2013_CLASSES[label] for label in federation.data.pool.labels.tolist()}
+    assert clients.data.class_names == FER2013_CLASSES and clients.model(clients.pool.images[:1]).shape[-1] == 7
+    present = {FER2013_CLASSES[label] for label in clients.data.pool.labels.tolist()}
     assert present == set(on_disk)
-    assert federation.data.clients[0].num_samples + federation.data.clients[2].num_samples == len(federation.data.pool)
+    assert clients.data.clients[0].num_samples + clients.data.clients[2].num_samples == len(clients.data.pool)
 
 
 def test_a_node_folder_with_a_class_the_server_lacks_is_refused(tiny_recipe, tmp_path, write_faces):
     write_faces(tmp_path / "node", count=40, size=28, channels=1)
     cfg = load_recipe(tiny_recipe, ["data.source=folder", "data.path=unused"])
     with pytest.raises(UserError, match=r"node config data-path=.*node: classes \[.*\] are not among the server's"):
-        federation_for(to_yaml(cfg), node_context("0", tmp_path / "node"), ["cat", "dog"])
+        clients_for(to_yaml(cfg), node_context("0", tmp_path / "node"), ["cat", "dog"])
 
 
 def test_a_generated_source_has_no_data_path(tiny_recipe, tmp_path):
     with pytest.raises(UserError, match="node config data-path: data.source synthetic_faces is generated"):
-        federation_for(to_yaml(load_recipe(tiny_recipe)), node_context("0", tmp_path), list(FER2013_CLASSES))
+        clients_for(to_yaml(load_recipe(tiny_recipe)), node_context("0", tmp_path), list(FER2013_CLASSES))
+
+
+def test_a_node_builds_only_its_clients_never_the_servers_side(tiny_recipe, monkeypatch):
+    """No round engine, test set pool, DP mechanism or run logger on a node: it trains
+    and scores its clients and nothing else."""
+    def server_side(*args, **kwargs):
+        raise AssertionError("a node built a server-side object")
+
+    for owner, name in [(Federation, "build"), (Federation, "__init__"), (CentralDP, "build"), (RunLogger, "__init__")]:
+        monkeypatch.setattr(owner, name, server_side)
+    recipe = to_yaml(load_recipe(tiny_recipe, ["seed=41"]))  # a recipe no other test built on this process
+    clients = clients_for(recipe, node_context("0,3"), list(FER2013_CLASSES))
+    assert isinstance(clients, InProcessClients)
+    weights = clients.trainer.learner.arrays(clients.trainer.shared_names)
+    update, _ = clients.train(3, Payload(round=1, arrays=weights))
+    assert isinstance(update, Update) and update.client_id == 3
+    assert [row["client"] for row in clients.score_rows(weights, [0, 3])] == [0, 3]
 
 
 def test_virtual_nodes_of_one_process_build_the_recipes_data_once(tiny_recipe, tmp_path, write_faces):
     recipe = to_yaml(load_recipe(tiny_recipe))
-    first = federation_for(recipe, node_context("0"), list(FER2013_CLASSES))
-    assert federation_for(recipe, node_context("3,4"), list(FER2013_CLASSES)) is first  # a simulation actor's nodes
+    first = clients_for(recipe, node_context("0"), list(FER2013_CLASSES))
+    assert clients_for(recipe, node_context("3,4"), list(FER2013_CLASSES)) is first  # a simulation actor's nodes
 
     write_faces(tmp_path / "node", count=40, size=28, channels=1)
     on_files = to_yaml(load_recipe(tiny_recipe, ["data.source=folder", "data.path=unused", "data.partition.scheme=iid"]))
-    own = federation_for(on_files, node_context("0", tmp_path / "node"), list(FER2013_CLASSES))
-    other = federation_for(on_files, node_context("1,2", tmp_path / "node"), list(FER2013_CLASSES))
+    own = clients_for(on_files, node_context("0", tmp_path / "node"), list(FER2013_CLASSES))
+    other = clients_for(on_files, node_context("1,2", tmp_path / "node"), list(FER2013_CLASSES))
     assert other is not own  # a node's own images are split over the partitions it holds
     assert other.data.clients[0].num_samples == 0 and own.data.clients[0].num_samples > 0
 
@@ -85,9 +106,9 @@ def test_what_a_node_with_its_own_data_declares_bounds_its_replies(tiny_recipe, 
                                     "federation.clients=3", "federation.clients_per_round=3"])
     grid = loopback_grid(client_app, {7: {"partition-id": "0,2", "data-path": str(tmp_path / "node")},
                                       8: {"partition-id": "1"}})  # node 8 rebuilds the recipe's partition
-    server = FlowerFederation.on_grid(cfg, grid)
+    server = Federation.build(cfg, clients=lambda federation: FlowerClients.on_grid(federation, grid))
 
-    on_node = data_holdings(federation_for(to_yaml(cfg), grid.contexts[7], list(server.data.class_names)).data)
+    on_node = data_holdings(clients_for(to_yaml(cfg), grid.contexts[7], list(server.data.class_names)).data)
     own = data_holdings(server.data)
     assert server.holdings == {0: on_node[0], 1: own[1], 2: on_node[2]}
     assert on_node[0] != own[0] and on_node[0].examples + on_node[2].examples > own[0].examples + own[2].examples

@@ -13,7 +13,7 @@ from fedssl.backends.flower.simulation import simulate
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.loop import Federation
+from fedssl.federation.engine import Federation
 from fedssl.launch import launch
 
 SCORES = ("global_acc", "client_acc_mean", "personal_acc", "personal_acc_p10", "bytes_up", "bytes_down")

@@ -7,7 +7,8 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.engine import Federation
+from fedssl.federation.run import run_federation
 from fedssl.run_dir import CHECKPOINT
 
 VMAP = ["federation.concurrency=vmap"]
@@ -21,7 +22,7 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
     """(vectorized updates, sequential updates) of `clients` from the same round-1 payloads."""
     state = federation.initial_state()
     payloads = {c: federation.algorithm.payload(1, state, c) for c in clients}
-    together = federation.cohort.fit([(c, federation.data.clients[c].labeled, payloads[c]) for c in clients])
+    together = federation.clients.cohort.fit([(c, federation.data.clients[c].labeled, payloads[c]) for c in clients])
     one_by_one = [federation.trainer.fit(c, federation.data.clients[c].labeled, federation.data.clients[c].unlabeled,
                                          payloads[c])[0] for c in clients]
     return together, one_by_one
@@ -38,7 +39,7 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
 ], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "local_steps"])
 def test_vectorized_training_equals_sequential_training(tiny_recipe, overrides):
     federation = build(tiny_recipe, *VMAP, *overrides)
-    assert federation.cohort is not None
+    assert federation.clients.cohort is not None
     sizes = [len(federation.data.clients[c].labeled) for c in range(4)]
     assert len(set(sizes)) > 1 and any(n % 16 for n in sizes)  # unequal clients, short last batches
     together, one_by_one = train_both_ways(federation)
@@ -83,13 +84,13 @@ def test_a_two_round_run_ends_with_the_same_weights_either_way(tiny_recipe, tmp_
 def test_what_cannot_be_vectorized_trains_one_at_a_time_and_says_why(tiny_recipe, caplog, overrides, reason):
     with caplog.at_level(logging.WARNING, logger="fedssl.federation.concurrent"):
         federation = build(tiny_recipe, *VMAP, *overrides)
-    assert federation.cohort is None
+    assert federation.clients.cohort is None
     lines = [r.getMessage() for r in caplog.records if "one at a time" in r.getMessage()]
     assert len(lines) == 1 and reason in lines[0], lines
 
 
 def test_auto_trains_one_at_a_time_on_the_cpu(tiny_recipe):
-    assert build(tiny_recipe, "federation.concurrency=auto").cohort is None
+    assert build(tiny_recipe, "federation.concurrency=auto").clients.cohort is None
 
 
 def test_a_failing_cohort_is_retrained_one_client_at_a_time(tiny_recipe, monkeypatch, caplog):
@@ -99,7 +100,7 @@ def test_a_failing_cohort_is_retrained_one_client_at_a_time(tiny_recipe, monkeyp
     def fail(clients):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(federation.cohort, "fit", fail)
+    monkeypatch.setattr(federation.clients.cohort, "fit", fail)
     state, metrics = federation.fit_round(1, federation.initial_state())
     reference, reference_metrics = expected.fit_round(1, expected.initial_state())
     assert "training 4 clients together raised RuntimeError: CUDA out of memory; training them one at a time" in caplog.text
@@ -109,14 +110,14 @@ def test_a_failing_cohort_is_retrained_one_client_at_a_time(tiny_recipe, monkeyp
 
 def test_a_non_finite_vectorized_update_is_dropped(tiny_recipe, monkeypatch, caplog):
     federation = build(tiny_recipe, *VMAP, "federation.clients_per_round=4")
-    fit = federation.cohort.fit
+    fit = federation.clients.cohort.fit
 
     def poison(clients):
         updates = fit(clients)
         next(iter(updates[0].arrays.values())).fill_(float("nan"))
         return updates
 
-    monkeypatch.setattr(federation.cohort, "fit", poison)
+    monkeypatch.setattr(federation.clients.cohort, "fit", poison)
     _, metrics = federation.fit_round(1, federation.initial_state())
     assert metrics["dropped_clients"] == 1 and metrics["clients"] == 3
     assert "non-finite values" in caplog.text
@@ -128,7 +129,7 @@ def test_vectorized_training_equals_sequential_training_on_the_gpu(tiny_recipe, 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     federation = build(tiny_recipe, "federation.device=cuda", "train.momentum=0.9", "train.weight_decay=0.001")
-    assert federation.cohort is not None  # federation.concurrency: auto picks vmap on CUDA
+    assert federation.clients.cohort is not None  # federation.concurrency: auto picks vmap on CUDA
     together, one_by_one = train_both_ways(federation)
     for vectorized, sequential in zip(together, one_by_one):
         assert vectorized.arrays["fc.weight"].is_cuda

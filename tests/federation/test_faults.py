@@ -13,7 +13,8 @@ from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.faults import Holding, accept_rows, check_row, check_update
 from fedssl.algorithms.fedavg import FedAvg
-from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.engine import Federation
+from fedssl.federation.run import run_federation
 from fedssl.messages import Update
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.tracking.run_logger import read_metrics
@@ -202,7 +203,7 @@ EXPECTED = {"raise": "it raised ValueError: disk on fire", "nan": "non-finite va
 def test_a_faulty_update_is_dropped_named_and_counted(tiny_recipe, tmp_path, register, caplog, fault):
     register("faulty", faulty_fedavg(fault))
     cfg = load_recipe(tiny_recipe, [*ALL_SAMPLED, "federation.rounds=2"])
-    with caplog.at_level(logging.WARNING, logger="fedssl.federation.loop"):
+    with caplog.at_level(logging.WARNING, logger="fedssl.federation.engine"):
         summary = run_federation(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(w.startswith(f"round 1: dropped the update of client 5: {EXPECTED[fault]}") for w in warnings), warnings
@@ -221,7 +222,8 @@ def test_the_global_model_is_the_average_of_the_good_updates_only(tiny_recipe, r
     register("faulty", faulty_fedavg("nan", clients=()))  # the same round, all honest, client 5 left out by hand
     honest = Federation.build(load_recipe(tiny_recipe, ALL_SAMPLED))
     sampled = honest.sample(1, attempt=0, failed=set())
-    good = [update for _, _, (update, _, _) in honest.fit_clients(1, honest.initial_state(), sampled)]
+    payloads = {c: honest.algorithm.payload(1, honest.initial_state(), c) for c in sampled}
+    good = [update for _, update, _ in honest.clients.fit(1, payloads)]
     expected = honest.algorithm.aggregate([u for u in good if u.client_id != 5], honest.initial_state())
     assert all(torch.allclose(state.params[n], expected.params[n]) for n in state.params)
 
@@ -239,7 +241,7 @@ def test_a_round_with_too_few_updates_is_redrawn_from_clients_that_did_not_fail(
     cfg = load_recipe(tiny_recipe, ["algorithm.name=faulty", "federation.clients_per_round=1",
                                     "federation.round_retries=5"])
     federation = Federation.build(cfg)
-    with caplog.at_level(logging.WARNING, logger="fedssl.federation.loop"):
+    with caplog.at_level(logging.WARNING, logger="fedssl.federation.engine"):
         _, metrics = federation.fit_round(1, federation.initial_state())
     # each retry draws from the clients that have not failed, so 5 retries always reach client 5
     assert metrics["clients"] == 1 and metrics["dropped_clients"] >= 1

@@ -11,8 +11,9 @@ No message carries the server's private state (`ServerState.extras`, FedMatch's:
 every client's latest model, embeddings, snapshots, the helper map) or another client's
 arrays (what it sent up, what it keeps), except a client's declared helpers.
 
-In process, each client is its own node (what `fit_client` and `score_clients` are
-handed is what it receives). On Flower, the real ServerApp side (`FlowerFederation`)
+In process, each client is its own node (what `InProcessClients.train` and
+`score_rows` are handed is what it receives). On Flower, the real ServerApp side
+(`FlowerClients`)
 talks through Flower's wire format to the real ClientApp of three nodes holding two
 clients each (`loopback_grid`); `tests/backends/test_flower_trust.py` checks the same
 on the simulation engine for FedMatch.
@@ -32,12 +33,13 @@ from fedssl.backends.flower.client import app as client_app
 from fedssl.backends.flower.codec import (decode_arrays, decode_evaluate, decode_payload, decode_rows, decode_update,
                                           encode_update)
 from fedssl.backends.flower.node import state_key
-from fedssl.backends.flower.server import FlowerFederation
+from fedssl.backends.flower.server import FlowerClients
 from fedssl.config.load import load_recipe
 from fedssl.algorithms.aggregate import ServerState
 from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.faults import ROW_KEYS
-from fedssl.federation.loop import Federation, add_evaluation
+from fedssl.federation.engine import Federation
+from fedssl.federation.run import add_evaluation
 from fedssl.messages import Arrays, Update, array_bytes
 
 MIXED_CLIENTS = ["data.labels.mode=client", "data.labels.per_class=2", "algorithm.ssl.unlabeled_ratio=2"]
@@ -116,30 +118,32 @@ def inprocess_traffic(cfg) -> tuple[Federation, Traffic]:
     """In process every client is its own node: it is handed its payload and, to be
     scored, the global weights."""
     federation, traffic = Federation.build(cfg), Traffic()
-    fit_client, score_clients = federation.fit_client, federation.score_clients
+    clients = federation.clients
+    train, score_rows = clients.train, clients.score_rows
 
-    def recording_fit(client_id, payload):
-        result = fit_client(client_id, payload)
+    def recording_train(client_id, payload):
+        result = train(client_id, payload)
         traffic.down.append(Sent("train", [client_id], payload.round, payload.arrays, payload.extras))
         traffic.updates.append(result[0])
         return result
 
     def recording_score(weights, client_ids):  # each client scored as by a node of its own
-        rows = score_clients(weights, client_ids)
+        rows = score_rows(weights, client_ids)
         traffic.down += [Sent("evaluate", [c], max(traffic.states), weights) for c in client_ids]
         traffic.replies += [([row["client"]], [row]) for row in rows]
         return rows
 
-    federation.fit_client, federation.score_clients = recording_fit, recording_score
+    clients.train, clients.score_rows = recording_train, recording_score
     run_rounds(federation, traffic)
-    traffic.kept = {c: federation.store.peek(c) for c in range(cfg.federation.clients)}
+    traffic.kept = {c: federation.clients.store.peek(c) for c in range(cfg.federation.clients)}
     return federation, traffic
 
 
 def flower_traffic(cfg, loopback_grid) -> tuple[Federation, Traffic]:
     """The ServerApp's federation and the real ClientApp, through Flower's wire format."""
     grid = loopback_grid(client_app, {node: {"partition-id": held} for node, held in NODES.items()})
-    federation, traffic = FlowerFederation.on_grid(cfg, grid), Traffic()
+    federation = Federation.build(cfg, clients=lambda server: FlowerClients.on_grid(server, grid))
+    traffic = Traffic()
     run_rounds(federation, traffic)
     for node, message, reply in grid.delivered:
         content, kind = message.content, message.metadata.message_type

@@ -8,7 +8,8 @@ from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import weighted_average
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.engine import Federation
+from fedssl.federation.run import run_federation
 from fedssl.messages import Payload
 from fedssl.learners.base import ClientContext
 
@@ -74,7 +75,8 @@ def test_a_round_averages_updates_as_they_come_only_where_its_aggregate_is_the_m
     federation = Federation.build(load_recipe(tiny_recipe, [f"federation.aggregator={aggregator}"]))
     state = federation.initial_state()
     sampled = federation.sample(1, attempt=0, failed=set())
-    each = [update for _, _, (update, _, _) in federation.fit_clients(1, state, sampled)]
+    payloads = {c: federation.algorithm.payload(1, state, c) for c in sampled}
+    each = [update for _, update, _ in federation.clients.fit(1, payloads)]
     collected = federation.collect(1, state)
 
     assert [r.client_id for r in collected.receipts] == sampled

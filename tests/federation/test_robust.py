@@ -9,7 +9,7 @@ from fedssl.config.validate import AGGREGATORS
 from fedssl.errors import UserError
 from fedssl.algorithms.base import ALGORITHMS
 from fedssl.algorithms.fedavg import FedAvg
-from fedssl.federation.loop import Federation
+from fedssl.federation.engine import Federation
 from fedssl.messages import Update
 from fedssl.algorithms.robust import combine, coordinate_median, krum, krum_scores, multi_krum, trimmed_mean
 from fedssl.learners.supervised import SupervisedLearner

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from fedssl.config.load import load_recipe
 from fedssl.algorithms.base import ALGORITHMS
-from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.engine import Federation
+from fedssl.federation.run import run_federation
 from fedssl.messages import Update
 from fedssl.federation.metrics import round_metrics
 from fedssl.tracking.run_logger import read_metrics

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.loop import Federation
+from fedssl.federation.engine import Federation
 from fedssl.federation.personal_eval import labeled_batches, personal_metrics, personal_summary, worst_share_mean
 
 
@@ -63,7 +63,7 @@ def test_each_client_is_scored_with_its_own_head_on_its_own_test_split(tiny_reci
     weight = torch.zeros_like(federation.model.fc.weight)
     bias = torch.full_like(federation.model.fc.bias, -10.0)
     bias[target] = 10.0
-    federation.store.put(0, {"personal/fc.weight": weight, "personal/fc.bias": bias})
+    federation.clients.store.put(0, {"personal/fc.weight": weight, "personal/fc.bias": bias})
     metrics, after = federation.evaluate(state)
     own_labels = federation.pool.labels[torch.from_numpy(federation.data.clients[0].test)]
     assert after[0]["personal_acc"] == pytest.approx(float((own_labels == target).float().mean()))
@@ -84,7 +84,7 @@ def test_meta_learners_are_scored_after_adapting_on_their_training_data(tiny_rec
     cfg = load_recipe(tiny_recipe, ["algorithm.name=reptile", "algorithm.meta.adapt_steps=3"])
     federation = Federation.build(cfg)
     state = federation.initial_state()
-    client = federation.local_client(0)
+    client = federation.clients.local_client(0)
     adapted = federation.algorithm.personal_weights(state.params, client)
     assert not torch.equal(adapted["fc.weight"], state.params["fc.weight"])
     assert torch.equal(federation.algorithm.personal_weights(state.params, client)["fc.weight"], adapted["fc.weight"])

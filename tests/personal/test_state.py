@@ -6,7 +6,7 @@ import torch
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.loop import run_federation
+from fedssl.federation.run import run_federation
 from fedssl.federation.state import ClientStateStore
 from fedssl.run_dir import CHECKPOINT
 

@@ -11,7 +11,7 @@ import pytest
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.algorithms.base import build_algorithm
-from fedssl.federation.loop import Federation
+from fedssl.federation.engine import Federation
 
 HERE = Path(__file__).parent
 
@@ -29,7 +29,7 @@ def test_a_registered_rule_runs_from_a_recipe_and_keeps_its_state(tiny_recipe, h
     federation = Federation.build(cfg)
     state, _ = federation.fit_round(1, federation.initial_state())
     _, metrics = federation.fit_round(2, state)
-    judged = {c: int(federation.store.peek(c)["half_tau_judged"]) for c in federation.store.client_ids()}
+    judged = {c: int(federation.clients.store.peek(c)["half_tau_judged"]) for c in federation.clients.store.client_ids()}
     assert judged and all(count > 0 for count in judged.values())
     assert metrics["dropped_clients"] == 0
 

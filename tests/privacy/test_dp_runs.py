@@ -8,7 +8,8 @@ import torch
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.loop import Federation, run_federation
+from fedssl.federation.engine import Federation
+from fedssl.federation.run import run_federation
 from fedssl.privacy.accountant import epsilon
 from fedssl.privacy.clipping import global_norm, update_delta
 from fedssl.tracking.run_logger import read_metrics

@@ -4,10 +4,10 @@ It answers three messages: `query`, which partitions this node holds and what
 they hold (the server maps fedssl's client ids to Flower node ids with it; the node
 builds its data then, so that a node whose data does not fit the recipe stops the
 run at once); `train`, one local fit from the payload, through the same
-`Federation.fit_client` as the in-process loop; and `evaluate`, the global model
+`InProcessClients.train` as the in-process run; and `evaluate`, the global model
 it is sent and each client's personalized model (built from the global weights
 and the client's own state) on each of its clients' local test splits, through the
-loop's `Federation.score_clients`. Clients' data and personal state never leave
+in-process `InProcessClients.score_rows`. Clients' data and personal state never leave
 the node. The server checks every reply (it trusts no node).
 """
 
@@ -17,9 +17,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssl.backends.flower.codec import decode_evaluate, decode_payload, encode_rows, encode_update
-from fedssl.backends.flower.node import (DATA_PATH_KEY, commit_state, federation_for, hold_state, load_state,
+from fedssl.backends.flower.node import (DATA_PATH_KEY, clients_for, commit_state, hold_state, load_state,
                                         node_partitions)
-from fedssl.federation.loop import Federation, data_holdings
+from fedssl.federation.clients import InProcessClients
 
 RUN = "run"  # the ConfigRecord that carries the resolved recipe and the server's class names
 # The ConfigRecord naming a train message's draw (a round is redrawn after too few
@@ -35,8 +35,8 @@ def partitions(message: Message, context: Context) -> Message:
     and, for the server to bound this node's replies with, how many training
     examples and local test samples each holds (`own_data`: read from the node's
     data-path; otherwise the recipe's partition, which the server knows itself)."""
-    federation, held = run_federation_for(message.content, context), node_partitions(context)
-    holdings = data_holdings(federation.data)
+    clients, held = run_clients_for(message.content, context), node_partitions(context)
+    holdings = clients.holdings
     answer = {"partitions": held, "kinds": [holdings[c].kind for c in held],
               "examples": [holdings[c].examples for c in held], "test_samples": [holdings[c].test_samples for c in held],
               "own_data": context.node_config.get(DATA_PATH_KEY) is not None}
@@ -52,10 +52,10 @@ def train_client(content: RecordDict, context: Context) -> RecordDict:
     """The update of the client a train message names, from the payload it carries."""
     payload, client_id = decode_payload(content)
     check_held(context, [client_id])
-    federation, draw = run_federation_for(content, context), content.config_records[DRAW]
+    clients, draw = run_clients_for(content, context), content.config_records[DRAW]
     commit_state(context, client_id, str(draw["accepted"]))
-    federation.store.put(client_id, load_state(context, client_id))
-    update, kept, _ = federation.fit_client(client_id, payload)
+    clients.store.put(client_id, load_state(context, client_id))
+    update, kept = clients.train(client_id, payload)
     if isinstance(update, Exception):
         raise update  # Flower replies with an error message; the server drops the client
     hold_state(context, client_id, kept, str(draw["draw"]))
@@ -66,11 +66,11 @@ def train_client(content: RecordDict, context: Context) -> RecordDict:
 def evaluate(message: Message, context: Context) -> Message:
     weights, client_ids = decode_evaluate(message.content)
     check_held(context, client_ids)
-    federation = run_federation_for(message.content, context)
+    clients = run_clients_for(message.content, context)
     for client_id, accepted in zip(client_ids, message.content.config_records[DRAW]["accepted"], strict=True):
         commit_state(context, client_id, str(accepted))
-        federation.store.put(client_id, load_state(context, client_id))
-    return Message(encode_rows(federation.score_clients(weights, client_ids)), reply_to=message)
+        clients.store.put(client_id, load_state(context, client_id))
+    return Message(encode_rows(clients.score_rows(weights, client_ids)), reply_to=message)
 
 
 def check_held(context: Context, client_ids: list[int]) -> None:
@@ -79,6 +79,6 @@ def check_held(context: Context, client_ids: list[int]) -> None:
         raise ValueError(f"this node holds partitions {held}, not clients {sorted(set(client_ids) - set(held))}")
 
 
-def run_federation_for(content: RecordDict, context: Context) -> Federation:
+def run_clients_for(content: RecordDict, context: Context) -> InProcessClients:
     run = content.config_records[RUN]
-    return federation_for(str(run["recipe"]), context, [str(c) for c in run["classes"]])
+    return clients_for(str(run["recipe"]), context, [str(c) for c in run["classes"]])

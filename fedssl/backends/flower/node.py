@@ -23,17 +23,17 @@ from fedssl.config.load import merge_config
 from fedssl.config.schema import RecipeConfig
 from fedssl.config.validate import validate
 from fedssl.data.dataset import SourceData
-from fedssl.data.federated import FederatedData, node_federated_data
+from fedssl.data.federated import FederatedData, build_federated_data, node_federated_data
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
-from fedssl.federation.loop import Federation
+from fedssl.federation.clients import InProcessClients
 
 PARTITION_KEY = "partition-id"  # Flower's own name: the simulation engine sets it on each virtual node
 DATA_PATH_KEY = "data-path"  # the node's own images, in the recipe's data.source format
 
-# One built federation per recipe, per process: building data and the model takes
-# seconds, and a simulation actor or a long-lived node answers many messages.
-_BUILT: dict[str, Federation] = {}
+# One built set of clients per recipe, per process: building data and the model
+# takes seconds, and a simulation actor or a long-lived node answers many messages.
+_BUILT: dict[str, InProcessClients] = {}
 
 
 def node_partitions(context: Context) -> list[int]:
@@ -49,9 +49,9 @@ def node_partitions(context: Context) -> list[int]:
         raise UserError(f"node config: {PARTITION_KEY} must be an integer or a list like \"0,3\", got {value!r}") from None
 
 
-def federation_for(recipe_yaml: str, context: Context, classes: list[str]) -> Federation:
-    """The federation pieces the recipe builds on this node (cached per recipe and
-    node config). `classes` are the server's class names, which the node's own data
+def clients_for(recipe_yaml: str, context: Context, classes: list[str]) -> InProcessClients:
+    """The clients the recipe builds on this node (cached per recipe and node
+    config): their data, learner and state store, nothing of the server's. `classes` are the server's class names, which the node's own data
     must have too: the model's head and every score depend on them."""
     data_path, held = context.node_config.get(DATA_PATH_KEY), node_partitions(context)
     # The recipe's own data is the whole federation's, whatever partitions a node
@@ -62,8 +62,11 @@ def federation_for(recipe_yaml: str, context: Context, classes: list[str]) -> Fe
     if key not in _BUILT:
         cfg = validate(merge_config([OmegaConf.create(recipe_yaml)], source="the server's recipe"))
         _BUILT.clear()  # one run at a time: drop the previous recipe's tensors
-        own = None if data_path is None else node_data(cfg, str(data_path), held, classes)
-        _BUILT[key] = Federation.build(cfg, data=own)
+        if data_path is None:
+            data = build_federated_data(load_source(cfg.data), cfg.data, cfg.federation.clients, cfg.seed)
+        else:
+            data = node_data(cfg, str(data_path), held, classes)
+        _BUILT[key] = InProcessClients.build(cfg, data)
     found = list(_BUILT[key].data.class_names)
     if found != list(classes):
         where = f"node config {DATA_PATH_KEY}={data_path}" if data_path is not None else "the recipe's data on this node"

@@ -1,18 +1,18 @@
-"""The ServerApp: the in-process loop's rounds, with clients on Flower nodes.
+"""The ServerApp: the round engine's rounds, with clients on Flower nodes.
 
-`FlowerFederation` is the loop's `Federation` with two methods replaced: a round's
-sampled clients are trained by sending each its payload as a Flower message and
-receiving its update (`fit_clients`), and clients are scored on their own local
-test splits by the nodes that hold them (`evaluate_clients`). A node receives only
+`FlowerClients` is the round engine's `Clients` on Flower nodes: a round's sampled
+clients are trained by sending each its payload as a Flower message and receiving
+its update (`fit`), and clients are scored on their own local test splits by the
+nodes that hold them (`score`). A node receives only
 what its clients need: a train message carries the client's payload, an evaluate
 message the global model's weights (`Algorithm.global_weights`), never the server's
 state or another client's arrays. Every message also tells the node which of its
-clients' updates the server used (`collect` notes them), so that nodes keep only
+clients' updates the server used (`accept` notes them), so that nodes keep only
 what their clients learned with those. Nothing a node sends back is trusted: a
 malformed or implausible update or evaluation row is dropped with a warning and
 counted (`fedssl.federation.faults`). Sampling, the fault checks, retries,
 aggregation, central DP, evaluation, checkpoints and logging (metrics.jsonl,
-summary.json, W&B) are the loop's own `run_federation`, run on the server.
+summary.json, W&B) are the engine's and `run_federation`'s, run on the server.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -32,10 +31,11 @@ from fedssl.backends.flower.codec import MalformedMessage, decode_rows, decode_u
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.algorithms.aggregate import ServerState
 from fedssl.algorithms.base import build_algorithm
 from fedssl.federation.faults import Holding, accept_rows
-from fedssl.federation.loop import Collected, Federation, Scored, data_holdings, run_federation
+from fedssl.federation.clients import Scored, data_holdings
+from fedssl.federation.engine import Federation
+from fedssl.federation.run import run_federation
 from fedssl.messages import Arrays, Payload, Update, array_bytes
 
 log = logging.getLogger(__name__)
@@ -45,84 +45,68 @@ SERVER_ERROR = "server_error.txt"  # why a deployed ServerApp stopped, for whoev
 
 
 @dataclass
-class FlowerFederation(Federation):
-    """A federation whose clients are Flower nodes reached through `grid`."""
+class FlowerClients:
+    """A run's clients on Flower nodes reached through `grid` (the `Clients` interface)."""
 
-    grid: Grid | None = None
-    nodes: dict[int, int] = field(default_factory=dict)  # fedssl client id -> Flower node id
+    cfg: RecipeConfig
+    grid: Grid
+    run: ConfigRecord  # what every node needs to build its part of the run: the recipe and the class names
+    nodes: dict[int, int]  # fedssl client id -> Flower node id
     # client id -> what it holds: the server's own partition, or what a node with its own data declared
-    node_holdings: dict[int, Holding] = field(default_factory=dict)
-    recipe_yaml: str = ""
+    holdings: dict[int, Holding]
     draws: int = 0  # rounds drawn so far, retries included: the current draw's number
     accepted: dict[int, str] = field(default_factory=dict)  # client id -> draw of its last accepted update
 
     @classmethod
-    def on_grid(cls, cfg: RecipeConfig, grid: Grid) -> FlowerFederation:
-        federation = cls.build(cfg)
-        federation.grid, federation.recipe_yaml = grid, to_yaml(cfg)
-        federation.nodes, declared = discover_nodes(grid, cfg, federation.run_record())
+    def on_grid(cls, federation: Federation, grid: Grid) -> FlowerClients:
+        """The clients of the connected nodes (waiting for every client id to have one)."""
+        cfg = federation.cfg
+        run = ConfigRecord({"recipe": to_yaml(cfg), "classes": list(federation.data.class_names)})
+        nodes, declared = discover_nodes(grid, cfg, run)
         own = data_holdings(federation.data)  # the recipe's partition, which nodes without data-path rebuild
-        federation.node_holdings = {c: declared[c] or own[c] for c in federation.nodes}
-        return federation
+        return cls(cfg, grid, run, nodes, {c: declared[c] or own[c] for c in nodes})
 
-    @property
-    def holdings(self) -> dict[int, Holding]:
-        return self.node_holdings
-
-    def run_record(self) -> ConfigRecord:
-        """What every node needs to build its part of the run."""
-        return ConfigRecord({"recipe": self.recipe_yaml, "classes": list(self.data.class_names)})
-
-    def fit_clients(self, round_index: int, state: ServerState, sampled: list[int]
-                    ) -> Iterator[tuple[int, Payload, tuple[Update | Exception, dict[str, torch.Tensor], str | None]]]:
-        """Send every sampled client its payload at once and wait (bounded) for the
-        updates; a client that errs or stays silent past round_timeout is dropped."""
+    def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
+        """Send every client its payload at once and wait (bounded) for the updates; a
+        client that errs, stays silent past round_timeout or replies malformed is dropped."""
         self.draws += 1
-        payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
         messages = {}
         for client_id, payload in payloads.items():
             content = encode_payload(payload, client_id)
-            content[RUN] = self.run_record()
+            content[RUN] = self.run
             content[DRAW] = ConfigRecord({"draw": str(self.draws), "accepted": self.accepted.get(client_id, "")})
             messages[client_id] = Message(content, dst_node_id=self.nodes[client_id], message_type=MessageType.TRAIN,
                                           group_id=str(round_index))
         for client_id, reply in self.exchange(messages).items():
-            yield client_id, payloads[client_id], self.result(client_id, payloads[client_id], reply)
+            yield client_id, *self.result(client_id, reply)
 
-    def collect(self, round_index: int, state: ServerState) -> Collected:
-        """The loop's own collect; the clients whose updates it used are then
-        remembered, for their nodes to keep what they learned in this draw."""
-        collected = super().collect(round_index, state)
-        self.accepted |= {update.client_id: str(self.draws) for update in collected.receipts}
-        return collected
+    def accept(self, client_ids: Collection[int]) -> None:
+        """Remembered, for the nodes to keep what these clients learned in this draw
+        (every later message to a node says so)."""
+        self.accepted |= {client_id: str(self.draws) for client_id in client_ids}
 
     def exchange(self, messages: dict[int, Message]) -> dict[int, Message | None]:
         """Send all `messages` at once; the reply to each, or None where none came
         within federation.flower.round_timeout."""
-        assert self.grid is not None
         sent = self.grid.send_and_receive(list(messages.values()), timeout=self.cfg.federation.flower.round_timeout)
         replies = {reply.metadata.reply_to_message_id: reply for reply in sent}
         return {key: replies.get(message.metadata.message_id) for key, message in messages.items()}
 
-    def result(self, client_id: int, payload: Payload, reply: Message | None
-               ) -> tuple[Update | Exception, dict[str, torch.Tensor], str | None]:
-        """`fit_client`'s triple for a reply. Nothing is kept here: personal state
-        stays on the node."""
+    def result(self, client_id: int, reply: Message | None) -> tuple[Update | Exception, str | None]:
+        """A reply's update, or the exception standing for it and why it is unusable.
+        The engine checks the update itself (it trusts no node)."""
         timeout = self.cfg.federation.flower.round_timeout
         if reply is None:
             error = TimeoutError(f"no reply from node {self.nodes[client_id]} within {timeout:g}s")
-            return error, {}, f"it did not answer within federation.flower.round_timeout={timeout:g}s"
+            return error, f"it did not answer within federation.flower.round_timeout={timeout:g}s"
         if reply.has_error():
-            return RuntimeError(error_line(reply)), {}, f"its node replied with an error: {error_line(reply)}"
+            return RuntimeError(error_line(reply)), f"its node replied with an error: {error_line(reply)}"
         try:
-            update = decode_update(reply.content)
+            return decode_update(reply.content), None
         except MalformedMessage as error:
-            return error, {}, f"its node sent a malformed reply: {error}"
-        if update.client_id != client_id:
-            return update, {}, f"its node answered for client {update.client_id}"
-        return update, {}, self.check(client_id, update, payload)
+            return error, f"its node sent a malformed reply: {error}"
 
-    def evaluate_clients(self, weights: Arrays, client_ids: list[int]) -> Scored:
+    def score(self, weights: Arrays, client_ids: list[int]) -> Scored:
         """Ask each node to score its clients (global and personalized model, on
         their local test splits: data and personal state stay on the node), sending
         it the global `weights` and which clients to score. A row that fails
@@ -135,7 +119,7 @@ class FlowerFederation(Federation):
         messages = {}
         for node, held in by_node.items():
             content = encode_evaluate(weights, held)
-            content[RUN] = self.run_record()
+            content[RUN] = self.run
             content[DRAW] = ConfigRecord({"accepted": [self.accepted.get(c, "") for c in held]})
             messages[node] = Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)
         rows, dropped = [], 0
@@ -157,6 +141,12 @@ class FlowerFederation(Federation):
             rows, dropped = rows + good, dropped + len(problems)
         return Scored(sorted(rows, key=lambda row: row["client"]), bytes_down=len(messages) * array_bytes(weights),
                       dropped=dropped)
+
+    def state_dict(self) -> dict:
+        return {}  # what clients keep lives on their nodes (resuming such a run is refused: `check_resumable`)
+
+    def load_state_dict(self, states: dict) -> None:
+        pass
 
 
 def error_line(reply: Message) -> str:
@@ -230,9 +220,9 @@ def check_resumable(cfg: RecipeConfig, resume: bool) -> None:
 
 
 def serve(grid: Grid, cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """The whole run on the server: the loop's `run_federation` over Flower nodes."""
+    """The whole run on the server: `run_federation` with its clients on Flower nodes."""
     check_resumable(cfg, resume)
-    return run_federation(cfg, run_dir, resume=resume, build=lambda c: FlowerFederation.on_grid(c, grid))
+    return run_federation(cfg, run_dir, resume=resume, clients=lambda federation: FlowerClients.on_grid(federation, grid))
 
 
 # For deployment (`flwr run`): the run directory, prepared by the submitter with

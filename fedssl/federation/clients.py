@@ -1,0 +1,241 @@
+"""The clients interface between the round engine and where clients run.
+
+The engine (`fedssl.federation.engine`) asks a `Clients` three things: fit these
+clients on these payloads, keep what the clients whose updates were used learned,
+and score these weights on these clients. `InProcessClients` does it in this
+process (one client after another, or a cohort at once with
+`federation.concurrency: vmap`); `fedssl.backends.flower.server.FlowerClients` does
+it on Flower nodes, each of which runs an `InProcessClients` of its own clients and
+nothing of the server's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Collection, Iterator, Mapping, Protocol
+
+import torch
+
+from fedssl.algorithms.base import Algorithm, LocalClient, build_algorithm
+from fedssl.config.schema import RecipeConfig
+from fedssl.data.federated import FederatedData
+from fedssl.data.transforms import build_transform
+from fedssl.errors import UserError
+from fedssl.federation.client import Augmentations, ClientTrainer
+from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
+from fedssl.federation.evaluate import Score, score
+from fedssl.federation.faults import Holding
+from fedssl.federation.metrics import client_kind
+from fedssl.federation.personal_eval import labeled_batches
+from fedssl.federation.state import ClientStateStore
+from fedssl.federation.tensors import TensorPool
+from fedssl.messages import Arrays, Payload, Update, array_bytes
+from fedssl.models.factory import build_model
+
+log = logging.getLogger(__name__)
+
+Kept = dict[str, torch.Tensor]  # what a client keeps until its next round
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Clients' evaluation rows, and what scoring them cost: the bytes of the arrays
+    sent to the nodes that scored them (in process, as if each client were its own
+    node; the rows that come back are scalars, no arrays), and `dropped`, the rows
+    that were unusable or never came."""
+
+    rows: list[dict[str, Any]]
+    bytes_down: int = 0
+    dropped: int = 0
+
+
+class Clients(Protocol):
+    """Where a run's clients train and are scored."""
+
+    @property
+    def holdings(self) -> Mapping[int, Holding]:
+        """What the server knows each client holds (replies are checked against it)."""
+
+    def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
+        """Train each client from its payload: its update as it comes, or the exception
+        that stands for it and why it is unusable (it raised, it did not answer, its
+        reply was malformed). The engine checks every update it receives."""
+
+    def accept(self, client_ids: Collection[int]) -> None:
+        """The clients of the last `fit` whose updates the server used: they keep what
+        they learned in it; every other client of that fit keeps nothing from it."""
+
+    def score(self, weights: Arrays, client_ids: list[int]) -> Scored:
+        """Per client, the global model (`weights`) and its personalized model on its own
+        local test split: {client, kind, test_samples, acc, loss, personal_acc, personal_loss}."""
+
+    def state_dict(self) -> dict[int, Kept]:
+        """What the clients keep, for the server's checkpoint (empty where it lives elsewhere)."""
+
+    def load_state_dict(self, states: dict[int, Kept]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("federation.device: cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_trainer(cfg: RecipeConfig, data: FederatedData, device: torch.device) -> tuple[Algorithm, ClientTrainer]:
+    """The run's algorithm and the trainer of its learner over `data`'s image pool
+    (the initial weights drawn from the run seed, wherever this is built)."""
+    algorithm = build_algorithm(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.pool.num_classes, data.pool.channels, cfg.data.image_size)
+    learner = algorithm.make_learner(model).to(device)
+    size = cfg.data.image_size
+    augmentations = Augmentations(
+        labeled=None if cfg.data.augment == "none" else build_transform(cfg.data.augment, size),
+        weak=build_transform("weak", size),
+        strong=build_transform("strong", size),
+    )
+    trainer = ClientTrainer(learner, TensorPool.from_dataset(data.pool, device), cfg.train, cfg.algorithm.ssl,
+                            algorithm.shared_names(learner), cfg.seed, augmentations)
+    return algorithm, trainer
+
+
+def data_holdings(data: FederatedData) -> dict[int, Holding]:
+    """What each client of `data` holds: its training examples, local test samples and kind."""
+    return {c.client_id: Holding(len(c.labeled) + len(c.unlabeled), len(c.test), client_kind(c)) for c in data.clients}
+
+
+@dataclass
+class InProcessClients:
+    """The clients of `data`, trained in this process on one reused learner."""
+
+    cfg: RecipeConfig
+    data: FederatedData
+    algorithm: Algorithm
+    trainer: ClientTrainer
+    store: ClientStateStore
+    cohort: CohortTrainer | None = None  # trains clients together (federation.concurrency), None: one at a time
+    pending: dict[int, Kept] = field(default_factory=dict)  # what the last fit's clients would keep
+
+    @classmethod
+    def build(cls, cfg: RecipeConfig, data: FederatedData, algorithm: Algorithm | None = None,
+              trainer: ClientTrainer | None = None) -> InProcessClients:
+        """The clients of `data`; `algorithm` and `trainer` are the server's where it
+        shares them (in process), else built here (a Flower node)."""
+        device = resolve_device(cfg.federation.device)
+        if trainer is None:
+            algorithm, trainer = build_trainer(cfg, data, device)
+        store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
+        return cls(cfg, data, algorithm, trainer, store, cohort_trainer(cfg, trainer, device))
+
+    @cached_property
+    def holdings(self) -> dict[int, Holding]:
+        return data_holdings(self.data)
+
+    @property
+    def pool(self) -> TensorPool:
+        return self.trainer.pool
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.trainer.learner.model
+
+    def train(self, client_id: int, payload: Payload) -> tuple[Update | Exception, Kept]:
+        """One client's round: its update (or the exception it raised) and what it would keep."""
+        client = self.data.clients[client_id]
+        try:
+            return self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, self.store.get(client_id))
+        except UserError:
+            raise  # a mistake in the recipe, not a faulty client
+        except Exception as error:
+            log.debug("client %d raised", client_id, exc_info=True)
+            return error, {}
+
+    def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
+        """One client after another, or with a cohort trainer `federation.concurrent_clients` at a time."""
+        self.pending = {}
+        chunk = self.cfg.federation.concurrent_clients if self.cohort else 1
+        ids = list(payloads)
+        for start in range(0, len(ids), chunk):
+            chunk_payloads = {c: payloads[c] for c in ids[start : start + chunk]}
+            together = self.fit_together(round_index, chunk_payloads) if self.cohort else {}
+            for client_id, payload in chunk_payloads.items():
+                update, kept = (together[client_id], {}) if client_id in together else self.train(client_id, payload)
+                self.pending[client_id] = kept
+                raised = isinstance(update, Exception)
+                yield client_id, update, f"it raised {type(update).__name__}: {update}" if raised else None
+
+    def fit_together(self, round_index: int, payloads: dict[int, Payload]) -> dict[int, Update]:
+        """The updates of the clients the cohort trainer trains at once. Clients without
+        labeled data are left to `train` (they have nothing to stack); so is the whole
+        chunk if training it together raises, for `train` to isolate a faulty client."""
+        clients = [(c, self.data.clients[c].labeled, p) for c, p in payloads.items() if len(self.data.clients[c].labeled)]
+        if not clients:
+            return {}
+        try:
+            return {u.client_id: u for u in self.cohort.fit(clients)}
+        except UserError:
+            raise
+        except Exception as error:
+            log.warning("round %d: training %d clients together raised %s: %s; training them one at a time",
+                        round_index, len(clients), type(error).__name__, error)
+            return {}
+
+    def accept(self, client_ids: Collection[int]) -> None:
+        for client_id in client_ids:
+            if self.pending.get(client_id):
+                self.store.put(client_id, self.pending[client_id])
+        self.pending = {}
+
+    def score(self, weights: Arrays, client_ids: list[int]) -> Scored:
+        """Every client's row, counting the global weights as sent to each client, as
+        to a node of its own."""
+        return Scored(self.score_rows(weights, client_ids), bytes_down=len(client_ids) * array_bytes(weights))
+
+    def score_rows(self, weights: Arrays, client_ids: list[int]) -> list[dict[str, Any]]:
+        """Per client, the global model (`weights`, the algorithm's `global_weights`)
+        and the client's personalized model on the client's own local test split.
+        This is all a node needs to score its clients: the global weights, not the
+        server's state."""
+        self.trainer.learner.load_arrays(weights)
+        rows = []
+        for client_id in client_ids:
+            local = self.score_local(client_id)
+            rows.append({"client": client_id, "kind": client_kind(self.data.clients[client_id]),
+                         "test_samples": local.count, "acc": local.accuracy, "loss": local.loss})
+        self.score_personal(weights, rows)
+        return rows
+
+    def score_local(self, client_id: int) -> Score:
+        """The live model on the client's own local test split."""
+        index = torch.from_numpy(self.data.clients[client_id].test).to(self.pool.labels.device)
+        return score(self.model, self.pool.images[index], self.pool.labels[index])
+
+    def local_client(self, client_id: int) -> LocalClient:
+        """What the client's personalization may use: its kept state and its labeled training data."""
+        labeled = self.data.clients[client_id].labeled
+        batches = lambda steps: labeled_batches(self.pool.images, self.pool.labels, labeled, self.cfg.train.batch_size,
+                                                self.cfg.seed, client_id, steps)
+        return LocalClient(client_id, self.store.peek(client_id), batches)
+
+    def score_personal(self, weights: Arrays, rows: list[dict[str, Any]]) -> None:
+        """Add each client's personalized model's scores on its own local test split to
+        its row (without personalization that model is the global one, scored already)."""
+        for row in rows:
+            if self.algorithm.personalized:
+                client = self.local_client(row["client"])
+                self.trainer.learner.load_arrays(self.algorithm.personal_weights(weights, client))
+                local = self.score_local(row["client"])
+                row |= {"personal_acc": local.accuracy, "personal_loss": local.loss}
+            else:
+                row |= {"personal_acc": row["acc"], "personal_loss": row["loss"]}
+
+    def state_dict(self) -> dict[int, Kept]:
+        return self.store.state_dict()
+
+    def load_state_dict(self, states: dict[int, Kept]) -> None:
+        self.store.load_state_dict(states)

@@ -1,0 +1,232 @@
+"""The round engine: one round of a federation, whatever runs its clients.
+
+One round: sample clients -> payload down -> local fit (`Clients.fit`) -> updates
+up, each checked -> aggregate -> evaluate (the server's test set here, clients'
+own splits through `Clients.score`). All randomness is drawn from (seed, round,
+client), so a resumed run continues exactly where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from fedssl.algorithms.aggregate import RunningAverage, ServerState
+from fedssl.algorithms.base import Algorithm
+from fedssl.algorithms.robust import minimum_updates
+from fedssl.config.schema import RecipeConfig
+from fedssl.data.federated import FederatedData, build_federated_data
+from fedssl.data.sources import load_source
+from fedssl.errors import UserError
+from fedssl.federation.client import ClientTrainer
+from fedssl.federation.clients import Clients, InProcessClients, build_trainer, resolve_device
+from fedssl.federation.evaluate import score
+from fedssl.federation.faults import Holding, check_update
+from fedssl.federation.metrics import mean_acc, round_metrics
+from fedssl.federation.personal_eval import personal_metrics
+from fedssl.federation.tensors import TensorPool
+from fedssl.messages import Payload, Update
+from fedssl.privacy.mechanism import CentralDP
+from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
+
+log = logging.getLogger(__name__)
+
+SERVER_ID = -1  # the server's "client id" when it trains on its own labeled data
+# Makes a run's clients from the server's pieces: in process by default; Flower's reach nodes.
+ClientsFactory = Callable[["Federation"], Clients]
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A round's usable client updates, as the server aggregates them.
+
+    Attributes:
+        updates: what the algorithm aggregates: every usable update or, where a round
+            averages as they come (`Federation.averages_as_they_come`), their running
+            average as one update.
+        receipts: every usable update, with its arrays dropped where they were
+            folded into the average (its client, examples and metrics stay).
+        bytes_up, bytes_down: what every update received and every payload sent
+            weigh (retried draws included; see `messages.array_bytes`).
+        dropped: clients whose update was unusable.
+    """
+
+    updates: list[Update]
+    receipts: list[Update]
+    bytes_up: int
+    bytes_down: int
+    dropped: int
+
+
+@dataclass
+class Federation:
+    """The server's side of a run, built once and reused every round, and its clients."""
+
+    cfg: RecipeConfig
+    data: FederatedData  # the server's view of the data: its test and labeled sets, the recipe's partition
+    algorithm: Algorithm
+    trainer: ClientTrainer  # the server's learner: scores the global model, trains on the server's labels
+    test: TensorPool
+    clients: Clients
+    privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
+
+    @classmethod
+    def build(cls, cfg: RecipeConfig, data: FederatedData | None = None,
+              clients: ClientsFactory | None = None) -> Federation:
+        """Build from the recipe; `data` replaces the recipe's data source (benchmarks);
+        `clients` makes the clients (default: in this process, sharing the server's
+        learner and image pool)."""
+        device = resolve_device(cfg.federation.device)
+        if data is None:
+            data = build_federated_data(load_source(cfg.data), cfg.data, cfg.federation.clients, cfg.seed)
+        algorithm, trainer = build_trainer(cfg, data, device)
+        if cfg.federation.aggregator != "mean" and not algorithm.averages_updates:
+            raise UserError(f"federation.aggregator: {cfg.federation.aggregator} is not available for "
+                            f"algorithm.name={cfg.algorithm.name}, whose server does not average full client weights")
+        privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
+        federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
+        federation.clients = (clients or in_process)(federation)
+        return federation
+
+    @property
+    def pool(self) -> TensorPool:
+        return self.trainer.pool
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.trainer.learner.model
+
+    @property
+    def holdings(self) -> dict[int, Holding]:
+        return dict(self.clients.holdings)
+
+    @property
+    def kinds(self) -> dict[int, str]:
+        return {c: holding.kind for c, holding in self.clients.holdings.items()}
+
+    def check(self, client_id: int, update: Update, payload: Payload) -> str | None:
+        """Why the server cannot use client `client_id`'s `update` to `payload`
+        (None if it can): `faults.check_update` against what the client holds."""
+        if update.client_id != client_id:
+            return f"its node answered for client {update.client_id}"
+        return check_update(update, payload.arrays, dense=self.algorithm.dense_updates,
+                            max_examples=self.clients.holdings[client_id].examples,
+                            max_ratio=self.cfg.federation.max_update_ratio)
+
+    def initial_state(self) -> ServerState:
+        return self.algorithm.init_server_state(self.trainer.learner.arrays(self.trainer.shared_names))
+
+    def train_on_server(self, payload: Payload) -> Update:
+        steps = self.cfg.algorithm.ssl.server_steps
+        update, _ = self.trainer.fit(SERVER_ID, self.data.server_labeled, self.data.server_labeled[:0], payload, steps=steps)
+        return update
+
+    def fit_round(self, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
+        has_server_labels = len(self.data.server_labeled) > 0 and self.cfg.algorithm.ssl.server_steps > 0
+        state = self.algorithm.server_round(round_index, state, self.train_on_server if has_server_labels else None)
+        collected = self.collect(round_index, state)
+        metrics = round_metrics(collected.receipts, self.kinds) | {
+            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped}
+        if self.privacy is None:
+            return self.algorithm.aggregate(collected.updates, state), metrics
+        # DP-FedAvg: the cohort's updates become one private update, which the
+        # algorithm's own server step applies (see fedssl.privacy.mechanism).
+        private, privacy_metrics = self.privacy.aggregate(collected.updates, state.params, round_index)
+        return self.algorithm.aggregate([private], state), metrics | privacy_metrics
+
+    def sample(self, round_index: int, attempt: int, failed: set[int]) -> list[int]:
+        """The round's clients: a uniform draw of clients_per_round, or under DP a
+        Poisson draw (each client independently, at the rate the accountant assumes).
+        A retried round (attempt > 0) draws afresh from the clients that have not failed."""
+        fed = self.cfg.federation
+        candidates = [c for c in range(fed.clients) if c not in failed]
+        if self.privacy is not None:
+            return poisson_sample(candidates, self.privacy.sampling_rate, self.cfg.seed, round_index, attempt)
+        count = min(clients_per_round(fed), len(candidates))
+        return [candidates[i] for i in sample_clients(len(candidates), count, self.cfg.seed, round_index, attempt)]
+
+    @property
+    def averages_as_they_come(self) -> bool:
+        """Whether the server's aggregate is the plain weighted mean of the updates
+        (an averaging algorithm, `federation.aggregator: mean`, no DP), so that a
+        round can fold each update into a running average instead of holding all."""
+        return self.algorithm.averages_updates and self.cfg.federation.aggregator == "mean" and self.privacy is None
+
+    def collect(self, round_index: int, state: ServerState) -> Collected:
+        """Train the sampled clients; their usable updates (see `Collected`).
+
+        An update that raised or fails `check` (non-finite values, arrays of a wrong
+        name, shape or dtype, too many examples, too far from what was sent) is
+        dropped with a warning naming the client. With fewer usable updates
+        than federation.min_clients (or than the aggregator needs), the round is drawn
+        again from the clients that did not fail, up to federation.round_retries
+        times, and then the run stops. Under DP a Poisson draw may pick fewer clients
+        than min_clients: that is no fault, and the round is released as drawn. Only
+        the accepted draw's clients keep what they learned (`Clients.accept`).
+        """
+        fed = self.cfg.federation
+        needed = max(fed.min_clients, minimum_updates(fed))
+        failed: dict[int, str] = {}
+        raised: list[Exception] = []
+        bytes_down, bytes_up = 0, 0
+        for attempt in range(fed.round_retries + 1):
+            sampled = self.sample(round_index, attempt, set(failed))
+            payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
+            updates = []
+            running = RunningAverage() if self.averages_as_they_come else None
+            for client_id, update, problem in self.clients.fit(round_index, payloads):
+                bytes_down += payloads[client_id].num_bytes
+                if isinstance(update, Update):  # it came, usable or not
+                    bytes_up += update.num_bytes
+                    problem = problem or self.check(client_id, update, payloads[client_id])
+                if problem:
+                    log.warning("round %d: dropped the update of client %d: %s", round_index, client_id, problem)
+                    failed[client_id] = problem
+                    if isinstance(update, Exception):
+                        raised.append(update)
+                    continue
+                if running is not None:
+                    running.add(update)
+                    update = replace(update, arrays={})  # folded in: only its counts and metrics stay
+                updates.append(update)
+            if len(updates) >= (min(needed, len(sampled)) if self.privacy else needed):
+                break
+            if attempt < fed.round_retries:
+                log.warning("round %d: %d usable updates of %d sampled clients, fewer than %d; drawing the round again "
+                            "(retry %d of %d)", round_index, len(updates), len(sampled), needed, attempt + 1, fed.round_retries)
+        else:
+            reasons = "; ".join(f"client {c}: {why}" for c, why in failed.items()) or "no client failed"
+            retried = f" after {fed.round_retries} retries" if fed.round_retries else ""
+            # chained to a client's exception, so that a bug in a learner keeps its traceback in Python
+            raise UserError(f"federation.min_clients: round {round_index} got {len(updates)} usable updates of "
+                            f"{len(sampled)} sampled clients{retried}, fewer than the {needed} it needs ({reasons})"
+                            ) from (raised[0] if raised else None)
+        self.clients.accept([u.client_id for u in updates])
+        aggregated = updates
+        if running is not None:  # the average as one update, weighted by the examples it stands for
+            aggregated = [Update(SERVER_ID, running.average(), running.total)] if running.total else []
+        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed))
+
+    def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The global model on the server test set, and each client's row
+        (`Clients.score`). The metrics include what the evaluation cost and dropped
+        (`bytes_down`, `bytes_up`, `dropped_clients`), for the round to add to its own."""
+        weights = self.algorithm.global_weights(state)
+        self.trainer.learner.load_arrays(weights)
+        server = score(self.model, self.test.images, self.test.labels)
+        scored = self.clients.score(weights, sorted(self.clients.holdings))
+        rows = scored.rows
+        metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
+        kinds = sorted({row["kind"] for row in rows})
+        if len(kinds) > 1:
+            metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}
+        traffic = {"bytes_down": scored.bytes_down, "bytes_up": 0, "dropped_clients": scored.dropped}
+        return metrics | personal_metrics(rows) | traffic, rows
+
+
+def in_process(federation: Federation) -> InProcessClients:
+    """The run's clients in this process, sharing the server's learner and image pool."""
+    return InProcessClients.build(federation.cfg, federation.data, federation.algorithm, federation.trainer)

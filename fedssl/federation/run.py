@@ -1,0 +1,138 @@
+"""A whole run: build the federation, resume it if asked, run its rounds, log,
+checkpoint after every round and write the summary. The round itself is the
+engine's (`fedssl.federation.engine`); where clients run is the clients'."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from fedssl.algorithms.aggregate import ServerState
+from fedssl.config.load import to_dict, to_yaml
+from fedssl.config.schema import RecipeConfig
+from fedssl.errors import UserError
+from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
+from fedssl.federation.engine import ClientsFactory, Federation
+from fedssl.federation.personal_eval import personal_summary
+from fedssl.io import atomic_write_text
+from fedssl.privacy.mechanism import CentralDP
+from fedssl.run_dir import CHECKPOINT, CONFIG
+from fedssl.tracking.run_logger import RunLogger, read_metrics
+
+# What a round sent, received and dropped, training and evaluation together; summed over the run.
+TRAFFIC = ("bytes_up", "bytes_down", "dropped_clients")
+# Keys that may differ between a killed run and its resumption.
+RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir",
+                     "federation.states_in_memory", "federation.state_dir")
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
+    """Refuse to resume a run under a recipe that would change its results."""
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            check_resumable(old, new, f"{dotted}.")
+        elif old != new and not dotted.startswith(RESUMABLE_CHANGES):
+            raise UserError(f"cannot resume: {dotted} was {old!r} in the killed run and is {new!r} now")
+
+
+def check_privacy_resumable(saved: dict[str, Any], cfg: RecipeConfig) -> None:
+    """A target epsilon is spread over the rounds the run started with: refuse more."""
+    saved_rounds = saved["federation"]["rounds"]
+    if cfg.privacy.mechanism != "none" and cfg.privacy.target_epsilon is not None and saved_rounds != cfg.federation.rounds:
+        raise UserError(f"cannot resume: federation.rounds was {saved_rounds}, over which privacy.target_epsilon="
+                        f"{cfg.privacy.target_epsilon} is spent; it cannot change to {cfg.federation.rounds}")
+
+
+def privacy_summary(privacy: CentralDP | None, rounds: int) -> dict[str, Any]:
+    """The (epsilon, delta) the released global model satisfies, for summary.json."""
+    if privacy is None:
+        return {}
+    return {"epsilon": privacy.epsilon(rounds), "delta": privacy.cfg.delta, "noise_multiplier": privacy.noise_multiplier}
+
+
+def add_evaluation(metrics: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    """A round's metrics with its evaluation's: the traffic and drops add up."""
+    return metrics | evaluated | {key: metrics[key] + evaluated[key] for key in TRAFFIC}
+
+
+def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
+                   clients: ClientsFactory | None = None) -> dict[str, Any]:
+    """Run (or resume) a federation; returns the summary also written to summary.json.
+    `clients` makes its clients (a backend passes one whose clients train elsewhere).
+
+    The resolved recipe is written to config.yaml only once a resume is known to be
+    allowed: a refused resume leaves the run directory as it was."""
+    config_dict = to_dict(cfg)
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT) if resume else None
+    if checkpoint:
+        check_resumable(checkpoint["config"], config_dict)
+        check_privacy_resumable(checkpoint["config"], cfg)
+    atomic_write_text(run_dir / CONFIG, to_yaml(cfg))
+    federation = Federation.build(cfg, clients=clients)
+    federation.data.save(run_dir / "partition.npz")
+    state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
+    totals = dict.fromkeys(TRAFFIC, 0)
+    if checkpoint:
+        state = ServerState(**checkpoint["server_state"])
+        federation.clients.load_state_dict(checkpoint["client_states"])
+        restore_rng_states(checkpoint["rng"])
+        start, elapsed, wandb_id = checkpoint["round"] + 1, checkpoint["seconds"], checkpoint["wandb_id"]
+        totals = {"dropped_clients": 0, **checkpoint["totals"]}
+        if federation.privacy is not None:
+            federation.privacy.load_state_dict(checkpoint["privacy"])
+
+    fed = cfg.federation
+    logger = RunLogger(cfg, run_dir, config_dict, resume_after=start - 1, wandb_id=wandb_id)
+    progress = tqdm(range(start, fed.rounds + 1), desc=cfg.name, unit="round", disable=not cfg.logging.progress,
+                    initial=start - 1, total=fed.rounds)
+    metrics, rows = {}, []
+    try:
+        for round_index in progress:
+            began = time.perf_counter()
+            state, metrics = federation.fit_round(round_index, state)
+            if round_index % fed.eval_every == 0 or round_index == fed.rounds:
+                evaluated, rows = federation.evaluate(state)
+                metrics = add_evaluation(metrics, evaluated)
+                progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
+            for key in TRAFFIC:
+                totals[key] += metrics[key]
+            elapsed += time.perf_counter() - began
+            metrics["seconds"] = elapsed
+            logger.log_round(round_index, metrics)
+            save_checkpoint(run_dir / CHECKPOINT, {
+                "round": round_index,
+                "config": config_dict,
+                "class_names": list(federation.data.class_names),
+                "server_state": {"params": state.params, "momentum": state.momentum, "extras": state.extras},
+                "client_states": federation.clients.state_dict(),
+                "seconds": elapsed,
+                "totals": totals,
+                "wandb_id": logger.wandb_id,
+                "privacy": federation.privacy.state_dict() if federation.privacy else None,
+            })
+    except BaseException:
+        logger.abort()
+        raise
+    if not rows:  # resumed after the last round: nothing trained, evaluate what is there
+        evaluated, rows = federation.evaluate(state)  # outside any round: its traffic is in no round's total
+        metrics |= evaluated
+    summary = {
+        "name": cfg.name,
+        "algorithm": cfg.algorithm.name,
+        "rounds": fed.rounds,
+        "global_acc": metrics["global_acc"],
+        "global_loss": metrics["global_loss"],
+        "client_acc_mean": metrics["client_acc_mean"],
+        **{k: v for k, v in metrics.items() if k.startswith(("client_acc_mean/", "pl_"))},
+        **personal_summary(metrics, read_metrics(logger.metrics_path)),
+        **totals,
+        **privacy_summary(federation.privacy, fed.rounds),
+        "seconds": elapsed,
+    }
+    logger.finish(summary, rows, last_round=fed.rounds)
+    return summary
