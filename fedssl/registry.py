@@ -29,8 +29,8 @@ class Registry(Generic[T]):
     """A mapping from names to objects; registering a name twice raises.
 
     Entries register themselves when their module is imported. The registry imports
-    them itself, so that no list of modules is kept by hand: every module of the
-    `packages` it is given (fedssl's own, e.g. `fedssl.algorithms`), and the modules
+    them itself, so that no list of modules is kept by hand: the modules it is told
+    to `imports` (every module of a package, e.g. `fedssl.algorithms`), and the modules
     other packages declare in the Python entry point group `entry_points` (e.g.
     `[project.entry-points."fedssl.algorithms"] mine = "my_pkg.my_algorithm"`),
     when a name is not found or the names are listed.
@@ -42,12 +42,12 @@ class Registry(Generic[T]):
         def fedavg(...): ...
     """
 
-    def __init__(self, kind: str, entry_points: str | None = None, packages: tuple[str, ...] = ()):
+    def __init__(self, kind: str, entry_points: str | None = None, imports: tuple[str, ...] = ()):
         self.kind = kind
         self.group = entry_points
-        self.packages = packages
+        self.imports = imports
         self._entries: dict[str, T] = {}
-        self._loaded: set[str] = set()  # packages scanned and entry points imported so far
+        self._loaded: set[str] = set()  # modules and entry points imported so far
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -60,12 +60,14 @@ class Registry(Generic[T]):
 
     def load_plugins(self) -> None:
         """Import the modules that register entries and were not imported yet: those of
-        `packages`, and those other packages declare in the entry point group."""
-        for package in self.packages:
-            if package not in self._loaded:
-                self._loaded.add(package)
-                for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
-                    importlib.import_module(f"{package}.{module.name}")
+        `imports` (a package: all its modules), and those other packages declare in
+        the entry point group."""
+        for name in self.imports:
+            if name not in self._loaded:
+                self._loaded.add(name)
+                module = importlib.import_module(name)
+                for inner in pkgutil.iter_modules(getattr(module, "__path__", [])):
+                    importlib.import_module(f"{name}.{inner.name}")
         if self.group is None:
             return
         for point in entry_points(group=self.group):

@@ -11,6 +11,7 @@ FEDSSL = Path(__file__).resolve().parents[1] / "fedssl"
 FLOORS = [
     {"errors", "io", "messages", "sampling"},  # plain data and pure helpers
     {"registry", "run_dir"},
+    {"choices"},  # registries config validates, filled from above (fedssl/choices.py)
     {"ssl"},  # pseudo-labeling pieces, threshold rules
     {"config"},  # the recipe schema, loading, range checks
     {"tracking", "sweep"},

@@ -104,7 +104,7 @@ class Algorithm:
 # Every module of fedssl.algorithms, and any module another package declares in the
 # `fedssl.algorithms` entry point group, is imported when an algorithm is looked up.
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", entry_points="fedssl.algorithms",
-                                                 packages=("fedssl.algorithms",))
+                                                 imports=("fedssl.algorithms",))
 
 
 def build_algorithm(cfg: RecipeConfig) -> Algorithm:

@@ -25,9 +25,9 @@ import torch
 from fedssl.config.schema import FederationConfig
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import weighted_average
+from fedssl.choices import AGGREGATORS
 from fedssl.messages import Arrays, Update
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 
 
 def _stacked(updates: Sequence[Update], name: str) -> torch.Tensor:
@@ -99,21 +99,22 @@ def krum(updates: Sequence[Update], byzantine: int) -> Arrays:
     return multi_krum(updates, byzantine, 1)
 
 
+AGGREGATORS.register("mean")(lambda updates, cfg: weighted_average(updates))
+AGGREGATORS.register("median")(lambda updates, cfg: coordinate_median(updates))
+AGGREGATORS.register("trimmed_mean")(lambda updates, cfg: trimmed_mean(updates, cfg.trim_fraction))
+AGGREGATORS.register("krum")(lambda updates, cfg: krum(updates, cfg.byzantine))
+
+
+@AGGREGATORS.register("multi_krum")
+def _multi_krum(updates: Sequence[Update], cfg: FederationConfig) -> Arrays:
+    # Blanchard et al. average at most n - f updates; with clients dropped this round, n is smaller.
+    most = len(updates) - cfg.byzantine
+    return multi_krum(updates, cfg.byzantine, min(cfg.krum_select or most, most))
+
+
 def combine(updates: Sequence[Update], cfg: FederationConfig) -> Arrays:
-    """The updates combined by `cfg.aggregator`."""
-    if cfg.aggregator == "mean":
-        return weighted_average(updates)
-    if cfg.aggregator == "median":
-        return coordinate_median(updates)
-    if cfg.aggregator == "trimmed_mean":
-        return trimmed_mean(updates, cfg.trim_fraction)
-    if cfg.aggregator == "krum":
-        return krum(updates, cfg.byzantine)
-    if cfg.aggregator == "multi_krum":
-        # Blanchard et al. average at most n - f updates; with clients dropped this round, n is smaller.
-        most = len(updates) - cfg.byzantine
-        return multi_krum(updates, cfg.byzantine, min(cfg.krum_select or most, most))
-    raise ValueError(f"unknown aggregator {cfg.aggregator!r}")
+    """The updates combined by `cfg.aggregator` (one of `AGGREGATORS`)."""
+    return AGGREGATORS.get(cfg.aggregator, key="federation.aggregator")(updates, cfg)
 
 
 def minimum_updates(cfg: FederationConfig) -> int:

@@ -23,7 +23,7 @@ from fedssl.registry import Registry
 # of fedssl.algorithms) and those other packages declare in the `fedssl.algorithms`
 # entry point group. The modules are imported when the schema is first built.
 ALGORITHM_SECTIONS: Registry[type] = Registry("algorithm section", entry_points="fedssl.algorithms",
-                                              packages=("fedssl.algorithms",))
+                                              imports=("fedssl.algorithms",))
 
 
 @dataclass

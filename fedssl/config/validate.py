@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from fedssl.choices import ACCOUNTANTS, AGGREGATORS, OPTIMIZERS
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.sampling import clients_per_round
 from fedssl.registry import did_you_mean
 from fedssl.ssl.thresholds import THRESHOLDS
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("inprocess", "flower")
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")  # fedssl.algorithms.robust
 PRIVACY_MECHANISMS = ("none", "central")
-ACCOUNTANTS = ("rdp", "pld")  # fedssl.privacy.accountant
 DEVICES = ("cpu", "cuda", "auto")
 CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.federation.concurrent
 
@@ -42,7 +40,7 @@ def validate_sections(cfg: RecipeConfig) -> None:
 def validate_robustness(cfg: RecipeConfig) -> None:
     """Robust aggregation and faulty clients: the aggregator must have enough updates."""
     fed = cfg.federation
-    check_choice(fed.aggregator, AGGREGATORS, "federation.aggregator")
+    AGGREGATORS.get(fed.aggregator, key="federation.aggregator")
     require(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
     require(fed.byzantine >= 0, "federation.byzantine", f"must be >= 0, got {fed.byzantine}")
     require(fed.krum_select >= 0, "federation.krum_select", f"must be >= 0, got {fed.krum_select}")
@@ -62,7 +60,7 @@ def validate_robustness(cfg: RecipeConfig) -> None:
 def validate_privacy(cfg: RecipeConfig) -> None:
     p = cfg.privacy
     check_choice(p.mechanism, PRIVACY_MECHANISMS, "privacy.mechanism")
-    check_choice(p.accountant, ACCOUNTANTS, "privacy.accountant")
+    ACCOUNTANTS.get(p.accountant, key="privacy.accountant")
     require(p.clip > 0, "privacy.clip", f"must be > 0, got {p.clip}")
     require(0 < p.target_quantile < 1, "privacy.target_quantile", f"must be in (0, 1), got {p.target_quantile}")
     require(p.clip_lr > 0, "privacy.clip_lr", f"must be > 0, got {p.clip_lr}")
@@ -116,7 +114,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     check_choice(fed.device, DEVICES, "federation.device")
     check_choice(fed.concurrency, CONCURRENCY, "federation.concurrency")
     require(fed.concurrent_clients >= 1, "federation.concurrent_clients", f"must be >= 1, got {fed.concurrent_clients}")
-    check_choice(train.optimizer, OPTIMIZERS, "train.optimizer")
+    OPTIMIZERS.get(train.optimizer, key="train.optimizer")
     require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
     require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")
     require(train.local_epochs >= 1 or train.local_steps >= 1, "train.local_epochs", "set local_epochs or local_steps >= 1")

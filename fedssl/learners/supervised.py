@@ -6,19 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedssl.choices import OPTIMIZERS
 from fedssl.config.schema import TrainConfig
 from fedssl.messages import Payload
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
 
+OPTIMIZERS.register("sgd")(lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                                 weight_decay=cfg.weight_decay))
+OPTIMIZERS.register("adam")(lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+OPTIMIZERS.register("adamw")(lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+
+
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")  # the recipe validator rules this out
+    """The client optimizer `train.optimizer` names (one of `OPTIMIZERS`)."""
+    return OPTIMIZERS.get(cfg.optimizer, key="train.optimizer")(params, cfg)
 
 
 class SupervisedLearner(FederatedLearner):

@@ -18,9 +18,11 @@ import math
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from fedssl.choices import ACCOUNTANTS
 from fedssl.tracking.quiet import quiet_logger
 
-ACCOUNTANTS = ("rdp", "pld")
+ACCOUNTANTS.register("rdp")(rdp.RdpAccountant)
+ACCOUNTANTS.register("pld")(pld.PLDAccountant)
 
 
 def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:
@@ -30,11 +32,7 @@ def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.
 
 def make_accountant(kind: str) -> dp_accounting.PrivacyAccountant:
     """A fresh accountant under add-or-remove-one-client neighbouring."""
-    if kind == "rdp":
-        return rdp.RdpAccountant()
-    if kind == "pld":
-        return pld.PLDAccountant()
-    raise ValueError(f"unknown accountant {kind!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    return ACCOUNTANTS.get(kind, key="privacy.accountant")()
 
 
 @functools.lru_cache(maxsize=4096)

@@ -5,7 +5,7 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.config.schema import FederationConfig
-from fedssl.config.validate import AGGREGATORS
+from fedssl.choices import AGGREGATORS
 from fedssl.errors import UserError
 from fedssl.algorithms.base import ALGORITHMS
 from fedssl.algorithms.fedavg import FedAvg
@@ -58,7 +58,7 @@ def test_krum_picks_the_best_scored_update_and_multi_krum_averages_the_m_best():
 
 def test_combine_knows_every_aggregator_a_recipe_may_name():
     cfg = FederationConfig()
-    for name in AGGREGATORS:
+    for name in AGGREGATORS.names():
         cfg.aggregator, cfg.byzantine = name, 1
         assert combine(LINE, cfg)["w"].shape == (1,)
     cfg.aggregator = "mean"  # example-weighted: (0*10 + 1*20 + 2*30 + 3*40 + 100*50) / 150
