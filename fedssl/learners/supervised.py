@@ -8,7 +8,7 @@ from torch import nn
 
 from fedssl.config.schema import TrainConfig
 from fedssl.federation.messages import Payload
-from fedssl.learners.base import Batch, ClientContext, FederatedLearner
+from fedssl.learners.base import Batch, ClientContext, FederatedLearner, batch_size
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -56,8 +56,7 @@ class SupervisedLearner(FederatedLearner):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.supervised_loss(batch)
-        if self._trainer is not None:  # logging needs a Trainer; the federation loop collects losses itself
-            self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
