@@ -120,7 +120,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     options = FineTuneOptions(
         mode=args.mode, epochs=args.epochs, patience=args.patience, steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, holdout=args.holdout, augment=args.augment, seed=args.seed,
-        skip_bad=args.skip_bad, progress=not args.no_progress,
+        skip_bad=args.skip_bad, progress=not args.no_progress, accelerator=args.accelerator,
     )
     personalize(args.run, args.data, options, out_dir=args.out, export_format=args.format)
     return 0
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     personal.add_argument("--seed", type=int, help="default: the recipe's seed")
     personal.add_argument("--skip-bad", action="store_true", help="skip unreadable images and bad CSV rows, and count them")
     personal.add_argument("--no-progress", action="store_true", help="no progress bar")
+    personal.add_argument("--accelerator", default="auto",
+                          help="auto (default: a CUDA GPU where there is one), cpu or cuda; the exported model runs anywhere")
     personal.set_defaults(func=cmd_personalize)
 
     predict = commands.add_parser("predict", help="label images with a model exported by fedssl personalize")

@@ -3,7 +3,9 @@
 A practitioner holds a few labeled images of their own users. The federated model
 is read from its run (`fedssl.trained`), their images are put in its class order
 and split into a fine-tuning part and a held-out part (`fedssl.data.labeled_subset`),
-and one of three modes adapts it with a standard Lightning Trainer:
+and one of three modes adapts it with a standard Lightning Trainer (on
+`--accelerator`: auto takes a CUDA GPU where there is one), reading your images as
+the batch dicts every fedssl learner takes (`FineTuneData`):
 
 - ``head``: only the classifier head learns; the body is frozen, its BatchNorm
   statistics included (FedPer/FedRep's view: the body is the shared representation,
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedssl.config.schema import TrainConfig
 from fedssl.data.dataset import ImageDataset
@@ -49,12 +51,14 @@ from fedssl.data.transforms import augment_batch, build_transform, check_augment
 from fedssl.errors import UserError
 from fedssl.federation.evaluate import Score, score
 from fedssl.io import atomic_write_text
+from fedssl.learners.base import Batch
 from fedssl.learners.supervised import build_optimizer
 from fedssl.models.split import head_parameter_names
 
-__all__ = ["MODES", "FineTuneOptions", "FineTuned", "FineTuner", "finetune", "personalize"]
+__all__ = ["MODES", "FineTuneData", "FineTuneOptions", "FineTuned", "FineTuner", "finetune", "personalize"]
 
 MODES = ("head", "full", "maml")
+ACCELERATORS = ("auto", "cpu", "cuda")  # Lightning's names; auto: a CUDA GPU where there is one
 REPORT = "personalize.json"
 
 
@@ -73,11 +77,16 @@ class FineTuneOptions:
     seed: int | None = None  # split, batch order and augmentation; default: the recipe's seed
     skip_bad: bool = False  # skip unreadable images and malformed rows instead of stopping
     progress: bool = True  # Lightning's progress bar
+    accelerator: str = "auto"  # auto | cpu | cuda: where Lightning trains (the exported model is on the CPU)
 
     def check(self) -> None:
         """Raise a `UserError` naming the flag of the first bad value."""
         if self.mode not in MODES:
             raise UserError(f"--mode: unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.accelerator not in ACCELERATORS:
+            raise UserError(f"--accelerator: unknown accelerator {self.accelerator!r}; choose one of {', '.join(ACCELERATORS)}")
+        if self.accelerator == "cuda" and not torch.cuda.is_available():
+            raise UserError("--accelerator: cuda was asked for but no CUDA device is available; use cpu or auto")
         if self.augment is not None:
             check_augmentation(self.augment, key="--augment")
         for flag, value in (("--epochs", self.epochs), ("--steps", self.steps), ("--batch-size", self.batch_size)):
@@ -139,14 +148,14 @@ class FineTuner(pl.LightningModule):
         # or a model handed over in eval mode would fine-tune with BatchNorm frozen.
         self.train()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch["x"], batch["y"]
         loss = F.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        x, y = batch["x"], batch["y"]
         logits = self(x)
         # Weighted by batch size, these epoch means equal `score` over the whole split.
         self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True, batch_size=len(y))
@@ -178,18 +187,40 @@ class KeepBest(Callback):
         self.best_state = copy.deepcopy(self.model.state_dict())
 
 
-class _Augmented(Dataset):
-    """uint8 images augmented one at a time, then normalized as in training."""
+class _Images(Dataset):
+    """Labeled images as the learners' batch dicts ("x", "y"; `fedssl.learners.base.Batch`),
+    normalized as in training; with `kind`, uint8 images augmented one at a time first."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, kind: str, seed: int):
-        self.images, self.labels = images, torch.from_numpy(labels)
-        self.transform = build_transform(kind, images.shape[1], seed=seed)
+    def __init__(self, images: np.ndarray, labels: np.ndarray, kind: str = "none", seed: int = 0):
+        self.raw, self.labels = images, torch.from_numpy(labels)
+        self.images = to_tensor(images) if kind == "none" else None
+        self.transform = None if kind == "none" else build_transform(kind, images.shape[1], seed=seed)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return to_tensor(augment_batch(self.transform, self.images[i : i + 1]))[0], self.labels[i]
+    def __getitem__(self, i: int) -> Batch:
+        if self.transform is None:
+            return {"x": self.images[i], "y": self.labels[i]}
+        return {"x": to_tensor(augment_batch(self.transform, self.raw[i : i + 1]))[0], "y": self.labels[i]}
+
+
+class FineTuneData(pl.LightningDataModule):
+    """Your images as Lightning data: shuffled fine-tuning batches and the held-out
+    split, both as batch dicts, the form every fedssl learner takes."""
+
+    def __init__(self, train: Dataset, heldout: Dataset, batch_size: int, seed: int, drop_last: bool):
+        super().__init__()
+        self.train, self.heldout = train, heldout
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator,
+                          drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.heldout, batch_size=256)
 
 
 def finetune(
@@ -220,17 +251,12 @@ def finetune(
     if before is None:
         before = score(model, x_held, y_held)
 
-    generator = torch.Generator().manual_seed(options.seed)
     batch_size = min(options.batch_size, len(train))
-    if options.augment == "none":
-        train_set: Dataset = TensorDataset(to_tensor(train.images), torch.from_numpy(train.labels))
-    else:
-        train_set = _Augmented(train.images, train.labels, options.augment, options.seed)
     # A last batch of one image would break BatchNorm in training mode; with more
     # images than a batch, the shuffle lets every image take part over the epochs.
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
-                              drop_last=len(train) > batch_size)
-    val_loader = DataLoader(TensorDataset(x_held, y_held), batch_size=256)
+    data = FineTuneData(_Images(train.images, train.labels, options.augment, options.seed),
+                        _Images(heldout.images, heldout.labels), batch_size, options.seed,
+                        drop_last=len(train) > batch_size)
 
     if options.mode == "head":
         trainable = head_parameter_names(model)
@@ -248,18 +274,16 @@ def finetune(
 
     keep_best = None
     common = dict(
-        accelerator="cpu", devices=1, logger=CSVLogger(log_dir, name="logs") if log_dir else False,
+        accelerator=options.accelerator, devices=1, logger=CSVLogger(log_dir, name="logs") if log_dir else False,
         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=options.progress,
         log_every_n_steps=1, num_sanity_val_steps=0,
     )
     if options.mode == "maml":
         trainer = pl.Trainer(max_steps=options.steps, max_epochs=-1, limit_val_batches=0, **common)
-        fit = dict(train_dataloaders=train_loader)
     else:
         keep_best = KeepBest(model, before.loss)
         early = EarlyStopping(monitor="val_loss", mode="min", patience=options.patience)
         trainer = pl.Trainer(max_epochs=options.epochs, callbacks=[early, keep_best], **common)
-        fit = dict(train_dataloaders=train_loader, val_dataloaders=val_loader)
     torch.manual_seed(options.seed)  # dropout, and any layer that draws while training
     with warnings.catch_warnings():
         # Images are tensors in memory already: loader worker processes would only add start-up time.
@@ -270,8 +294,9 @@ def finetune(
         warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         # maml takes its steps without validating; the held-out split is scored after.
         warnings.filterwarnings("ignore", r".*`validation_step` but have no `val_dataloader`.*")
-        trainer.fit(learner, **fit)
+        trainer.fit(learner, datamodule=data)
 
+    model.cpu()  # after a GPU: scored, and exported, on the CPU
     if keep_best is not None:
         model.load_state_dict(keep_best.best_state)
     for param in model.parameters():

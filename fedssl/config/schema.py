@@ -76,6 +76,7 @@ class TrainConfig:
     batch_size: int = 32  # client mini-batch size
     local_epochs: int = 1  # passes over the client's labeled data per round
     local_steps: int = 0  # if > 0, a fixed number of SGD steps per round instead of epochs
+    precision: str = "32"  # client training precision, set by Lightning: 32 | bf16-mixed (CPU or CUDA autocast) | 16-mixed (CUDA only; float16 autocast with loss scaling)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from fedssl.sampling import clients_per_round
 from fedssl.registry import did_you_mean
 from fedssl.ssl.thresholds import THRESHOLDS
 
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names; the device is checked where it is known
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("inprocess", "flower")
 PRIVACY_MECHANISMS = ("none", "central")
@@ -115,6 +116,11 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     check_choice(fed.concurrency, CONCURRENCY, "federation.concurrency")
     require(fed.concurrent_clients >= 1, "federation.concurrent_clients", f"must be >= 1, got {fed.concurrent_clients}")
     OPTIMIZERS.get(train.optimizer, key="train.optimizer")
+    check_choice(train.precision, PRECISIONS, "train.precision")
+    # Lightning would train at bf16-mixed instead; federation.device: auto is checked where it resolves.
+    require(not (train.precision == "16-mixed" and fed.device == "cpu"), "train.precision",
+            "16-mixed (float16 autocast with loss scaling) needs a CUDA device, and federation.device is cpu; "
+            "use bf16-mixed or 32 there")
     require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
     require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")
     require(train.local_epochs >= 1 or train.local_steps >= 1, "train.local_epochs", "set local_epochs or local_steps >= 1")

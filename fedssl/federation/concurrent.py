@@ -10,7 +10,8 @@ the "model ensembling" recipe of torch.func (PyTorch's tutorial of that name,
 after JAX's `vmap`); FedJAX (Ro et al., "FedJAX: Federated learning simulation
 with JAX", 2021) vectorizes client training the same way.
 
-The results equal the sequential `ClientTrainer`'s up to floating point: each
+The results equal the sequential `ClientTrainer`'s (Lightning Fabric at
+`train.precision: 32`) up to floating point: each
 client draws exactly its sequential batches (the same per-(seed, round, client)
 streams, and its own copy of the augmentation pipeline reseeded alike), and the
 update is `torch.optim.SGD`'s (weight decay, then momentum) written out per
@@ -18,7 +19,8 @@ client. Clients with fewer steps finish early: the cohort is sorted by step coun
 so the clients still training are always a prefix and finished ones are left alone.
 
 Only what this can reproduce exactly is vectorized (`blocker` says why not): the
-plain supervised learner (FedAvg, FedProx) with SGD, on a model without buffers
+plain supervised learner (FedAvg, FedProx) with SGD at full precision (the step
+keeps its own torch.func arithmetic, without Fabric's autocast), on a model without buffers
 (BatchNorm's running statistics are updated in place) and without random layers
 in training mode (dropout would draw differently). Everything else trains one
 client at a time.
@@ -50,6 +52,8 @@ Tensors = dict[str, torch.Tensor]
 def blocker(cfg: RecipeConfig, trainer: ClientTrainer) -> str | None:
     """Why this run's clients cannot be trained together, or None if they can."""
     learner = trainer.learner
+    if cfg.train.precision != "32":
+        return f"train.precision={cfg.train.precision}; only 32 is vectorized (the cohort step runs without autocast)"
     if type(learner) is not SupervisedLearner:
         return (f"algorithm.name={cfg.algorithm.name} trains with {type(learner).__name__}; only the plain "
                 "supervised learner (fedavg, fedprox) is vectorized")

@@ -10,6 +10,8 @@ import numpy as np
 from fedssl.data.federated import ClientData
 from fedssl.messages import Update
 
+PSEUDO_LABEL_COUNTS = ("pl_seen", "pl_masked", "pl_correct")  # summed over clients, not averaged
+
 
 def client_kind(client: ClientData) -> str:
     """labeled (labels only), unlabeled (no labels) or mixed; metrics keep them apart."""
@@ -20,7 +22,7 @@ def client_kind(client: ClientData) -> str:
 
 def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, float]:
     """Training metrics of a round: mean loss and pseudo-label quality pooled over
-    clients, overall and per kind of client."""
+    clients, overall and per kind of client, and the mean of what learners logged."""
     losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates)}
     groups = {"": updates} | {f"/{kind}": [u for u in updates if kinds[u.client_id] == kind] for kind in sorted(set(kinds.values()))}
@@ -31,6 +33,10 @@ def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, flo
             metrics[f"pl_mask_rate{suffix}"] = masked / seen
             correct = sum(u.metrics.get("pl_correct", 0) for u in members)
             metrics[f"pl_acc{suffix}"] = correct / masked if masked else float("nan")
+    # What learners logged (self.log, a client's mean over its round): each name's
+    # mean over the clients that logged it, never in place of the metrics above.
+    for name in sorted({name for u in updates for name in u.metrics} - set(PSEUDO_LABEL_COUNTS) - set(metrics)):
+        metrics[name] = float(np.mean([u.metrics[name] for u in updates if name in u.metrics]))
     return metrics
 
 

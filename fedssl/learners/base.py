@@ -16,6 +16,13 @@ from fedssl.messages import Arrays, Payload
 Batch = dict[str, torch.Tensor]
 
 
+def batch_size(batch: Batch) -> int:
+    """Images in a batch's first part (labeled, else unlabeled), for `self.log`: a
+    Trainer cannot tell which of a dict's tensors holds the batch."""
+    part = batch.get("x", batch.get("u_weak"))
+    return 0 if part is None else len(part)
+
+
 @dataclass(frozen=True)
 class ClientContext:
     """Who is training this round, and what it kept from earlier rounds."""
@@ -36,13 +43,35 @@ class FederatedLearner(pl.LightningModule):
     `training_step` returns the loss, or a dict with "loss" and, for
     pseudo-labeling learners, "pseudo_labels" and "mask" of the unlabeled batch
     (the loop scores them against labels the learner never sees).
+
+    As under a Lightning Trainer (which can fit one client through
+    `fedssl.federation.client_data.ClientDataModule`): `batch_idx` counts the
+    batches of the current local epoch; `training_step` runs under the precision's
+    autocast; `self.log` works (the loop sends the round's mean of each logged
+    value up with the update); `configure_optimizers` may return Lightning's dict
+    with an "lr_scheduler", whose schedule spans one client's round, since the
+    optimizer is made anew for every client.
     """
 
     uses_unlabeled = False
+    _log_owner: FederatedLearner | None = None  # see `logs_through`
+    _log_prefix = ""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    def logs_through(self, owner: FederatedLearner, prefix: str = "") -> None:
+        """Send this learner's `self.log` calls to `owner`, the learner that wraps it
+        (FedPer's, Ditto's), under `prefix` + name: a Trainer drives only the
+        outermost module, and refuses a log call from any other."""
+        object.__setattr__(self, "_log_owner", owner)  # a plain reference: nn.Module would make it a submodule
+        object.__setattr__(self, "_log_prefix", prefix)
+
+    def log(self, name: str, value, *args, **kwargs) -> None:
+        if self._log_owner is not None:
+            return self._log_owner.log(self._log_prefix + name, value, *args, **kwargs)
+        return super().log(name, value, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

@@ -50,8 +50,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fedssl.config.schema import TrainConfig
+from fedssl.learners.base import Batch, ClientContext, FederatedLearner, batch_size
 from fedssl.messages import Arrays, Payload
-from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 from fedssl.learners.supervised import build_optimizer
 
 if TYPE_CHECKING:  # the algorithm module owns its config section
@@ -223,8 +223,7 @@ class FedMatchLearner(FederatedLearner):
             out = {"pseudo_labels": labels, "mask": mask}
         if loss is None:  # nothing this learner may learn from this batch: a zero backward accepts
             loss = sum(s.sum() for s in self.sigma) * 0.0
-        if self._trainer is not None:
-            self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return {"loss": loss, **out}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

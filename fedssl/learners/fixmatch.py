@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from fedssl.config.schema import SSLConfig, TrainConfig
+from fedssl.learners.base import Batch, ClientContext, batch_size
 from fedssl.messages import Payload
-from fedssl.learners.base import Batch, ClientContext
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.ssl.alignment import align, update_running_mean
 from fedssl.ssl.pseudo_labels import masked_cross_entropy, pseudo_labels
@@ -88,12 +88,12 @@ class FixMatchLearner(SupervisedLearner):
         if self.proximal_mu > 0 and self.global_params:
             loss = loss + self.proximal_term()
         if "u_weak" not in batch:
+            self.log("train_loss", loss, prog_bar=True, batch_size=batch_size(batch))
             return {"loss": loss}
         weak_logits, strong_logits = logits.chunk(2)
         probs = self.weak_probabilities(weak_logits, batch["u_weak"])
         labels, confidence, mask = pseudo_labels(probs, self.threshold.thresholds())
         self.threshold.update(batch["u_index"], labels, confidence)
         loss = loss + self.ssl_cfg.lambda_u * masked_cross_entropy(strong_logits, labels, mask)
-        if self._trainer is not None:
-            self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return {"loss": loss, "pseudo_labels": labels, "mask": mask}

@@ -43,6 +43,7 @@ class PersonalLayersLearner(FederatedLearner):
     def __init__(self, inner: FederatedLearner, personal: list[str]):
         super().__init__(inner.model)
         self.inner = inner
+        inner.logs_through(self)
         self.personal = list(personal)
         self.uses_unlabeled = inner.uses_unlabeled
         self.initial = inner.arrays(self.personal)  # copies: training never changes them
@@ -76,10 +77,12 @@ class FedRepLearner(PersonalLayersLearner):
         super().__init__(inner, personal)
         self.head_epochs, self.local_epochs, self.local_steps = head_epochs, local_epochs, local_steps
         self.head_steps = 0
+        self.steps_taken = 0  # this round's; batch_idx restarts at every epoch
 
     def start_round(self, payload: Payload, context: ClientContext) -> None:
         super().start_round(payload, context)
         self.head_steps = 0  # set by round_steps; an explicit step budget (the server's) trains the body only
+        self.steps_taken = 0
         self._train_head(True)
 
     def round_steps(self, steps: int) -> int:
@@ -95,8 +98,9 @@ class FedRepLearner(PersonalLayersLearner):
             param.requires_grad_((name in personal) == head)
 
     def training_step(self, batch: Batch, batch_idx: int):
-        if batch_idx == self.head_steps:
+        if self.steps_taken == self.head_steps:
             self._train_head(False)
+        self.steps_taken += 1
         return self.inner.training_step(batch, batch_idx)
 
     def end_round(self) -> dict[str, torch.Tensor]:
@@ -115,12 +119,15 @@ class DittoLearner(FederatedLearner):
     pulls v toward the global weights w received this round (held fixed within the
     round). Their parameters are disjoint, so one backward through the sum of their
     losses gives each its own gradient. A first-time client's personal model starts
-    from the global one it receives.
+    from the global one it receives. The personal model's loss is logged as
+    `personal_train_loss` (a round metric); `train_loss` is the global copy's.
     """
 
     def __init__(self, inner: FederatedLearner, personal: FederatedLearner):
         super().__init__(inner.model)
         self.inner, self.personal = inner, personal
+        inner.logs_through(self)
+        personal.logs_through(self, prefix="personal_")  # its loss is logged as personal_train_loss
         self.uses_unlabeled = inner.uses_unlabeled
 
     def start_round(self, payload: Payload, context: ClientContext) -> None:

@@ -8,8 +8,8 @@ from torch import nn
 
 from fedssl.choices import OPTIMIZERS
 from fedssl.config.schema import TrainConfig
+from fedssl.learners.base import Batch, ClientContext, FederatedLearner, batch_size
 from fedssl.messages import Payload
-from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
 
 OPTIMIZERS.register("sgd")(lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
@@ -58,8 +58,7 @@ class SupervisedLearner(FederatedLearner):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.supervised_loss(batch)
-        if self._trainer is not None:  # logging needs a Trainer; the federation loop collects losses itself
-            self.log("train_loss", loss, prog_bar=True)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch_size(batch))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -1,4 +1,5 @@
-"""Clients trained together (torch.func.vmap) end where sequential training ends."""
+"""Clients trained together (torch.func.vmap) end where sequential training ends:
+the loop's Lightning Fabric path at train.precision 32 (fedssl.federation.client)."""
 
 import logging
 
@@ -40,6 +41,7 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
 def test_vectorized_training_equals_sequential_training(tiny_recipe, overrides):
     federation = build(tiny_recipe, *VMAP, *overrides)
     assert federation.clients.cohort is not None
+    assert federation.trainer.fabric.strategy.precision.precision == "32-true"  # the path compared against
     sizes = [len(federation.data.clients[c].labeled) for c in range(4)]
     assert len(set(sizes)) > 1 and any(n % 16 for n in sizes)  # unequal clients, short last batches
     together, one_by_one = train_both_ways(federation)
@@ -80,6 +82,7 @@ def test_a_two_round_run_ends_with_the_same_weights_either_way(tiny_recipe, tmp_
     (["train.optimizer=adam"], "train.optimizer=adam"),
     (["model.name=fedavg_cnn_bn"], "buffers"),
     (["model.kwargs={drop_rate: 0.5}"], "cannot be vectorized"),  # dropout draws randomly
+    (["train.precision=bf16-mixed"], "train.precision=bf16-mixed; only 32 is vectorized"),
 ])
 def test_what_cannot_be_vectorized_trains_one_at_a_time_and_says_why(tiny_recipe, caplog, overrides, reason):
     with caplog.at_level(logging.WARNING, logger="fedssl.federation.concurrent"):

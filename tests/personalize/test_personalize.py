@@ -258,10 +258,17 @@ def test_predict_names_an_unreadable_image(tiny_run, faces, tmp_path, capsys):
     assert out_text == ""  # every file is read before anything is printed
 
 
-@pytest.mark.parametrize("flag, value", [("--format", "tflite"), ("--mode", "fancy"), ("--holdout", "1.5")])
+@pytest.mark.parametrize("flag, value", [("--format", "tflite"), ("--mode", "fancy"), ("--holdout", "1.5"),
+                                         ("--accelerator", "tpu")])
 def test_bad_option_values(tiny_run, faces, capsys, flag, value):
     code, _, err = run_main(capsys, "personalize", str(tiny_run), "--data", str(faces), flag, value)
     assert_user_error(code, err, flag, value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a CUDA device")
+def test_cuda_without_a_gpu_is_a_user_error(tiny_run, faces, capsys):
+    code, _, err = run_main(capsys, "personalize", str(tiny_run), "--data", str(faces), "--accelerator", "cuda")
+    assert_user_error(code, err, "--accelerator", "no CUDA device")
 
 
 def test_onnx_export_and_predict(tiny_run, faces, tmp_path):

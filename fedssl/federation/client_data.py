@@ -1,0 +1,218 @@
+"""One client's round as Lightning data: the batches a learner trains on, in order.
+
+The federation loop (`fedssl.federation.client.ClientTrainer`) and a plain Lightning
+Trainer read the same `ClientDataModule`, so one client trains the same way inside
+and outside the federation:
+
+    data = federation.trainer.client_data(client_id, client.labeled, client.unlabeled, payload)
+    steps = data.begin(learner)                 # the payload's weights in, `start_round`
+    pl.Trainer(max_steps=steps, ...).fit(learner, datamodule=data)
+    update, kept = data.finish(learner)         # what the client sends, and keeps
+
+Every random draw of a client's round (batch order, augmentation, torch's generator)
+is seeded from (seed, round, client) when the round begins, so the order clients
+run in never matters and a resumed run draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from fedssl.config.schema import TrainConfig
+from fedssl.data.transforms import augment_batch, reseed, to_tensor
+from fedssl.messages import Payload, Update
+from fedssl.federation.tensors import TensorPool, client_seed, cycle_batches
+from fedssl.learners.base import Batch, ClientContext, FederatedLearner
+
+
+@dataclass(frozen=True)
+class Augmentations:
+    """The pipelines a client applies: to labeled images (None: none), and the weak
+    and strong views of unlabeled images for pseudo-labeling learners."""
+
+    labeled: A.Compose | None
+    weak: A.Compose
+    strong: A.Compose
+
+    def reseed(self, seed: int) -> None:
+        for offset, transform in enumerate((self.labeled, self.weak, self.strong)):
+            if transform is not None:
+                reseed(transform, seed + offset)
+
+
+def epoch_steps(num_labeled: int, num_unlabeled: int, cfg: TrainConfig, unlabeled_batch: int) -> int:
+    """SGD steps in one local epoch: one pass over whichever of the labeled and
+    unlabeled sets takes more batches; with `local_steps` set, the whole budget."""
+    if cfg.local_steps > 0:
+        return cfg.local_steps
+    per_epoch = math.ceil(num_labeled / cfg.batch_size)
+    if unlabeled_batch:
+        per_epoch = max(per_epoch, math.ceil(num_unlabeled / unlabeled_batch))
+    return per_epoch
+
+
+def round_steps(num_labeled: int, num_unlabeled: int, cfg: TrainConfig, unlabeled_batch: int) -> int:
+    """SGD steps in one round: `local_steps`, or `local_epochs` epochs (`epoch_steps`)."""
+    if cfg.local_steps > 0:
+        return cfg.local_steps
+    return cfg.local_epochs * epoch_steps(num_labeled, num_unlabeled, cfg, unlabeled_batch)
+
+
+@dataclass(frozen=True)
+class BatchSource:
+    """What every client's batches are cut from, built once per run: the image pool
+    on the training device, the augmentations, the batch sizes and the run's seed.
+
+    Attributes:
+        unlabeled_ratio: unlabeled images per labeled one in a step (FixMatch's mu),
+            for learners that use unlabeled data.
+    """
+
+    pool: TensorPool
+    augmentations: Augmentations
+    train: TrainConfig
+    unlabeled_ratio: int
+    seed: int
+
+    def unlabeled_batch(self, learner: FederatedLearner) -> int:
+        return self.train.batch_size * self.unlabeled_ratio if learner.uses_unlabeled else 0
+
+
+class RoundBatches:
+    """A round's batches as a Lightning train loader: each pass (`iter`) is one
+    epoch, the next `epoch_steps` batches of one stream that runs on across epochs,
+    until the round's `steps` are spent (the last epoch may be short).
+
+    It has no `len`: Lightning then finds an epoch's end by its last batch, as the
+    loop does. A batch counts as spent when it is read, not when a pass starts
+    (Lightning calls `iter` once just to check the loader)."""
+
+    def __init__(self, stream: Iterator[Batch], steps: int, epoch_steps: int):
+        self.stream, self.left, self.epoch_steps = stream, steps, max(epoch_steps, 1)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for _ in range(min(self.epoch_steps, self.left)):
+            self.left -= 1
+            yield next(self.stream)
+
+
+class ClientDataModule(pl.LightningDataModule):
+    """One client's round: its batches (dicts, see `fedssl.learners.base.Batch`), and
+    the round's start (`begin`) and end (`finish`) on a learner.
+
+    `begin` seeds the round, loads the payload's weights and calls the learner's
+    `start_round`; under a Trainer that has not been begun, `setup("fit")` does it.
+    One epoch of `train_dataloader` is one local epoch (`epoch_steps`; with
+    `train.local_steps`, the whole round), so epoch-interval LR schedulers step
+    where the federation loop steps them.
+
+    Args:
+        source: the run's pool, augmentations, batch sizes and seed.
+        client_id: the client (the server trains as client -1).
+        labeled, unlabeled: the client's pool indices.
+        payload: what it received this round.
+        state: what it kept from earlier rounds.
+        steps: the round's SGD steps; default: the recipe's budget, as the
+            learner's `round_steps` extends it.
+    """
+
+    def __init__(self, source: BatchSource, client_id: int, labeled: np.ndarray, unlabeled: np.ndarray,
+                 payload: Payload, state: dict[str, torch.Tensor] | None = None, steps: int | None = None):
+        super().__init__()
+        self.source = source
+        self.client_id, self.labeled, self.unlabeled = client_id, labeled, unlabeled
+        self.payload, self.state, self.steps = payload, state or {}, steps
+        self.unlabeled_batch = 0
+        self.loader: RoundBatches | None = None
+
+    @property
+    def seed(self) -> int:
+        return client_seed(self.source.seed, self.payload.round, self.client_id)
+
+    def begin(self, learner: FederatedLearner) -> int:
+        """Start the round on `learner`: seed every draw, load the payload's weights,
+        `start_round`, training mode. Returns the round's SGD steps."""
+        seed = self.seed
+        torch.manual_seed(seed)
+        self.source.augmentations.reseed(seed)
+        if not learner.uses_unlabeled:
+            self.unlabeled = self.unlabeled[:0]
+        learner.load_arrays(self.payload.arrays)
+        learner.start_round(self.payload, ClientContext(self.client_id, len(self.labeled), len(self.unlabeled), self.state))
+        learner.train()
+        self.unlabeled_batch = self.source.unlabeled_batch(learner) if len(self.unlabeled) else 0
+        if self.steps is None:
+            budget = round_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
+            self.steps = learner.round_steps(budget)
+        per_epoch = epoch_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
+        stream = self.batches(np.random.default_rng(seed), self.steps)
+        self.loader = RoundBatches(stream, self.steps, per_epoch)
+        return self.steps
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.loader is None and self.trainer is not None:
+            self.begin(self.trainer.lightning_module)
+
+    def train_dataloader(self) -> RoundBatches:
+        if self.loader is None:
+            raise RuntimeError("ClientDataModule.begin(learner) must run before its batches are read")
+        return self.loader
+
+    @property
+    def epochs(self) -> int:
+        """Epochs in the round (after `begin`)."""
+        return math.ceil(self.steps / self.loader.epoch_steps) if self.loader else 0
+
+    def finish(self, learner: FederatedLearner, metrics: dict[str, float] | None = None,
+               shared_names: list[str] | None = None) -> tuple[Update, dict[str, torch.Tensor]]:
+        """End the round: the update (the arrays `shared_names`, default every model
+        array; a round of no steps stands for no examples) and what the client
+        keeps (`end_round`)."""
+        names = list(learner.model.state_dict()) if shared_names is None else shared_names
+        update = Update(
+            client_id=self.client_id,
+            arrays=learner.arrays(names),
+            num_examples=len(self.labeled) + len(self.unlabeled) if self.steps else 0,
+            metrics=metrics or {},
+        )
+        return update, learner.end_round()
+
+    def images(self, indices: np.ndarray, index: torch.Tensor, transform: A.Compose | None) -> torch.Tensor:
+        """The pooled images at `indices` (`index`: the same on the device), augmented."""
+        pool = self.source.pool
+        if transform is None:
+            return pool.images[index]
+        return to_tensor(augment_batch(transform, pool.raw[indices])).to(index.device)
+
+    def batches(self, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
+        """The round's `steps` batches: labeled ("x", "y") and unlabeled ("u_weak",
+        "u_strong", "u_index": positions in the client's unlabeled list), each from an
+        endless stream reshuffled at every pass. Draws happen as batches are read."""
+        cfg, aug, pool = self.source.train, self.source.augmentations, self.source.pool
+        device = pool.labels.device
+        labeled, unlabeled = self.labeled, self.unlabeled
+        labeled_stream = cycle_batches(labeled, cfg.batch_size, rng) if len(labeled) else None
+        positions = np.arange(len(unlabeled))
+        unlabeled_stream = cycle_batches(positions, self.unlabeled_batch, rng) if self.unlabeled_batch and len(unlabeled) else None
+        for _ in range(steps):
+            batch: Batch = {}
+            if labeled_stream is not None:
+                indices = next(labeled_stream)
+                index = torch.from_numpy(indices).to(device)
+                batch["x"] = self.images(indices, index, aug.labeled)
+                batch["y"] = pool.labels[index]
+            if unlabeled_stream is not None:
+                picked = next(unlabeled_stream)
+                indices = unlabeled[picked]
+                index = torch.from_numpy(indices).to(device)
+                batch["u_weak"] = self.images(indices, index, aug.weak)
+                batch["u_strong"] = self.images(indices, index, aug.strong)
+                batch["u_index"] = torch.from_numpy(picked)
+            yield batch
