@@ -13,6 +13,8 @@ process, so its peak memory is its own.
     python tools/bench.py --device cpu --populations 20 --concurrency sequential --repeats 3
     python tools/bench.py --personal                        # 1,000 FedPer clients: peak host memory under 2 GB?
     python tools/bench.py --flower --device cpu             # the 20-client workload on Flower's simulation engine
+    python tools/bench.py --overhead --device cpu           # per-step cost of the Lightning Fabric client path
+    python tools/bench.py --device cpu --populations 20 --concurrency sequential --precision bf16-mixed
 
 `--concurrency vmap` trains a round's clients together (fedssl.federation.concurrent);
 `sequential` one after another. Also printed: the albumentations pipelines' images/s
@@ -40,7 +42,7 @@ from fedssl.data.dataset import ImageDataset, SourceData
 from fedssl.data.federated import build_federated_data
 from fedssl.data.transforms import augment_batch, build_transform
 from fedssl.errors import UserError
-from fedssl.federation.client import round_steps
+from fedssl.federation.client import Tally, round_steps
 from fedssl.federation.clients import resolve_device
 from fedssl.federation.engine import Federation
 from fedssl.federation.tensors import cycle_batches
@@ -62,11 +64,11 @@ def random_source(num_samples: int, seed: int = 0, num_test: int = 100) -> Sourc
     return SourceData(train=ImageDataset(images[num_test:], labels[num_test:], names), test=test)
 
 
-def workload(clients: int, device: str, concurrency: str, **federation) -> dict:
+def workload(clients: int, device: str, concurrency: str, precision: str = "32", **federation) -> dict:
     """The standard workload's recipe, as a config layer."""
     return {
         "data": {"image_size": 28, "partition": {"scheme": "iid", "local_test_fraction": 0.0}},
-        "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1},
+        "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1, "precision": precision},
         "federation": {"clients": clients, "clients_per_round": clients, "device": device,
                        "concurrency": concurrency, **federation},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
@@ -107,10 +109,11 @@ def round_batches(federation: Federation) -> tuple[list[int], list[torch.Tensor]
                    for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id)), n)]
 
 
-def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int) -> dict:
+def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int, precision: str = "32") -> dict:
     """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated);
     `chunk`: federation.concurrent_clients (0: the recipe default)."""
-    cfg = merge_config([workload(clients, device, concurrency, **({"concurrent_clients": chunk} if chunk else {}))])
+    cfg = merge_config([workload(clients, device, concurrency, precision,
+                                 **({"concurrent_clients": chunk} if chunk else {}))])
     data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
     federation = Federation.build(cfg, data)
     pool, dev = federation.pool, federation.pool.images.device
@@ -132,6 +135,83 @@ def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: in
         "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
         "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
     }
+
+
+def step_overhead(device: str, precision: str, repeats: int) -> dict:
+    """Per-step cost of the loop's client path (`ClientTrainer.fit`: Lightning Fabric,
+    `self.log`, autocast at `precision`) against the same client's same batches in a
+    plain hand loop (`ClientTrainer.fit` before Fabric: zero_grad, loss, backward,
+    step, the same tally and update, no logging), best of `repeats` rounds each,
+    alternated, in one process; plus the
+    ideal loop over the same batch indices (no batch dicts at all). Both wall-clock
+    and this process's CPU time: on a shared machine the CPU time is the steadier."""
+    cfg = merge_config([workload(20, device, "sequential", precision)])
+    data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, 20, cfg.seed)
+    federation = Federation.build(cfg, data)
+    trainer, learner, client = federation.trainer, federation.trainer.learner, data.clients[0]
+    payload = federation.algorithm.payload(1, federation.initial_state(), client.client_id)
+    dev = federation.pool.images.device
+
+    def fabric_round() -> int:
+        return trainer.fit(client.client_id, client.labeled, client.unlabeled, payload)[0].num_examples
+
+    def plain_round() -> int:
+        client_data = trainer.client_data(client.client_id, client.labeled, client.unlabeled, payload)
+        steps = client_data.begin(learner)
+        optimizer, tally = learner.configure_optimizers(), Tally()
+        for batch in client_data.batches(np.random.default_rng(client_data.seed), steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = learner.supervised_loss(batch)  # training_step, without its self.log
+            loss.backward()
+            optimizer.step()
+            tally.add(loss, {}, batch, None)
+        return client_data.finish(learner, tally.metrics(), trainer.shared_names)[0].num_examples
+
+    steps = round_steps(len(client.labeled), 0, cfg.train, 0)
+    batches = [torch.from_numpy(b).to(dev) for b in islice(cycle_batches(client.labeled, BATCH, np.random.default_rng(0)), steps)]
+    ideal = lambda: ideal_loop(cfg, federation.pool.images, federation.pool.labels, batches)  # noqa: E731
+    wall, cpu = {"plain": [], "fabric": [], "ideal": []}, {"plain": [], "fabric": [], "ideal": []}
+    for repeat in range(repeats):
+        order = [("plain", plain_round), ("fabric", fabric_round), ("ideal", ideal)]
+        for name, run in order if repeat % 2 else order[::-1]:
+            synchronize(dev)
+            began, began_cpu = time.perf_counter(), time.process_time()
+            run()
+            synchronize(dev)
+            wall[name].append(time.perf_counter() - began)
+            cpu[name].append(time.process_time() - began_cpu)
+    return {"steps": steps, "wall": {k: min(v) for k, v in wall.items()}, "cpu": {k: min(v) for k, v in cpu.items()}}
+
+
+def fabric_call_costs(calls: int = 20_000) -> dict[str, float]:
+    """Microseconds per call of what the Fabric path adds to each step, on a 2x2
+    linear model (so that the Python overhead, not the arithmetic, is timed): each
+    Fabric call against its plain counterpart, and `self.log` with Fabric attached."""
+    from fedssl.federation.client import RoundFabric
+    from fedssl.learners.supervised import SupervisedLearner
+
+    fabric = RoundFabric(accelerator="cpu", devices=1, precision="32")
+    model, x, value = torch.nn.Linear(2, 2), torch.randn(1, 2), torch.tensor(1.0)
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    wrapped = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    learner = SupervisedLearner(model, merge_config([]).train)
+    learner.fabric = fabric
+
+    def per_call(function) -> float:
+        function()
+        began = time.perf_counter()
+        for _ in range(calls):
+            function()
+        return (time.perf_counter() - began) / calls * 1e6
+
+    costs = {
+        "zero_grad": per_call(lambda: wrapped.zero_grad(set_to_none=True)) - per_call(lambda: plain.zero_grad(set_to_none=True)),
+        "optimizer step": per_call(wrapped.step) - per_call(plain.step),
+        "backward": per_call(lambda: fabric.backward(model(x).sum())) - per_call(lambda: model(x).sum().backward()),
+        "autocast context (precision 32)": per_call(lambda: fabric.autocast().__enter__()),
+        "self.log": per_call(lambda: learner.log("train_loss", value, prog_bar=True, batch_size=10)),
+    }
+    return costs
 
 
 def personal_memory(clients: int, per_round: int, samples: int, rounds: int, device: str) -> dict:
@@ -224,11 +304,16 @@ def main() -> None:
     parser.add_argument("--flower", action="store_true", help="only the Flower simulation cost (20 clients)")
     parser.add_argument("--flower-rounds", type=int, default=3, help="rounds of the Flower row (the last also evaluates)")
     parser.add_argument("--flower-cpus", type=float, default=1.0, help="federation.flower.num_cpus of the Flower row")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"], help="train.precision")
+    parser.add_argument("--overhead", action="store_true",
+                        help="only the per-step cost of the Lightning Fabric client path against a plain hand loop")
     args = parser.parse_args()
     try:
         device = resolve_device(args.device)
     except UserError as error:
         parser.error(str(error))
+    if args.precision == "16-mixed" and device.type != "cuda":
+        parser.error("--precision: 16-mixed needs a CUDA device (train.precision)")
     print(f"machine: {machine(device)}; device {device}")
 
     if args.personal:
@@ -240,6 +325,26 @@ def main() -> None:
               f"{row['rounds']} rounds + evaluation ({row['seconds']:.1f} s), {row['heads_in_memory']} clients' "
               f"personal states in memory: peak host memory {row['host_mb']:,.0f} MB ({row['built_mb']:,.0f} MB "
               f"after imports and building), {verdict} {MEMORY_LIMIT_MB:,} MB")
+        return
+
+    if args.overhead:
+        row = in_child(step_overhead, str(device), args.precision, max(args.repeats, 3))
+        steps = row["steps"]
+        print(f"one client of the standard workload: {steps} steps of batch {BATCH}, train.precision={args.precision}, "
+              f"best of {max(args.repeats, 3)} rounds each, alternated")
+        print("| path | wall per step | vs plain | CPU time per step | vs plain |")
+        print("| --- | --- | --- | --- | --- |")
+        wall, cpu = row["wall"], row["cpu"]
+        for name, label in (("plain", "plain hand loop (the loop before Fabric)"),
+                            ("fabric", "Lightning Fabric (ClientTrainer.fit)"), ("ideal", "ideal loop (no batch dicts)")):
+            print(f"| {label} | {wall[name] / steps * 1e3:.3f} ms | **{wall[name] / wall['plain']:.3f}** | "
+                  f"{cpu[name] / steps * 1e3:.3f} ms | **{cpu[name] / cpu['plain']:.3f}** |")
+        print(f"Fabric path: {(wall['fabric'] - wall['plain']) / steps * 1e6:+.0f} us per step wall-clock, "
+              f"{(cpu['fabric'] - cpu['plain']) / steps * 1e6:+.0f} us CPU time")
+        costs = in_child(fabric_call_costs)
+        print("what Fabric adds per step, in Python (us per call, a 2x2 model): "
+              + ", ".join(f"{name} {cost:+.1f}" for name, cost in costs.items())
+              + f"; in all {sum(costs.values()):+.1f} us")
         return
 
     if args.flower:
@@ -258,15 +363,15 @@ def main() -> None:
     modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]
     if not modes or set(modes) - {"sequential", "vmap"}:
         parser.error(f"--concurrency: give sequential, vmap or both, got {args.concurrency!r}")
-    print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD; {TOTAL_IMAGES:,} images per round; "
-          f"best of {args.repeats}")
+    print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD, train.precision={args.precision}; "
+          f"{TOTAL_IMAGES:,} images per round; best of {args.repeats}")
     print("| clients x samples | concurrency | fedssl round | ideal loop | ratio fedssl/ideal | images/s (fedssl) "
           "| peak host memory | peak device memory |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     best_rate = 0.0
     for clients in [int(c) for c in args.populations.split(",")]:
         for mode in modes:
-            row = in_child(measure, clients, str(device), mode, args.repeats, args.concurrent_clients)
+            row = in_child(measure, clients, str(device), mode, args.repeats, args.concurrent_clients, args.precision)
             rate = row["steps"] * BATCH / row["fedssl"]
             best_rate = max(best_rate, rate)
             shown = row["concurrency"] if row["concurrency"].startswith(mode) else f"{mode} (fell back to sequential)"

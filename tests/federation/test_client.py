@@ -83,6 +83,22 @@ def test_a_trainer_fitting_a_client_datamodule_ends_where_the_loop_ends(tiny_rec
     assert any(not torch.equal(value, payload.arrays[name]) for name, value in by_loop.arrays.items())  # it trained
 
 
+def test_a_trainer_begins_the_round_itself_and_one_epoch_is_one_local_epoch(tiny_recipe):
+    federation = build(tiny_recipe, "train.local_epochs=3")
+    learner, client = federation.trainer.learner, federation.data.clients[0]
+    payload = first_payload(federation, 0)
+    learner.load_arrays({name: torch.zeros_like(value) for name, value in payload.arrays.items()})
+    data = federation.trainer.client_data(0, client.labeled, client.unlabeled, payload)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(learner, datamodule=data)  # setup("fit") loaded the payload's weights and started the round
+    assert trainer.global_step == data.loader.epoch_steps == -(-len(client.labeled) // 16)
+    assert data.steps == 3 * data.loader.epoch_steps and data.loader.left == data.steps - trainer.global_step
+    assert all(torch.isfinite(p).all() and p.abs().sum() > 0 for p in learner.model.parameters())
+
+
 class ScheduledLearner(SupervisedLearner):
     """Records the learning rate of every step; its LR schedule is Lightning's dict."""
 
@@ -92,17 +108,21 @@ class ScheduledLearner(SupervisedLearner):
         self.lrs: list[float] = []
 
     def training_step(self, batch, batch_idx):
-        self.lrs.append(self.scheduler.get_last_lr()[0])
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
         return super().training_step(batch, batch_idx)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model.parameters(), self.train_cfg)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler, "interval": self.interval, "frequency": self.frequency}}
+        self.optimizer = build_optimizer(self.model.parameters(), self.train_cfg)
+        if self.interval == "plateau":  # ReduceLROnPlateau on the latest logged train_loss, after every step
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5, patience=0)
+            return {"optimizer": self.optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "interval": "step", "monitor": "train_loss"}}
+        scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": self.optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.interval, "frequency": self.frequency}}
 
 
-@pytest.mark.parametrize("interval, frequency", [("step", 1), ("step", 3), ("epoch", 1)])
+@pytest.mark.parametrize("interval, frequency", [("step", 1), ("step", 3), ("epoch", 1), ("plateau", 1)])
 def test_an_lr_scheduler_steps_where_a_trainer_steps_it(tiny_recipe, interval, frequency):
     federation = build(tiny_recipe, "train.local_epochs=3", "train.momentum=0")
     learner = ScheduledLearner(federation.model, federation.cfg.train, interval, frequency)
@@ -115,12 +135,15 @@ def test_an_lr_scheduler_steps_where_a_trainer_steps_it(tiny_recipe, interval, f
 
     per_epoch = data.loader.epoch_steps
     assert len(loop_lrs) == 3 * per_epoch and per_epoch % 3, per_epoch  # frequency 3 restarts at every epoch
-    if interval == "epoch":
+    if interval == "plateau":  # it depends on the losses: some steps lower it, others do not
+        assert 0 < sum(b < a for a, b in zip(loop_lrs, loop_lrs[1:])) < len(loop_lrs) - 1
+    elif interval == "epoch":
         expected = [0.05 * 0.5 ** (t // per_epoch) for t in range(3 * per_epoch)]
+        assert loop_lrs == pytest.approx(expected, rel=1e-12)
     else:  # as Lightning counts: the batch index within the epoch
         expected = [0.05 * 0.5 ** ((t // per_epoch) * (per_epoch // frequency) + (t % per_epoch) // frequency)
                     for t in range(3 * per_epoch)]
-    assert loop_lrs == pytest.approx(expected, rel=1e-12)
+        assert loop_lrs == pytest.approx(expected, rel=1e-12)
     assert learner.lrs == loop_lrs
     torch.testing.assert_close(by_trainer.arrays, by_loop.arrays, rtol=0, atol=0)
 
