@@ -36,8 +36,9 @@ def launch(
 ) -> tuple[RecipeConfig, Path, dict[str, Any]]:
     """Load the recipe, prepare `output_dir/name`, and run the federation in it.
 
-    The recipe and the run directory are checked before the heavy imports, so that
-    a typo fails in a fraction of a second.
+    The recipe and the run directory are checked before any data is decoded, so
+    that a typo fails in seconds (the schema's algorithm sections import the
+    algorithm modules, and with them torch).
     """
     cfg = named_after(load_recipe(recipe, overrides), name_from)
     run_dir = Path(cfg.output_dir) / cfg.name

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -100,8 +100,8 @@ class Federation:
         return self.trainer.learner.model
 
     @property
-    def holdings(self) -> dict[int, Holding]:
-        return dict(self.clients.holdings)
+    def holdings(self) -> Mapping[int, Holding]:
+        return self.clients.holdings
 
     @property
     def kinds(self) -> dict[int, str]:
