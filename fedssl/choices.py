@@ -17,3 +17,5 @@ AGGREGATORS: Registry[Callable[..., Any]] = Registry("aggregator", imports=("fed
 ACCOUNTANTS: Registry[Callable[[], Any]] = Registry("accountant", imports=("fedssl.privacy.accountant",))
 # train.optimizer: the client optimizers (fedssl/learners/supervised.py)
 OPTIMIZERS: Registry[Callable[..., Any]] = Registry("optimizer", imports=("fedssl.learners.supervised",))
+# federation.uplink.codecs / federation.downlink.codecs: update codecs (fedssl/codecs/)
+CODECS: Registry[type] = Registry("codec", entry_points="fedssl.codecs", imports=("fedssl.codecs",))

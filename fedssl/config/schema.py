@@ -109,6 +109,39 @@ class FlowerConfig:
 
 
 @dataclass
+class CodecConfig:
+    name: str = "identity"  # a registered codec: identity | mask | subsample | low_rank | hadamard | quantize | topk (see docs/communication.md)
+    fraction: Optional[float] = None  # mask, subsample, topk: share of coordinates kept, in (0, 1] (default 0.1)
+    bits: Optional[int] = None  # quantize: bits per coordinate, 1 | 2 | 4 | 8 (default 2)
+    rank: Optional[int] = None  # low_rank: rank k of the factorization (default 4)
+    error_feedback: Optional[bool] = None  # topk: keep what was not sent on the client and add it to its next update (default true)
+
+
+@dataclass
+class ChannelConfig:
+    loss: float = 0.0  # independent: probability that a packet is lost; 0 with model independent is a perfect link
+    model: str = "independent"  # packet losses: independent (each with probability loss) | gilbert_elliott (bursty, two-state Markov chain)
+    p_good_bad: float = 0.05  # gilbert_elliott: probability of moving from the good to the bad state after a packet
+    p_bad_good: float = 0.5  # gilbert_elliott: probability of moving from the bad to the good state after a packet
+    loss_good: float = 0.0  # gilbert_elliott: loss probability in the good state
+    loss_bad: float = 1.0  # gilbert_elliott: loss probability in the bad state
+    packet_bytes: int = 1024  # payload bytes per packet; an array is cut into packets of whole elements
+    retransmissions: int = 0  # times a lost packet is sent again (r); it is lost only if every attempt is
+    strategy: str = "drop"  # what the server does with an update that lost packets (Su et al. 2023): drop (the whole update) | mean (average each coordinate over the clients it reached) | fill (missing coordinates take the global values the client was sent)
+
+
+@dataclass
+class UplinkConfig:
+    codecs: list[CodecConfig] = field(default_factory=list)  # the pipeline each client's update (its delta from the weights it was sent) goes through, e.g. [{name: hadamard}, {name: quantize, bits: 2}]; empty: the weights travel as they are
+    channel: ChannelConfig = field(default_factory=ChannelConfig)  # a simulated lossy link for the updates
+
+
+@dataclass
+class DownlinkConfig:
+    codecs: list[CodecConfig] = field(default_factory=list)  # the pipeline the weights sent for training go through (the weights themselves, not a delta); stateless codecs only; empty: sent as they are
+
+
+@dataclass
 class FederationConfig:
     backend: str = "inprocess"  # where clients run: inprocess (one process) | flower (Flower's simulation engine)
     rounds: int = 10  # communication rounds
@@ -129,6 +162,8 @@ class FederationConfig:
     round_retries: int = 0  # times a round with too few usable updates is redrawn from the clients that did not fail
     max_update_ratio: float = 1000.0  # an update whose distance from the weights it was sent exceeds this x max(their norm, 1) is dropped and counted (e.g. a rogue x1e30 update)
     flower: FlowerConfig = field(default_factory=FlowerConfig)  # backend=flower: client resources and timeouts
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)  # compressed updates and a lossy link, client to server (docs/communication.md)
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)  # compressed weights, server to client
 
 
 @dataclass

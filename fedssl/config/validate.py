@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from fedssl.choices import ACCOUNTANTS, AGGREGATORS, OPTIMIZERS
+from fedssl.choices import ACCOUNTANTS, AGGREGATORS, CODECS, OPTIMIZERS
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.sampling import clients_per_round
@@ -17,6 +17,8 @@ BACKENDS = ("inprocess", "flower")
 PRIVACY_MECHANISMS = ("none", "central")
 DEVICES = ("cpu", "cuda", "auto")
 CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.federation.concurrent
+CHANNEL_MODELS = ("independent", "gilbert_elliott")  # fedssl.federation.channel
+CHANNEL_STRATEGIES = ("drop", "mean", "fill")
 
 
 def check_choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -56,6 +58,59 @@ def validate_robustness(cfg: RecipeConfig) -> None:
                 f"got {per_round}")
         require(fed.krum_select <= per_round - fed.byzantine, "federation.krum_select",
                 f"multi-krum averages at most n - f = {per_round - fed.byzantine} updates, got {fed.krum_select}")
+
+
+def codec_stages(entries: Sequence[Any], key: str) -> list[Any]:
+    """The codecs (fedssl/codecs) a recipe's list names, built in order, or a
+    `UserError` naming the entry and key: an unknown codec, a parameter it does not
+    take or a bad value, a stage after a final one, a shaped stage not first."""
+    stages: list[Any] = []
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}]"
+        cls = CODECS.get(entry.name, key=f"{where}.name")
+        params = {k: v for k, v in vars(entry).items() if k != "name" and v is not None}
+        for param in params:
+            require(param in cls.params, f"{where}.{param}",
+                    f"codec {entry.name} takes {', '.join(cls.params) or 'no parameters'}")
+        problem = cls.check_params(params)
+        require(problem is None, f"{where}.{(problem or '').split(':')[0]}", (problem or "").partition(": ")[2])
+        if stages:
+            require(not stages[-1].terminal, f"{where}.name",
+                    f"{stages[-1].name} is final (its output is no longer a float vector); nothing can follow it")
+            require(not cls.first_only, f"{where}.name", f"{entry.name} needs the array's own shape and must come first")
+        stages.append(cls(**params))
+    return stages
+
+
+def validate_links(cfg: RecipeConfig) -> None:
+    """Codec pipelines and the lossy uplink channel."""
+    fed = cfg.federation
+    codec_stages(fed.uplink.codecs, "federation.uplink.codecs")
+    down = codec_stages(fed.downlink.codecs, "federation.downlink.codecs")
+    require(all(stage.stateless for stage in down), "federation.downlink.codecs",
+            "error feedback keeps state per receiver, and the server keeps none per client (set error_feedback: false)")
+    ch, key = fed.uplink.channel, "federation.uplink.channel"
+    check_choice(ch.model, CHANNEL_MODELS, f"{key}.model")
+    check_choice(ch.strategy, CHANNEL_STRATEGIES, f"{key}.strategy")
+    for name in ("loss", "p_good_bad", "p_bad_good", "loss_good", "loss_bad"):
+        value = getattr(ch, name)
+        require(0 <= value <= 1, f"{key}.{name}", f"must be a probability in [0, 1], got {value}")
+    require(ch.loss < 1, f"{key}.loss", "must be < 1 (a link that loses every packet delivers nothing)")
+    require(ch.model != "gilbert_elliott" or ch.p_good_bad + ch.p_bad_good > 0, f"{key}.p_bad_good",
+            "p_good_bad + p_bad_good must be > 0 (the chain needs a stationary state)")
+    require(ch.packet_bytes >= 1, f"{key}.packet_bytes", f"must be >= 1, got {ch.packet_bytes}")
+    require(ch.retransmissions >= 0, f"{key}.retransmissions", f"must be >= 0, got {ch.retransmissions}")
+    if ch.strategy == "mean" and lossy(ch):
+        require(fed.aggregator == "mean" and cfg.privacy.mechanism == "none", f"{key}.strategy",
+                "mean averages each coordinate over the clients it reached; it needs federation.aggregator=mean and "
+                "no privacy.mechanism (use drop or fill)")
+
+
+def lossy(channel: Any) -> bool:
+    """Whether the uplink channel can lose a packet."""
+    if channel.model == "independent":
+        return channel.loss > 0
+    return channel.loss_bad > 0 and channel.p_good_bad > 0 or channel.loss_good > 0
 
 
 def validate_privacy(cfg: RecipeConfig) -> None:
@@ -141,6 +196,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     validate_sections(cfg)
     validate_robustness(cfg)
     validate_privacy(cfg)
+    validate_links(cfg)
     require(0 <= cfg.data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {cfg.data.test_fraction}")
     check_choice(cfg.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     return cfg

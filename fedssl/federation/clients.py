@@ -27,6 +27,7 @@ from fedssl.federation.client import Augmentations, ClientTrainer
 from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
 from fedssl.federation.evaluate import Score, score
 from fedssl.federation.faults import Holding
+from fedssl.federation.links import Links, split_state
 from fedssl.federation.metrics import client_kind
 from fedssl.federation.personal_eval import labeled_batches
 from fedssl.federation.state import ClientStateStore
@@ -118,6 +119,7 @@ class InProcessClients:
     algorithm: Algorithm
     trainer: ClientTrainer
     store: ClientStateStore
+    links: Links  # the codecs on each link: payloads are decoded here, updates encoded
     cohort: CohortTrainer | None = None  # trains clients together (federation.concurrency), None: one at a time
     pending: dict[int, Kept] = field(default_factory=dict)  # what the last fit's clients would keep
 
@@ -130,7 +132,7 @@ class InProcessClients:
         if trainer is None:
             algorithm, trainer = build_trainer(cfg, data, device)
         store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
-        return cls(cfg, data, algorithm, trainer, store, cohort_trainer(cfg, trainer, device))
+        return cls(cfg, data, algorithm, trainer, store, Links.build(cfg, algorithm), cohort_trainer(cfg, trainer, device))
 
     @cached_property
     def holdings(self) -> dict[int, Holding]:
@@ -145,15 +147,34 @@ class InProcessClients:
         return self.trainer.learner.model
 
     def train(self, client_id: int, payload: Payload) -> tuple[Update | Exception, Kept]:
-        """One client's round: its update (or the exception it raised) and what it would keep."""
+        """One client's round from its payload as it travelled: its update as it
+        travels back (or the exception it raised) and what it would keep."""
         client = self.data.clients[client_id]
         try:
-            return self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, self.store.get(client_id))
+            payload = self.open_payload(client_id, payload)
+            own, residuals = split_state(self.store.get(client_id))
+            update, kept = self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, own)
+            return self.send(update, payload, kept, own, residuals)
         except UserError:
             raise  # a mistake in the recipe, not a faulty client
         except Exception as error:
             log.debug("client %d raised", client_id, exc_info=True)
             return error, {}
+
+    def open_payload(self, client_id: int, payload: Payload) -> Payload:
+        """The payload with the weights the client decodes from it (`federation.downlink`)."""
+        if not self.links.down:
+            return payload
+        return self.links.open_payload(payload, client_id, self.trainer.learner.arrays(self.trainer.shared_names))
+
+    def send(self, update: Update, payload: Payload, kept: Kept, own: Kept, residuals: Kept) -> tuple[Update, Kept]:
+        """The update encoded for the uplink (its delta from the payload's weights), and
+        what the client keeps: its learner's new state (`kept`; nothing: its earlier
+        state `own` stays) and, with error feedback, its new residuals."""
+        if not self.links.up:
+            return update, kept
+        encoded, new_residuals = self.links.send_update(update, payload.arrays, payload.round, residuals)
+        return encoded, (kept or own) | new_residuals if new_residuals else kept
 
     def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
         """One client after another, or with a cohort trainer `federation.concurrent_clients` at a time."""
@@ -164,7 +185,12 @@ class InProcessClients:
             chunk_payloads = {c: payloads[c] for c in ids[start : start + chunk]}
             together = self.fit_together(round_index, chunk_payloads) if self.cohort else {}
             for client_id, payload in chunk_payloads.items():
-                update, kept = (together[client_id], {}) if client_id in together else self.train(client_id, payload)
+                if client_id in together:  # trained from the decoded payload; encoded as `train` would
+                    opened = self.open_payload(client_id, payload)
+                    own, residuals = split_state(self.store.get(client_id))
+                    update, kept = self.send(together[client_id], opened, {}, own, residuals)
+                else:
+                    update, kept = self.train(client_id, payload)
                 self.pending[client_id] = kept
                 raised = isinstance(update, Exception)
                 yield client_id, update, f"it raised {type(update).__name__}: {update}" if raised else None
@@ -173,7 +199,8 @@ class InProcessClients:
         """The updates of the clients the cohort trainer trains at once. Clients without
         labeled data are left to `train` (they have nothing to stack); so is the whole
         chunk if training it together raises, for `train` to isolate a faulty client."""
-        clients = [(c, self.data.clients[c].labeled, p) for c, p in payloads.items() if len(self.data.clients[c].labeled)]
+        clients = [(c, self.data.clients[c].labeled, self.open_payload(c, p)) for c, p in payloads.items()
+                   if len(self.data.clients[c].labeled)]
         if not clients:
             return {}
         try:

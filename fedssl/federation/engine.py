@@ -9,7 +9,7 @@ client), so a resumed run continues exactly where the killed one stopped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -21,14 +21,17 @@ from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
+from fedssl.federation.channel import Delivery, MaskedAverage, Participation, arrived, fill, transmit
 from fedssl.federation.client import ClientTrainer
 from fedssl.federation.clients import Clients, InProcessClients, build_trainer, resolve_device
 from fedssl.federation.evaluate import score
 from fedssl.federation.faults import Holding, check_update
+from fedssl.federation.links import Links
 from fedssl.federation.metrics import mean_acc, round_metrics
 from fedssl.federation.personal_eval import personal_metrics
 from fedssl.federation.tensors import TensorPool
-from fedssl.messages import Payload, Update
+from fedssl.config.validate import lossy
+from fedssl.messages import Arrays, Payload, Update
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
 
@@ -50,8 +53,12 @@ class Collected:
         receipts: every usable update, with its arrays dropped where they were
             folded into the average (its client, examples and metrics stay).
         bytes_up, bytes_down: what every update received and every payload sent
-            weigh (retried draws included; see `messages.array_bytes`).
+            weigh, as encoded (retried draws and retransmitted packets included; see
+            `messages.array_bytes`).
         dropped: clients whose update was unusable.
+        link: the lossy uplink's round metrics (empty without one): packets sent,
+            lost and retransmitted, and the share of the updates each coordinate
+            was used from (its mean and min over coordinates).
     """
 
     updates: list[Update]
@@ -59,6 +66,7 @@ class Collected:
     bytes_up: int
     bytes_down: int
     dropped: int
+    link: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +80,7 @@ class Federation:
     test: TensorPool
     clients: Clients
     privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
+    links: Links | None = None  # the codecs on each link (federation.uplink, federation.downlink)
 
     @classmethod
     def build(cls, cfg: RecipeConfig, data: FederatedData | None = None,
@@ -87,7 +96,11 @@ class Federation:
             raise UserError(f"federation.aggregator: {cfg.federation.aggregator} is not available for "
                             f"algorithm.name={cfg.algorithm.name}, whose server does not average full client weights")
         privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
-        federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
+        links = Links.build(cfg, algorithm)
+        if lossy(cfg.federation.uplink.channel) and not (algorithm.averages_updates and algorithm.dense_updates):
+            raise UserError(f"federation.uplink.channel: algorithm.name={cfg.algorithm.name} does not average dense "
+                            f"updates, so a partly delivered update cannot be placed coordinate by coordinate")
+        federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy, links)
         federation.clients = (clients or in_process)(federation)
         return federation
 
@@ -107,12 +120,13 @@ class Federation:
     def kinds(self) -> dict[int, str]:
         return {c: holding.kind for c, holding in self.clients.holdings.items()}
 
-    def check(self, client_id: int, update: Update, payload: Payload) -> str | None:
-        """Why the server cannot use client `client_id`'s `update` to `payload`
-        (None if it can): `faults.check_update` against what the client holds."""
+    def check(self, client_id: int, update: Update, sent: Arrays) -> str | None:
+        """Why the server cannot use client `client_id`'s `update` (decoded) to the
+        weights it was `sent` (as it decoded them), None if it can:
+        `faults.check_update` against what the client holds."""
         if update.client_id != client_id:
             return f"its node answered for client {update.client_id}"
-        return check_update(update, payload.arrays, dense=self.algorithm.dense_updates,
+        return check_update(update, sent, dense=self.algorithm.dense_updates,
                             max_examples=self.clients.holdings[client_id].examples,
                             max_ratio=self.cfg.federation.max_update_ratio)
 
@@ -128,7 +142,7 @@ class Federation:
         has_server_labels = len(self.data.server_labeled) > 0 and self.cfg.algorithm.ssl.server_steps > 0
         state = self.algorithm.server_round(round_index, state, self.train_on_server if has_server_labels else None)
         collected = self.collect(round_index, state)
-        metrics = round_metrics(collected.receipts, self.kinds) | {
+        metrics = round_metrics(collected.receipts, self.kinds) | collected.link | {
             "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped}
         if self.privacy is None:
             return self.algorithm.aggregate(collected.updates, state), metrics
@@ -147,6 +161,26 @@ class Federation:
             return poisson_sample(candidates, self.privacy.sampling_rate, self.cfg.seed, round_index, attempt)
         count = min(clients_per_round(fed), len(candidates))
         return [candidates[i] for i in sample_clients(len(candidates), count, self.cfg.seed, round_index, attempt)]
+
+    def receive(self, round_index: int, client_id: int, update: Update, sent: Arrays
+                ) -> tuple[Update, str | None, Delivery | None, dict | None]:
+        """A received update through the simulated uplink channel (if lossy), decoded
+        (`Links.open_update`) and checked: (the update as the server uses it, why it is
+        unusable or None, what the channel did, which coordinates arrived)."""
+        channel = self.cfg.federation.uplink.channel
+        delivery = transmit(update.arrays, channel, self.cfg.seed, round_index, client_id) if lossy(channel) else None
+        opened, problem = self.links.open_update(update, sent, round_index, client_id)
+        problem = problem or self.check(client_id, opened, sent)
+        if problem or delivery is None:
+            return opened, problem, delivery, None
+        masks = arrived(delivery, sent, elementwise=self.links.up.elementwise)
+        if delivery.lost_packets and channel.strategy == "drop":  # it arrived, and none of it is used
+            unused = {name: torch.zeros_like(mask) for name, mask in masks.items()}
+            return opened, (f"{delivery.lost_packets} of its {delivery.packets} packets were lost "
+                            f"(federation.uplink.channel.strategy=drop)"), delivery, unused
+        if channel.strategy == "fill":
+            opened = replace(opened, arrays=fill(opened.arrays, masks, sent))
+        return opened, None, delivery, masks
 
     @property
     def averages_as_they_come(self) -> bool:
@@ -172,16 +206,31 @@ class Federation:
         failed: dict[int, str] = {}
         raised: list[Exception] = []
         bytes_down, bytes_up = 0, 0
+        channel = fed.uplink.channel if lossy(fed.uplink.channel) else None
+        packets = dict.fromkeys(("packets_sent", "packets_lost", "packets_retransmitted"), 0)
         for attempt in range(fed.round_retries + 1):
             sampled = self.sample(round_index, attempt, set(failed))
-            payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
+            payloads, sent = {}, {}
+            for c in sampled:
+                payloads[c], sent[c] = self.links.send_payload(self.algorithm.payload(round_index, state, c), c)
             updates = []
-            running = RunningAverage() if self.averages_as_they_come else None
+            masked = channel is not None and channel.strategy == "mean"
+            running = (MaskedAverage() if masked else RunningAverage()) if self.averages_as_they_come else None
+            participation = Participation()
             for client_id, update, problem in self.clients.fit(round_index, payloads):
                 bytes_down += payloads[client_id].num_bytes
+                masks = None
                 if isinstance(update, Update):  # it came, usable or not
                     bytes_up += update.num_bytes
-                    problem = problem or self.check(client_id, update, payloads[client_id])
+                    if not problem:
+                        update, problem, delivery, masks = self.receive(round_index, client_id, update, sent[client_id])
+                        if delivery is not None:
+                            bytes_up += delivery.retransmitted_bytes
+                            packets["packets_sent"] += delivery.packets
+                            packets["packets_lost"] += delivery.lost_packets
+                            packets["packets_retransmitted"] += delivery.retransmitted
+                        if masks is not None:
+                            participation.add(masks)
                 if problem:
                     log.warning("round %d: dropped the update of client %d: %s", round_index, client_id, problem)
                     failed[client_id] = problem
@@ -189,7 +238,10 @@ class Federation:
                         raised.append(update)
                     continue
                 if running is not None:
-                    running.add(update)
+                    if masked:
+                        running.add(update.arrays, masks, update.num_examples)
+                    else:
+                        running.add(update)
                     update = replace(update, arrays={})  # folded in: only its counts and metrics stay
                 updates.append(update)
             if len(updates) >= (min(needed, len(sampled)) if self.privacy else needed):
@@ -207,8 +259,13 @@ class Federation:
         self.clients.accept([u.client_id for u in updates])
         aggregated = updates
         if running is not None:  # the average as one update, weighted by the examples it stands for
-            aggregated = [Update(SERVER_ID, running.average(), running.total)] if running.total else []
-        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed))
+            if running.total:
+                average = running.average(state.params) if masked else running.average()
+                aggregated = [Update(SERVER_ID, average, running.total)]
+            else:
+                aggregated = []
+        link = packets | participation.metrics() if channel is not None else {}
+        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), link)
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The global model on the server test set, and each client's row
