@@ -15,7 +15,7 @@ FLOORS = [
     {"ssl"},  # pseudo-labeling pieces, threshold rules
     {"config"},  # the recipe schema, loading, range checks
     {"tracking", "sweep"},
-    {"data", "models"},
+    {"data", "models", "codecs"},  # codecs: update compression stages, pure tensor functions
     {"export", "learners", "privacy"},
     {"algorithms"},  # one module per algorithm: learner choice, aggregation, server state, config section
     {"federation"},  # the round engine and the in-process clients

@@ -32,6 +32,7 @@ from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.algorithms.base import build_algorithm
+from fedssl.config.validate import codec_stages
 from fedssl.federation.faults import Holding, accept_rows
 from fedssl.federation.clients import Scored, data_holdings
 from fedssl.federation.engine import Federation
@@ -217,6 +218,10 @@ def check_resumable(cfg: RecipeConfig, resume: bool) -> None:
         raise UserError(f"cannot resume: with algorithm.name={cfg.algorithm.name} (and its algorithm.ssl settings) "
                         f"each client keeps state between rounds on its Flower node, which the server's checkpoint "
                         f"does not hold; start a new run, or run it with federation.backend=inprocess")
+    if resume and any(not stage.stateless for stage in codec_stages(cfg.federation.uplink.codecs, "federation.uplink.codecs")):
+        raise UserError("cannot resume: with error feedback (federation.uplink.codecs) each client keeps its residual "
+                        "on its Flower node, which the server's checkpoint does not hold; start a new run, or run it "
+                        "with federation.backend=inprocess")
 
 
 def serve(grid: Grid, cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
