@@ -2,8 +2,8 @@
 against cumulative uplink bytes), and with a lossy uplink at several packet-loss
 rates for each server strategy (accuracy against the loss rate).
 
-    OMP_NUM_THREADS=1 python tools/bench_codecs.py [--datasets fashion_mnist faces] [--seeds 0 1]
-        [--part codecs losses] [--out DIR]
+    OMP_NUM_THREADS=1 python tools/bench_codecs.py [--part codecs losses] [--datasets fashion_mnist faces]
+        [--codecs dense q1 ...] [--loss-datasets faces] [--seeds 0 1] [--out DIR]
 
 Every run is FedAvg on the same partition and budget (below: `SETTINGS`); only the
 link differs. Finished runs are kept and killed ones resumed. A run that stops (a
@@ -48,6 +48,9 @@ CODECS = [
     ("lr4", "low rank 4", "[{name: low_rank, rank: 4}]"),
     ("topk1", "top-1% + error feedback", "[{name: topk, fraction: 0.01}]"),
     ("topk3q4", "top-3% + error feedback, values at 4 bits", "[{name: topk, fraction: 0.03}, {name: quantize, bits: 4}]"),
+    ("topk2q8", "top-2% + error feedback, values at 8 bits", "[{name: topk, fraction: 0.02}, {name: quantize, bits: 8}]"),
+    ("hs50q1", "hadamard + subsample 50% + quantize 1 bit",
+     "[{name: hadamard}, {name: subsample, fraction: 0.5}, {name: quantize, bits: 1}]"),
 ]
 LOSSES = [0.0, 0.01, 0.05, 0.1]
 STRATEGIES = ["drop", "mean", "fill"]
@@ -79,7 +82,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def bench_codecs(datasets: list[str], seeds: list[int], out: Path) -> dict[str, dict[str, list]]:
+def bench_codecs(datasets: list[str], keys: list[str] | None, seeds: list[int], out: Path) -> dict[str, dict[str, list]]:
     rows = ["| dataset | uplink codec | uplink MB / round | reduction vs dense | final global_acc (mean over seeds) "
             "| per seed | change vs dense (points) |", "| --- |" + " --- |" * 6]
     curves: dict[str, dict[str, list]] = {}
@@ -87,6 +90,8 @@ def bench_codecs(datasets: list[str], seeds: list[int], out: Path) -> dict[str, 
         recipe, data = SETTINGS[dataset]
         dense_bytes, dense_acc = None, None
         for key, label, codecs in CODECS:
+            if keys and key not in keys and key != "dense":
+                continue
             accs, per_round, notes = [], [], []
             for seed in seeds:
                 link = [f"federation.uplink.codecs={codecs}"] if codecs else []
@@ -118,12 +123,15 @@ def bench_losses(datasets: list[str], seeds: list[int], out: Path) -> dict[str, 
         recipe, data = SETTINGS[dataset]
         for strategy in STRATEGIES:
             for loss in LOSSES:
+                if loss == 0 and strategy != STRATEGIES[0]:  # a perfect link is no channel, whatever the strategy
+                    points.setdefault(dataset, {}).setdefault(strategy, []).extend(points[dataset][STRATEGIES[0]][:1])
+                    continue
                 accs, lost, sent, share, dropped, notes = [], 0, 0, [], 0, []
                 for seed in seeds:
                     channel = [*CHANNEL, f"federation.uplink.channel.loss={loss}",
                                f"federation.uplink.channel.strategy={strategy}"]
                     metrics, note = run(recipe, [*COMMON, *data, *channel, f"seed={seed}"], out,
-                                        f"{dataset}-loss{loss}-{strategy}-s{seed}")
+                                        f"{dataset}-loss{loss}-{strategy if loss else 'any'}-s{seed}")
                     evaluated = [m["global_acc"] for m in metrics if "global_acc" in m]
                     if evaluated and not note:
                         accs.append(evaluated[-1])
@@ -134,7 +142,7 @@ def bench_losses(datasets: list[str], seeds: list[int], out: Path) -> dict[str, 
                     notes += [note] if note else []
                 acc = mean(accs)
                 participation = f"{mean(share):.3f}, {min(share):.3f}" if share else "—"
-                rows.append(f"| {dataset} | {strategy} | {loss:g} | {acc:.4f} | {lost} / {sent} | {participation} | "
+                rows.append(f"| {dataset} | {strategy if loss else 'any (a perfect link)'} | {loss:g} | {acc:.4f} | {lost} / {sent} | {participation} | "
                             f"{dropped} | {'; '.join(sorted(set(notes)))} |")
                 print(rows[-1], flush=True)
                 if accs:
@@ -168,16 +176,18 @@ def plot(curves: dict[str, dict[str, list]], path: Path, xlabel: str, log_x: boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--codecs", nargs="*", help="only these codecs (keys of CODECS; dense always runs)")
+    parser.add_argument("--loss-datasets", nargs="*", default=["faces"], choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--part", nargs="*", default=["codecs", "losses"], choices=["codecs", "losses"])
     parser.add_argument("--out", default="runs/bench-codecs")
     args = parser.parse_args()
     out = Path(args.out)
     if "codecs" in args.part:
-        curves = bench_codecs(args.datasets, args.seeds, out)
+        curves = bench_codecs(args.datasets, args.codecs, args.seeds, out)
         plot(curves, out / "codecs.png", "cumulative uplink bytes", log_x=True)
     if "losses" in args.part:
-        points = bench_losses(args.datasets, args.seeds, out)
+        points = bench_losses(args.loss_datasets, args.seeds, out)
         plot(points, out / "losses.png", "packet loss rate (1 retransmission)", log_x=False)
     (out / "done.json").write_text(json.dumps(vars(args)))
 
