@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fedssl.config.schema import recipe_schema, RecipeConfig
+from fedssl.config.schema import CodecConfig, recipe_schema, RecipeConfig
 from fedssl.config.validate import validate
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
@@ -94,6 +94,11 @@ def merge_config(layers: Sequence[Any], source: str | Sequence[str] = "overrides
             merged = OmegaConf.merge(merged, layer)
         except ConfigKeyError as error:
             key = error.full_key or error.key
+            if getattr(error, "object_type", None) is CodecConfig:  # OmegaConf names no path inside a list
+                takes = [f.name for f in fields(CodecConfig)]
+                raise UserError(f"{source}: unknown key {key!r} in an entry of federation.uplink.codecs or "
+                                f"federation.downlink.codecs{did_you_mean(str(key), takes)}; an entry takes "
+                                f"{', '.join(takes)}") from None
             raise UserError(f"{source}: unknown key {key!r}{did_you_mean(str(key), all_keys())}") from None
         except ValidationError as error:
             first_line = str(error).splitlines()[0]

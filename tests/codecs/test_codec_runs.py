@@ -109,6 +109,7 @@ def test_a_flower_run_with_error_feedback_refuses_to_resume(tiny_recipe):
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["federation.uplink.codecs=[{name: quantize, bitz: 2}]"], r"unknown key 'bitz' in an entry of federation.uplink.codecs .*\(did you mean 'bits'\?\)"),
     (["federation.uplink.codecs=[{name: quantise}]"], r"federation.uplink.codecs\[0\].name: unknown codec 'quantise' \(did you mean 'quantize'\?\)"),
     (["federation.uplink.codecs=[{name: quantize, fraction: 0.1}]"], r"federation.uplink.codecs\[0\].fraction: codec quantize takes bits"),
     (["federation.uplink.codecs=[{name: quantize, bits: 3}]"], r"federation.uplink.codecs\[0\].bits: must be one of 1, 2, 4, 8"),
