@@ -174,20 +174,30 @@ class MaskedAverage:
 
 
 @dataclass
-class Participation:
-    """Per coordinate, how many of a round's delivered updates the server used it from."""
+class Tally:
+    """A round's uplink: its packets, and per coordinate how many of the updates that
+    reached the server it was used from (`coordinate_participation_*`)."""
 
+    packets: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("packets_sent", "packets_lost", "packets_retransmitted"), 0))
     used: dict[str, torch.Tensor] = field(default_factory=dict)
     updates: int = 0
 
-    def add(self, masks: dict[str, torch.Tensor]) -> None:
-        """One update that reached the server: `masks` of the coordinates used from it."""
+    def add(self, delivery: Delivery, masks: dict[str, torch.Tensor] | None) -> None:
+        """One update's delivery, and the coordinates used from it (None: it was unusable
+        for another reason than the channel, and is not counted as reaching the server)."""
+        self.packets["packets_sent"] += delivery.packets
+        self.packets["packets_lost"] += delivery.lost_packets
+        self.packets["packets_retransmitted"] += delivery.retransmitted
+        if masks is None:
+            return
         self.updates += 1
         for name, mask in masks.items():
             self.used.setdefault(name, torch.zeros(mask.shape, dtype=torch.int64)).add_(mask.to(torch.int64))
 
     def metrics(self) -> dict[str, float]:
-        if not self.updates or not self.used:
-            return {"coordinate_participation_mean": 0.0, "coordinate_participation_min": 0.0}
-        share = torch.cat([c.reshape(-1) for c in self.used.values()]).to(torch.float64) / self.updates
-        return {"coordinate_participation_mean": float(share.mean()), "coordinate_participation_min": float(share.min())}
+        share = {"coordinate_participation_mean": 0.0, "coordinate_participation_min": 0.0}
+        if self.updates and self.used:
+            used = torch.cat([c.reshape(-1) for c in self.used.values()]).to(torch.float64) / self.updates
+            share = {"coordinate_participation_mean": float(used.mean()), "coordinate_participation_min": float(used.min())}
+        return self.packets | share

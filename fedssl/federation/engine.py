@@ -18,10 +18,11 @@ from fedssl.algorithms.aggregate import RunningAverage, ServerState
 from fedssl.algorithms.base import Algorithm
 from fedssl.algorithms.robust import minimum_updates
 from fedssl.config.schema import RecipeConfig
+from fedssl.config.validate import lossy
 from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
-from fedssl.federation.channel import Delivery, MaskedAverage, Participation, arrived, fill, transmit
+from fedssl.federation.channel import Delivery, MaskedAverage, Tally, arrived, fill, transmit
 from fedssl.federation.client import ClientTrainer
 from fedssl.federation.clients import Clients, InProcessClients, build_trainer, resolve_device
 from fedssl.federation.evaluate import score
@@ -30,7 +31,6 @@ from fedssl.federation.links import Links
 from fedssl.federation.metrics import mean_acc, round_metrics
 from fedssl.federation.personal_eval import personal_metrics
 from fedssl.federation.tensors import TensorPool
-from fedssl.config.validate import lossy
 from fedssl.messages import Arrays, Payload, Update
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
@@ -80,7 +80,11 @@ class Federation:
     test: TensorPool
     clients: Clients
     privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
-    links: Links | None = None  # the codecs on each link (federation.uplink, federation.downlink)
+    links: Links | None = None  # the codecs on each link (federation.uplink, federation.downlink); default: the recipe's
+
+    def __post_init__(self) -> None:
+        if self.links is None:
+            self.links = Links.build(self.cfg, self.algorithm)
 
     @classmethod
     def build(cls, cfg: RecipeConfig, data: FederatedData | None = None,
@@ -96,11 +100,10 @@ class Federation:
             raise UserError(f"federation.aggregator: {cfg.federation.aggregator} is not available for "
                             f"algorithm.name={cfg.algorithm.name}, whose server does not average full client weights")
         privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
-        links = Links.build(cfg, algorithm)
         if lossy(cfg.federation.uplink.channel) and not (algorithm.averages_updates and algorithm.dense_updates):
             raise UserError(f"federation.uplink.channel: algorithm.name={cfg.algorithm.name} does not average dense "
                             f"updates, so a partly delivered update cannot be placed coordinate by coordinate")
-        federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy, links)
+        federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
         federation.clients = (clients or in_process)(federation)
         return federation
 
@@ -207,16 +210,15 @@ class Federation:
         raised: list[Exception] = []
         bytes_down, bytes_up = 0, 0
         channel = fed.uplink.channel if lossy(fed.uplink.channel) else None
-        packets = dict.fromkeys(("packets_sent", "packets_lost", "packets_retransmitted"), 0)
+        masked = channel is not None and channel.strategy == "mean"
+        tally = Tally()
         for attempt in range(fed.round_retries + 1):
             sampled = self.sample(round_index, attempt, set(failed))
             payloads, sent = {}, {}
             for c in sampled:
                 payloads[c], sent[c] = self.links.send_payload(self.algorithm.payload(round_index, state, c), c)
             updates = []
-            masked = channel is not None and channel.strategy == "mean"
             running = (MaskedAverage() if masked else RunningAverage()) if self.averages_as_they_come else None
-            participation = Participation()
             for client_id, update, problem in self.clients.fit(round_index, payloads):
                 bytes_down += payloads[client_id].num_bytes
                 masks = None
@@ -226,11 +228,7 @@ class Federation:
                         update, problem, delivery, masks = self.receive(round_index, client_id, update, sent[client_id])
                         if delivery is not None:
                             bytes_up += delivery.retransmitted_bytes
-                            packets["packets_sent"] += delivery.packets
-                            packets["packets_lost"] += delivery.lost_packets
-                            packets["packets_retransmitted"] += delivery.retransmitted
-                        if masks is not None:
-                            participation.add(masks)
+                            tally.add(delivery, masks)
                 if problem:
                     log.warning("round %d: dropped the update of client %d: %s", round_index, client_id, problem)
                     failed[client_id] = problem
@@ -264,8 +262,7 @@ class Federation:
                 aggregated = [Update(SERVER_ID, average, running.total)]
             else:
                 aggregated = []
-        link = packets | participation.metrics() if channel is not None else {}
-        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), link)
+        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), tally.metrics() if channel else {})
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The global model on the server test set, and each client's row

@@ -9,7 +9,7 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.config.schema import ChannelConfig
-from fedssl.federation.channel import (MaskedAverage, Participation, arrived, channel_rng, draw_losses, fill,
+from fedssl.federation.channel import (Delivery, MaskedAverage, Tally, arrived, channel_rng, draw_losses, fill,
                                        packets_of, transmit)
 from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.run import run_federation
@@ -51,8 +51,6 @@ def test_a_lost_packet_of_an_encoded_array_loses_the_whole_array():
     reference = {"w": torch.zeros(2, 3), "b": torch.zeros(2)}
     lost = {"w/0.index": torch.tensor([False, True]), "w/values": torch.tensor([False, False]),
             "b/values": torch.tensor([False, False])}
-    from fedssl.federation.channel import Delivery
-
     masks = arrived(Delivery(lost), reference, elementwise=False)
     assert not masks["w"].any() and masks["b"].all()
     plain = arrived(Delivery({"w/values": torch.tensor([0, 1, 0, 0, 0, 1], dtype=torch.bool),
@@ -79,12 +77,14 @@ def test_the_strategies_on_a_hand_computed_example():
 
     mean = weighted_average([Update(0, filled_a, 1), Update(1, filled_b, 3)])
     assert mean["w"].tolist() == [4.0, 8.0, 7.75, 10.0]
-    # the share of updates each coordinate was used from
-    share = Participation()
-    share.add(mask_a)
-    share.add(mask_b)
-    share.add({"w": torch.zeros(4, dtype=torch.bool)})  # dropped (strategy drop): none of it used
-    assert share.metrics() == {"coordinate_participation_mean": pytest.approx(4 / 12),
+    # the share of the updates that reached the server each coordinate was used from
+    tally = Tally()
+    tally.add(Delivery({}, packets=4, lost_packets=2, retransmitted=1), mask_a)
+    tally.add(Delivery({}, packets=4, lost_packets=2), mask_b)
+    tally.add(Delivery({}, packets=4, lost_packets=1), {"w": torch.zeros(4, dtype=torch.bool)})  # dropped: none used
+    tally.add(Delivery({}, packets=4), None)  # unusable for another reason: its packets count, nothing else
+    assert tally.metrics() == {"packets_sent": 16, "packets_lost": 5, "packets_retransmitted": 1,
+                               "coordinate_participation_mean": pytest.approx(4 / 12),
                                "coordinate_participation_min": 0.0}
 
 
