@@ -22,7 +22,7 @@ import math
 import torch
 
 from fedssl.choices import CODECS
-from fedssl.codecs.base import PRIVATE, Codec, Layout, generator, numel
+from fedssl.codecs.base import PRIVATE, Codec, generator, numel
 
 BITS = (1, 2, 4, 8)  # widths that pack whole values into a byte
 BLOCK = 4096  # the rotation's largest block: bounds the padding to under one block per array

@@ -20,7 +20,6 @@ and is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 

@@ -170,14 +170,13 @@ def test_encoded_bytes_are_the_bytes_of_the_parts_sent(entries, want, over_flowe
 
 
 def test_error_feedback_keeps_exactly_what_was_not_sent():
-    from fedssl.config.schema import RecipeConfig
     from fedssl.federation.links import RESIDUAL, Links
     from fedssl.messages import Update
 
     links = Links(0, pipeline({"name": "topk", "fraction": 0.25}), Pipeline([]))
     sent_weights = {"w": torch.zeros(4, 4)}
     kept: dict = {}
-    total_sent = torch.zeros(4, 4)
+    total_sent, previous = torch.zeros(4, 4), torch.zeros(4, 4)
     deltas = [torch.randn(4, 4, generator=torch.Generator().manual_seed(r)) for r in range(3)]
     for round_index, delta in enumerate(deltas, start=1):
         update = Update(1, {"w": sent_weights["w"] + delta}, 10)
@@ -185,7 +184,7 @@ def test_error_feedback_keeps_exactly_what_was_not_sent():
         decoded, problem = links.open_update(encoded, sent_weights, round_index, 1)
         assert problem is None
         residual = kept[RESIDUAL + "w"]
-        meant = delta + (previous if round_index > 1 else 0)
+        meant = delta + previous
         # the residual is what was meant (this delta plus the last residual) minus what the server decoded
         torch.testing.assert_close(residual, meant - decoded.arrays["w"])
         assert int((decoded.arrays["w"] != 0).sum()) == 4  # a quarter of 16 coordinates was sent
