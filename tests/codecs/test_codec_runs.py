@@ -138,7 +138,8 @@ def test_codecs_and_a_lossy_channel_on_the_flower_simulation_end_as_in_process(t
     from fedssl.launch import launch
 
     overrides = ["federation.rounds=2", *FAST, TOPK, "federation.downlink.codecs=[{name: quantize, bits: 8}]",
-                 "federation.uplink.channel.loss=0.2", "federation.uplink.channel.strategy=fill"]
+                 "federation.uplink.channel.loss=0.2", "federation.uplink.channel.strategy=fill",
+                 "federation.flower.connect_timeout=600"]  # Ray's start on a busy 2-core machine
     _, flower_dir, flower = launch(str(tiny_recipe), [*overrides, "name=flower", "federation.backend=flower"])
     _, local_dir, local = launch(str(tiny_recipe), [*overrides, "name=local"])
     for key in ("global_acc", "client_acc_mean", "bytes_up", "bytes_down", "dropped_clients"):
