@@ -49,7 +49,6 @@ CODECS = [
     ("mask10", "random mask 10%", "[{name: mask, fraction: 0.1}]"),
     ("lr4", "low rank 4", "[{name: low_rank, rank: 4}]"),
     ("topk1", "top-1% + error feedback", "[{name: topk, fraction: 0.01}]"),
-    ("topk3q4", "top-3% + error feedback, values at 4 bits", "[{name: topk, fraction: 0.03}, {name: quantize, bits: 4}]"),
     ("topk2q8", "top-2% + error feedback, values at 8 bits", "[{name: topk, fraction: 0.02}, {name: quantize, bits: 8}]"),
     ("hs50q1", "hadamard + subsample 50% + quantize 1 bit",
      "[{name: hadamard}, {name: subsample, fraction: 0.5}, {name: quantize, bits: 1}]"),
