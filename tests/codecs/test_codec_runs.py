@@ -152,3 +152,37 @@ def test_codecs_and_a_lossy_channel_on_the_flower_simulation_end_as_in_process(t
     for key in ("packets_sent", "packets_lost", "coordinate_participation_mean"):
         assert [m[key] for m in flower_rounds] == [m[key] for m in local_rounds], key
     assert sum(m["packets_lost"] for m in local_rounds) > 0
+
+
+def test_a_flower_node_decodes_its_payload_and_encodes_its_update_as_in_process(tiny_recipe, over_flower_wire):
+    """The node side of the Flower backend without the simulation engine: a train
+    message through Flower's wire to the node's handler and back, as the in-process
+    clients train the same client; the node holds the residual until the server accepts."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedssl.backends.flower.client import DRAW, RUN, train_client
+    from fedssl.backends.flower.codec import decode_update, encode_payload
+    from fedssl.backends.flower.node import commit_state, load_state
+    from fedssl.config.load import to_yaml
+
+    cfg = load_recipe(tiny_recipe, [*FAST, TOPK, "federation.downlink.codecs=[{name: quantize, bits: 8}]"])
+    server = Federation.build(cfg)
+    payload, sent = server.links.send_payload(server.algorithm.payload(1, server.initial_state(), 2), 2)
+    content = encode_payload(payload, 2)
+    content[RUN] = ConfigRecord({"recipe": to_yaml(cfg), "classes": list(server.data.class_names)})
+    content[DRAW] = ConfigRecord({"draw": "1", "accepted": ""})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": "2"}, state=RecordDict(), run_config={})
+    on_node = decode_update(over_flower_wire(train_client(over_flower_wire(content), context)))
+
+    local, kept = server.clients.train(2, payload)
+    assert on_node.num_bytes == local.num_bytes < sum(v.numel() * 4 for v in sent.values()) / 5
+    assert on_node.arrays.keys() == local.arrays.keys()
+    for name, value in local.arrays.items():  # the same encoding (float sums may differ in the last bits)
+        torch.testing.assert_close(on_node.arrays[name], value, rtol=1e-5, atol=1e-6)
+    opened, problem, _, _ = server.receive(1, 2, on_node, sent)
+    assert problem is None and server.check(2, opened, sent) is None
+    # the residual is held on the node, and becomes the client's state once the server accepts draw 1
+    assert load_state(context, 2) == {}
+    commit_state(context, 2, "1")
+    residuals = load_state(context, 2)
+    assert residuals.keys() == {k for k in kept if k.startswith(RESIDUAL)} and residuals
