@@ -53,7 +53,7 @@ CODECS = [
     ("hs50q1", "hadamard + subsample 50% + quantize 1 bit",
      "[{name: hadamard}, {name: subsample, fraction: 0.5}, {name: quantize, bits: 1}]"),
 ]
-LOSSES = [0.0, 0.01, 0.05, 0.1]
+LOSSES = [0.0, 0.01, 0.05, 0.1, 0.3, 0.5]  # per attempt; one retransmission makes it p^2 for good
 STRATEGIES = ["drop", "mean", "fill"]
 CHANNEL = ["federation.uplink.channel.packet_bytes=1024", "federation.uplink.channel.retransmissions=1"]
 
@@ -116,14 +116,14 @@ def bench_codecs(datasets: list[str], keys: list[str] | None, seeds: list[int], 
     return curves
 
 
-def bench_losses(datasets: list[str], seeds: list[int], out: Path) -> dict[str, dict[str, list]]:
+def bench_losses(datasets: list[str], losses: list[float], seeds: list[int], out: Path) -> dict[str, dict[str, list]]:
     rows = ["| dataset | strategy | packet loss rate | final global_acc (mean over seeds) | packets lost / sent "
             "| coordinate participation: mean, lowest | dropped updates | note |", "| --- |" + " --- |" * 7]
     points: dict[str, dict[str, list]] = {}
     for dataset in datasets:
         recipe, data = SETTINGS[dataset]
         for strategy in STRATEGIES:
-            for loss in LOSSES:
+            for loss in losses:
                 if loss == 0 and strategy != STRATEGIES[0]:  # a perfect link is no channel, whatever the strategy
                     points.setdefault(dataset, {}).setdefault(strategy, []).extend(points[dataset][STRATEGIES[0]][:1])
                     continue
@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--codecs", nargs="*", help="only these codecs (keys of CODECS; dense always runs)")
     parser.add_argument("--loss-datasets", nargs="*", default=["faces"], choices=list(SETTINGS))
+    parser.add_argument("--losses", nargs="*", type=float, default=LOSSES)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--part", nargs="*", default=["codecs", "losses"], choices=["codecs", "losses"])
     parser.add_argument("--out", default="runs/bench-codecs")
@@ -190,7 +191,7 @@ def main() -> None:
         curves = bench_codecs(args.datasets, args.codecs, args.seeds, out)
         plot(curves, out / "codecs.png", "cumulative uplink bytes", log_x=True)
     if "losses" in args.part:
-        points = bench_losses(args.loss_datasets, args.seeds, out)
+        points = bench_losses(args.loss_datasets, args.losses, args.seeds, out)
         plot(points, out / "losses.png", "packet loss rate (1 retransmission)", log_x=False)
     (out / "done.json").write_text(json.dumps(vars(args)))
 
