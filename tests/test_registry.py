@@ -4,12 +4,12 @@ raises, an unknown one is a user error naming the key and the closest name."""
 import pytest
 
 from fedssl.algorithms.base import ALGORITHMS
-from fedssl.choices import ACCOUNTANTS, AGGREGATORS, OPTIMIZERS
+from fedssl.choices import ACCOUNTANTS, AGGREGATORS, CODECS, OPTIMIZERS
 from fedssl.config.schema import ALGORITHM_SECTIONS
 from fedssl.errors import UserError
 from fedssl.ssl.thresholds import THRESHOLDS
 
-REGISTRIES = [ALGORITHMS, ALGORITHM_SECTIONS, THRESHOLDS, AGGREGATORS, ACCOUNTANTS, OPTIMIZERS]
+REGISTRIES = [ALGORITHMS, ALGORITHM_SECTIONS, THRESHOLDS, AGGREGATORS, ACCOUNTANTS, OPTIMIZERS, CODECS]
 
 
 @pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)
