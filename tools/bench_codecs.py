@@ -155,6 +155,7 @@ def bench_losses(datasets: list[str], losses: list[float], seeds: list[int], out
 
 
 def plot(curves: dict[str, dict[str, list]], path: Path, xlabel: str, log_x: bool) -> None:
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -162,9 +163,11 @@ def plot(curves: dict[str, dict[str, list]], path: Path, xlabel: str, log_x: boo
     FigureCanvasAgg(figure)
     for i, (dataset, series) in enumerate(curves.items()):
         axes = figure.add_subplot(1, len(curves), i + 1)
-        for label, points in series.items():
+        colors = matplotlib.colormaps["tab20"].colors  # more lines than the default cycle's 10 colors
+        for (label, points), color in zip(series.items(), colors[::2] + colors[1::2]):
             if points:
-                axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=label)
+                axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=label,
+                          color=color)
         if log_x:
             axes.set_xscale("log")
         axes.set_title(dataset)
