@@ -50,7 +50,7 @@ from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import require
 from fedssl.learners.fedma import FedMALearner
 from fedssl.messages import Arrays, Payload, Update
-from fedssl.models.chain import Layer, layer_chain
+from fedssl.models.chain import Layer, layer_chain, resize_to
 
 ROUND_KEY = "fedma/round"  # the round being aggregated, recorded before its payloads are built
 CLIENT_PREFIX = "client/"  # client/<id>/<array>: a client's own later layers, for its next round
@@ -74,6 +74,9 @@ class FedMAConfig:
         require(self.iterations >= 0, "algorithm.fedma.iterations", f"must be >= 0, got {self.iterations}")
         require(self.max_width_factor >= 1, "algorithm.fedma.max_width_factor",
                 f"must be >= 1 (a layer never shrinks), got {self.max_width_factor}")
+        if cfg.algorithm.name == "fedma":
+            require(cfg.algorithm.ssl.server_steps == 0, "algorithm.ssl.server_steps",
+                    "fedma does not train on the server's labels (it would change layers the clients keep frozen); set 0")
 
 
 def units_of(arrays: Arrays, layer: Layer) -> np.ndarray:
@@ -148,6 +151,11 @@ class FedMA(Algorithm):
     def make_learner(self, model: nn.Module) -> FedMALearner:
         self.chain = layer_chain(model)
         return FedMALearner(model, self.cfg.train)
+
+    def shape_model(self, model: nn.Module, weights: Arrays) -> None:
+        """The matched layers' widths, read from the weights (an exported FedMA model)."""
+        layer_chain(model)  # refuses a model it could not have matched
+        resize_to(model, weights)
 
     @property
     def hidden(self) -> int:

@@ -198,6 +198,21 @@ def test_after_the_layer_wise_pass_rounds_are_fedavg_on_the_matched_model(tiny_r
     assert frozen[3] == sorted(["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias"])
 
 
+def test_a_fedma_run_loads_as_a_trained_model_with_its_grown_layers(tiny_recipe, tmp_path):
+    from fedssl.trained import load_trained
+
+    run_federation(load_recipe(tiny_recipe, [*FEDMA, "federation.rounds=1"]), tmp_path / "run")
+    params = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["server_state"]["params"]
+    trained = load_trained(tmp_path / "run")
+    assert {n: a.shape for n, a in trained.model.state_dict().items()} == {n: a.shape for n, a in params.items()}
+    assert all(torch.equal(trained.model.state_dict()[n], a) for n, a in params.items())
+
+
+def test_fedma_refuses_server_side_training(tiny_recipe):
+    with pytest.raises(UserError, match="algorithm.ssl.server_steps: fedma"):
+        load_recipe(tiny_recipe, [*FEDMA, "algorithm.ssl.server_steps=3"])
+
+
 # -- resume and Flower ----------------------------------------------------------------------------
 
 
