@@ -37,6 +37,9 @@ ENTRIES = [  # (key for --only, label, overrides)
 # server's test set), so that scoring does not outweigh training.
 CPU_BUDGET = ["train.local_steps=20", "train.batch_size=32", "federation.rounds=10",
               "data.partition.local_test_fraction=0.05"]
+# The faces are drawn at 28x28 instead of 48x48 on the CPU budget: the same network
+# size as on Fashion-MNIST (fc1 reads 1,024 inputs instead of 5,184).
+CPU_DATASET = {"faces": ["data.image_size=28"], "fashion_mnist": []}
 
 
 def curve(run: RunRecord) -> list[tuple[int, float, int]]:
@@ -95,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out or f"runs/bench-fedma-{args.dataset}-{args.budget}")
-    budget = CPU_BUDGET if args.budget == "cpu" else []
+    budget = CPU_BUDGET + CPU_DATASET[args.dataset] if args.budget == "cpu" else []
     variants = {}
     for key, label, overrides in ENTRIES:
         if args.only and key not in args.only:
