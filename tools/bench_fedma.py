@@ -6,10 +6,9 @@ Every algorithm runs the FedMA recipe of the dataset (same partition, clients,
 model, optimizer and local work) with only `algorithm.name` changed, for the same
 number of rounds; all clients take part every round. The table gives the global
 model's test accuracy after round R, its best over the run, the bytes sent both
-ways (training and evaluation traffic as every run counts it) and, for the
-baselines, their accuracy after the last round whose cumulative bytes do not
-exceed FedMA's total (equal bytes: FedMA's matched layers grow, so a round of it
-may weigh more). `--budget full` runs the recipe as written; `cpu` caps each
+ways (training and evaluation traffic as every run counts it) and each one's
+accuracy after its last round within the lightest run's total bytes (equal bytes:
+FedMA's matched layers grow, so a round of it may weigh more). `--budget full` runs the recipe as written; `cpu` caps each
 client's round at a fixed number of steps and the run at fewer rounds, to fit a
 2-core CPU. Finished runs are kept, so a killed benchmark continues where it
 stopped. Writes OUT/table.md; BENCHMARKS.md records it with the command.
@@ -59,10 +58,10 @@ def at_bytes(run: RunRecord, budget: int) -> float | None:
 
 
 def table(variants: dict[str, list[RunRecord]]) -> str:
-    reference = variants.get("FedMA")
-    budget = curve(reference[0])[-1][2] if reference else None
+    # equal bytes: every algorithm's accuracy within the lightest run's total traffic
+    budget = min(curve(r)[-1][2] for runs in variants.values() for r in runs)
     lines = ["| algorithm | seeds | rounds | global_acc (last round) | best global_acc | MB up + down | "
-             "global_acc at FedMA's bytes |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"global_acc within {budget / 1e6:.0f} MB |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, runs in variants.items():
         def cell(values: list[float]) -> str:
             mean, std = mean_std(values)
@@ -70,8 +69,8 @@ def table(variants: dict[str, list[RunRecord]]) -> str:
         last = cell([r.summary["global_acc"] for r in runs])
         best = cell([max(acc for _, acc, _ in curve(r)) for r in runs])
         megabytes = sum(curve(r)[-1][2] for r in runs) / len(runs) / 1e6
-        equal = [at_bytes(r, budget) for r in runs] if budget else []
-        equal_cell = cell([v for v in equal if v is not None]) if equal and all(v is not None for v in equal) else "—"
+        equal = [at_bytes(r, budget) for r in runs]
+        equal_cell = cell(equal) if all(v is not None for v in equal) else "—"
         lines.append(f"| {label} | {len(runs)} | {runs[0].summary['rounds']} | {last} | {best} | {megabytes:.1f} | {equal_cell} |")
     return "\n".join(lines)
 
