@@ -99,7 +99,7 @@ def arrays_of(units: np.ndarray, layer: Layer, like: Arrays) -> Arrays:
     return arrays
 
 
-def match_step(models: Sequence[Arrays], weights: Sequence[float], chain: Sequence[Layer], index: int,
+def match_step(models: Sequence[Arrays], weights: Sequence[int], chain: Sequence[Layer], index: int,
                cfg: FedMAConfig, max_width: int, rng: np.random.Generator) -> tuple[Arrays, list[Arrays]]:
     """Match layer `chain[index]` across `models` (each holding that layer and every
     later one, the layers before already matched): the global layer, and each
@@ -118,7 +118,7 @@ def match_step(models: Sequence[Arrays], weights: Sequence[float], chain: Sequen
     return matched, rest
 
 
-def one_shot(models: Sequence[Arrays], weights: Sequence[float], chain: Sequence[Layer], cfg: FedMAConfig,
+def one_shot(models: Sequence[Arrays], weights: Sequence[int], chain: Sequence[Layer], cfg: FedMAConfig,
              seed: int = 0) -> Arrays:
     """Match whole models layer by layer without retraining between layers (PFNM's
     one-shot fusion; FedMA retrains in between): the matched model, its classifier
@@ -132,9 +132,9 @@ def one_shot(models: Sequence[Arrays], weights: Sequence[float], chain: Sequence
     return matched | average(rest, weights)
 
 
-def average(models: Sequence[Arrays], weights: Sequence[float]) -> Arrays:
-    total = sum(weights)
-    return {name: sum(model[name] * (w / total) for model, w in zip(models, weights)) for name in models[0]}
+def average(models: Sequence[Arrays], weights: Sequence[int]) -> Arrays:
+    """The `weights`-weighted mean of each array (example counts, as FedAvg's)."""
+    return weighted_average([Update(-1, model, weight) for model, weight in zip(models, weights)])
 
 
 @ALGORITHMS.register("fedma")
