@@ -1,4 +1,7 @@
+"""Reading an offline W&B run back from its .wandb file, as the tracking tests do."""
+
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -29,12 +32,19 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def offline_run_records(directory: Path) -> dict[str, list]:
-    """The records of the one offline run under `directory`, by record type."""
+def offline_run_records(directory: Path, timeout: float = 30.0) -> dict[str, list]:
+    """The records of the one finished offline run under `directory`, by record type.
+    W&B's service writes the file after `finish` returns: wait for its exit record."""
     files = list(directory.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
+    deadline = time.monotonic() + timeout
+    records = read_wandb_records(files[0])
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"{files[0]} holds no exit record after {timeout} s"
+        time.sleep(0.2)
+        records = read_wandb_records(files[0])
     by_type: dict[str, list] = {}
-    for record in read_wandb_records(files[0]):
+    for record in records:
         kind = record.WhichOneof("record_type")
         by_type.setdefault(kind, []).append(getattr(record, kind))
     return by_type
