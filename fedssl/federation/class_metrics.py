@@ -53,6 +53,11 @@ def recall_per_class(confusion: np.ndarray) -> np.ndarray:
         return np.where(support > 0, np.diag(confusion) / np.where(support > 0, support, 1), np.nan)
 
 
+def precision_per_class(confusion: np.ndarray) -> np.ndarray:
+    """Each class's precision, TP / (TP + FP); NaN for a class never predicted."""
+    return recall_per_class(np.asarray(confusion).T)
+
+
 def global_class_metrics(confusion: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """`global_f1_macro` and `global_recall/<class name>` of the global model."""
     recalls = recall_per_class(confusion)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
 
-from fedssl.federation.class_metrics import confusion_counts, f1_macro, global_class_metrics, recall_per_class
+from fedssl.federation.class_metrics import (confusion_counts, f1_macro, global_class_metrics, precision_per_class,
+                                             recall_per_class)
 from fedssl.federation.evaluate import score
 
 # 4 classes; class 3 is neither present nor predicted, class 2 is present and never predicted.
@@ -23,6 +24,8 @@ def test_macro_f1_and_recall_by_hand():
     assert f1_macro(confusion) == pytest.approx((4 / 6 + 4 / 6 + 0) / 3)
     recall = recall_per_class(confusion)
     assert recall[:3].tolist() == pytest.approx([2 / 3, 1.0, 0.0]) and math.isnan(recall[3])
+    precision = precision_per_class(confusion)  # NaN where never predicted
+    assert precision[:2].tolist() == pytest.approx([2 / 3, 2 / 4]) and np.isnan(precision[2:]).all()
     metrics = global_class_metrics(confusion, ["angry", "happy", "disgust", "fear"])
     assert metrics["global_f1_macro"] == pytest.approx(4 / 9)
     assert metrics["global_recall/disgust"] == 0.0 and metrics["global_recall/happy"] == 1.0
