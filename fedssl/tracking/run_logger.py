@@ -126,14 +126,14 @@ class RunLogger:
         wandb_run.log_files(self.wandb, f"config-{run_id}", "config", {CONFIG: files / CONFIG})
         wandb_run.log_files(self.wandb, f"partition-{run_id}", "partition", {PARTITION: files / PARTITION})
         final_is_best = summary.get("global_acc_best_round") == summary["rounds"]
-        about = {k: summary[k] for k in ("name", "algorithm", "rounds", "global_acc", "global_f1_macro") if k in summary}
+        about = {"name": summary["name"], "algorithm": summary["algorithm"]}
         model = wandb_run.model_artifact_name(run_id)
         if not final_is_best and (files / BEST_CHECKPOINT).is_file():
             best = {"round": summary["global_acc_best_round"], "global_acc": summary["global_acc_best"]}
             wandb_run.log_files(self.wandb, model, "model", {CHECKPOINT: files / BEST_CHECKPOINT}, ["best"], about | best)
-        aliases = ["latest", "best"] if final_is_best else ["latest"]
-        wandb_run.log_files(self.wandb, model, "model", {CHECKPOINT: files / CHECKPOINT}, aliases,
-                            about | {"round": summary["rounds"]})
+        final = {"round": summary["rounds"], "global_acc": summary["global_acc"], "global_f1_macro": summary["global_f1_macro"]}
+        wandb_run.log_files(self.wandb, model, "model", {CHECKPOINT: files / CHECKPOINT},
+                            ["latest", "best"] if final_is_best else ["latest"], about | final)
 
     def abort(self) -> None:
         if self.wandb:
