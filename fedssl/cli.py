@@ -33,7 +33,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg, run_dir, summary = launch(args.recipe, args.overrides, args.resume, args.overwrite, args.name_from)
     print(
-        f"{cfg.name}: global_acc {summary['global_acc']:.4f}, client_acc_mean {summary['client_acc_mean']:.4f} "
+        f"{cfg.name}: global_acc {summary['global_acc']:.4f}, global_f1_macro {summary['global_f1_macro']:.4f}, "
+        f"client_acc_mean {summary['client_acc_mean']:.4f} "
         f"after {summary['rounds']} rounds in {summary['seconds']:.1f}s; run directory {run_dir}"
     )
     return 0
