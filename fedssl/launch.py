@@ -29,8 +29,8 @@ def named_after(cfg: RecipeConfig, keys: Sequence[str]) -> RecipeConfig:
             raise UserError(f"--name-from: unknown key {key!r}")
         values.append(f"{key}={OmegaConf.select(resolved, key)}")
     wcfg = cfg.logging.wandb
-    logging = replace(cfg.logging, wandb=replace(wcfg, group=wcfg.group or cfg.name))
-    return replace(cfg, name=check_run_name(run_name(cfg.name, values)), logging=logging)
+    grouped = replace(cfg.logging, wandb=replace(wcfg, group=wcfg.group or cfg.name))
+    return replace(cfg, name=check_run_name(run_name(cfg.name, values)), logging=grouped)
 
 
 def launch(

@@ -84,16 +84,19 @@ def lower_is_better(metric: str) -> bool:
 
 def rank_variants(variants: dict[str, list[RunRecord]], metric: str) -> dict[str, list[RunRecord]]:
     """`variants` ordered by the mean over their seeds of the final `metric`, best first
-    (highest, or lowest for losses, bytes, seconds and epsilon); variants without it last.
+    (highest, or lowest for losses, bytes, seconds and epsilon); variants without it
+    last. A metric only the rounds record (`train_loss`) leaves the order as it is.
 
     Raises:
-        UserError: no run has `metric` in its summary (naming the metrics they have).
+        UserError: no run has `metric`, in its summary or its rounds (naming the
+            summary's metrics).
     """
-    means = {label: mean_std(values)[0] for label, runs in variants.items()
-             if (values := [r.summary[metric] for r in runs if _finite(r.summary.get(metric))])}
-    if not means:
-        known = sorted({k for runs in variants.values() for r in runs for k, v in r.summary.items() if _finite(v)})
-        raise UserError(f"--metric: no run has {metric!r} in its summary; they have {', '.join(known)}")
+    runs = [r for members in variants.values() for r in members]
+    means = {label: mean_std(values)[0] for label, members in variants.items()
+             if (values := [r.summary[metric] for r in members if _finite(r.summary.get(metric))])}
+    if not means and not any(_finite(row.get(metric)) for r in runs for row in r.history):
+        known = sorted({k for r in runs for k, v in r.summary.items() if _finite(v)})
+        raise UserError(f"--metric: no run has {metric!r} in its summary or rounds; their summaries have {', '.join(known)}")
     sign = 1 if lower_is_better(metric) else -1
     order = sorted(variants, key=lambda label: (label not in means, sign * means.get(label, 0.0)))
     return {label: variants[label] for label in order}

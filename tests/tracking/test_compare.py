@@ -87,6 +87,8 @@ def test_variants_rank_by_any_metric_best_first():
     assert table.splitlines()[0].startswith("| variant | seeds | global_loss | global_acc | global_f1_macro |")
     with pytest.raises(UserError, match="no run has 'global_recall/disgust'.*global_acc"):
         rank_variants(variants, "global_recall/disgust")
+    variants["fedavg lr=0.3"][0].history[0]["train_loss"] = 1.5  # only the rounds record it: plotted, not ranked
+    assert list(rank_variants(variants, "train_loss")) == list(variants)
 
 
 def test_random_and_bayes_sweeps_draw_from_values_and_ranges():
