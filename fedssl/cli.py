@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
 
-    sweep = commands.add_parser("sweep", help="a W&B sweep configuration (grid, random or bayes), or a grid run here with --local")
+    sweep = commands.add_parser("sweep", help="a W&B sweep configuration (grid, random or bayes), "
+                                              "or a grid run here with --local")
     sweep.add_argument("recipe")
     sweep.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     sweep.add_argument("--param", action="append", default=[],

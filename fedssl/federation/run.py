@@ -59,7 +59,8 @@ def privacy_summary(privacy: CentralDP | None, rounds: int) -> dict[str, Any]:
 def best_round(history: list[dict[str, Any]], metric: str = "global_acc") -> tuple[float, int] | None:
     """The best finite value of `metric` over the evaluated rounds, and its round
     (the first where rounds tie); None before any."""
-    scored = [(m[metric], -m["round"]) for m in history if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    scored = [(m[metric], -m["round"]) for m in history
+              if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
     if not scored:
         return None
     value, round_index = max(scored)

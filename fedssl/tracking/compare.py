@@ -96,7 +96,8 @@ def rank_variants(variants: dict[str, list[RunRecord]], metric: str) -> dict[str
              if (values := [r.summary[metric] for r in members if _finite(r.summary.get(metric))])}
     if not means and not any(_finite(row.get(metric)) for r in runs for row in r.history):
         known = sorted({k for r in runs for k, v in r.summary.items() if _finite(v)})
-        raise UserError(f"--metric: no run has {metric!r} in its summary or rounds; their summaries have {', '.join(known)}")
+        raise UserError(f"--metric: no run has {metric!r} in its summary or rounds; "
+                        f"their summaries have {', '.join(known)}")
     sign = 1 if lower_is_better(metric) else -1
     order = sorted(variants, key=lambda label: (label not in means, sign * means.get(label, 0.0)))
     return {label: variants[label] for label in order}

@@ -130,8 +130,10 @@ class RunLogger:
         model = wandb_run.model_artifact_name(run_id)
         if not final_is_best and (files / BEST_CHECKPOINT).is_file():
             best = {"round": summary["global_acc_best_round"], "global_acc": summary["global_acc_best"]}
-            wandb_run.log_files(self.wandb, model, "model", {CHECKPOINT: files / BEST_CHECKPOINT}, ["best"], about | best)
-        final = {"round": summary["rounds"], "global_acc": summary["global_acc"], "global_f1_macro": summary["global_f1_macro"]}
+            wandb_run.log_files(self.wandb, model, "model", {CHECKPOINT: files / BEST_CHECKPOINT}, ["best"],
+                                about | best)
+        final = {"round": summary["rounds"], "global_acc": summary["global_acc"],
+                 "global_f1_macro": summary["global_f1_macro"]}
         wandb_run.log_files(self.wandb, model, "model", {CHECKPOINT: files / CHECKPOINT},
                             ["latest", "best"] if final_is_best else ["latest"], about | final)
 

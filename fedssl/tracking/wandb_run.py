@@ -8,7 +8,7 @@ artifacts and lineage included.
 
 Lineage: a training run logs its final checkpoint as the artifact
 `model-<run id>` (type `model`); `fedssl personalize` declares the same artifact
-as its input (`use_model`) and logs the model it exports as its output, so W&B's
+as its input (`use_files`) and logs the model it exports as its output, so W&B's
 lineage graph links the federated run, the personalize run and the exported model.
 """
 
@@ -110,14 +110,16 @@ def log_personalize(trained, report: Mapping[str, Any], report_path: Path, expor
 
     cfg, mode = trained.cfg, report["options"]["mode"]
     wcfg = cfg.logging.wandb
+    config = {"personalize": report["options"], "checkpoint": report["checkpoint"], "data": report["data"],
+              "recipe": cfg.name}
     run = start(wcfg, name=f"{cfg.name}-personalize-{mode}", group=wcfg.group or cfg.name, job_type="personalize",
-                directory=report_path.parent, config={"personalize": report["options"], "checkpoint": report["checkpoint"],
-                                                       "data": report["data"], "recipe": cfg.name})
+                directory=report_path.parent, config=config)
     if run is None:
         return
     if trained.wandb_id:
         use_files(run, model_artifact_name(trained.wandb_id), "model", {CHECKPOINT: trained.path})
-    run.summary.update({k: v for k, v in report.items() if k.startswith(("heldout_", "train_images", "epochs", "steps"))})
+    run.summary.update({k: v for k, v in report.items()
+                        if k.startswith(("heldout_", "train_images", "epochs", "steps"))})
     log_files(run, f"personalized-{run.id}", "model", {exported.name: exported, report_path.name: report_path},
               ["latest"], {"mode": mode, "from": report["checkpoint"], "labels": list(report["labels"])})
     run.finish()
