@@ -21,6 +21,7 @@ from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
+from fedssl.federation.class_metrics import global_class_metrics
 from fedssl.federation.client import ClientTrainer
 from fedssl.federation.clients import Clients, InProcessClients, build_trainer, resolve_device
 from fedssl.federation.evaluate import score
@@ -211,15 +212,18 @@ class Federation:
         return Collected(aggregated, updates, bytes_up, bytes_down, len(failed))
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The global model on the server test set, and each client's row
-        (`Clients.score`). The metrics include what the evaluation cost and dropped
+        """The global model on the server test set (accuracy, loss, macro-F1, per-class
+        recall and the confusion matrix `global_confusion`, all from one pass), and
+        each client's row (`Clients.score`). The metrics include what the evaluation cost and dropped
         (`bytes_down`, `bytes_up`, `dropped_clients`), for the round to add to its own."""
         weights = self.algorithm.global_weights(state)
         self.trainer.learner.load_arrays(weights)
         server = score(self.model, self.test.images, self.test.labels)
         scored = self.clients.score(weights, sorted(self.clients.holdings))
         rows = scored.rows
-        metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
+        metrics = {"global_acc": server.accuracy, "global_loss": server.loss,
+                   **global_class_metrics(server.confusion, self.data.class_names),
+                   "global_confusion": server.confusion.tolist(), "client_acc_mean": mean_acc(rows)}
         kinds = sorted({row["kind"] for row in rows})
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}

@@ -2,7 +2,8 @@
 
 Runs are variants of one another when their resolved configs agree on everything
 but the seed and the bookkeeping (name, output directory, logging). A variant is
-labelled by its algorithm and the keys on which the variants differ.
+labelled by its algorithm and the keys on which the variants differ. The table
+ranks the variants by the mean over seeds of one final metric, best first.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fedssl.errors import UserError
 from fedssl.io import atomic_write
 from fedssl.tracking.runs import RunRecord
 
 # Final metrics a table shows, in this order, where any run has them.
-METRICS = ("global_acc", "personal_acc", "personal_acc_p10", "client_acc_mean", "bytes_up", "bytes_down", "epsilon", "seconds")
+METRICS = ("global_acc", "global_f1_macro", "personal_acc", "personal_acc_p10", "personal_f1_macro", "client_acc_mean",
+           "bytes_up", "bytes_down", "epsilon", "seconds")
+# Final metrics where lower is better; every other metric ranks highest first.
+LOWER_IS_BETTER = ("loss", "bytes", "seconds", "epsilon", "dropped")
 IGNORED = ("seed", "name", "output_dir", "logging")
 
 
@@ -73,12 +78,38 @@ def format_cell(metric: str, values: Sequence[float]) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def comparison_table(variants: dict[str, list[RunRecord]]) -> str:
-    """Markdown: one row per variant, mean ± std over its seeds of each final metric."""
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def rank_variants(variants: dict[str, list[RunRecord]], metric: str) -> dict[str, list[RunRecord]]:
+    """`variants` ordered by the mean over their seeds of the final `metric`, best first
+    (highest, or lowest for losses, bytes, seconds and epsilon); variants without it
+    last. A metric only the rounds record (`train_loss`) leaves the order as it is.
+
+    Raises:
+        UserError: no run has `metric`, in its summary or its rounds (naming the
+            summary's metrics).
+    """
+    runs = [r for members in variants.values() for r in members]
+    means = {label: mean_std(values)[0] for label, members in variants.items()
+             if (values := [r.summary[metric] for r in members if _finite(r.summary.get(metric))])}
+    if not means and not any(_finite(row.get(metric)) for r in runs for row in r.history):
+        known = sorted({k for r in runs for k, v in r.summary.items() if _finite(v)})
+        raise UserError(f"--metric: no run has {metric!r} in its summary or rounds; "
+                        f"their summaries have {', '.join(known)}")
+    sign = 1 if lower_is_better(metric) else -1
+    order = sorted(variants, key=lambda label: (label not in means, sign * means.get(label, 0.0)))
+    return {label: variants[label] for label in order}
+
+
+def comparison_table(variants: dict[str, list[RunRecord]], ranked_by: str | None = None) -> str:
+    """Markdown: one row per variant, mean ± std over its seeds of each final metric
+    (and of `ranked_by`, the metric the rows are ordered by, which comes first)."""
     def present(metric: str) -> bool:
         return any(_finite(r.summary.get(metric)) for runs in variants.values() for r in runs)
 
-    metrics = [m for m in METRICS if present(m)]
+    metrics = [m for m in ([ranked_by] if ranked_by else []) + [m for m in METRICS if m != ranked_by] if present(m)]
     lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "| --- | --- |" + " --- |" * len(metrics)]
     for label, runs in variants.items():
         cells = []

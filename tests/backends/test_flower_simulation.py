@@ -16,7 +16,8 @@ from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.engine import Federation
 from fedssl.launch import launch
 
-SCORES = ("global_acc", "client_acc_mean", "personal_acc", "personal_acc_p10", "bytes_up", "bytes_down")
+SCORES = ("global_acc", "global_f1_macro", "client_acc_mean", "personal_acc", "personal_acc_p10", "personal_f1_macro",
+          "bytes_up", "bytes_down")
 
 
 def same_run(tiny_recipe, overrides):
@@ -59,6 +60,7 @@ def test_flower_simulation_runs_personal_and_fedmatch_as_the_inprocess_loop(tiny
     assert flower["personal_acc"] == pytest.approx(local["personal_acc"], abs=1e-6)
     assert flower["global_acc"] == pytest.approx(local["global_acc"], abs=1e-6)
     assert flower["client_acc_mean"] == pytest.approx(local["client_acc_mean"], abs=1e-6)
+    assert flower["personal_f1_macro"] == pytest.approx(local["personal_f1_macro"], abs=1e-6)  # from the nodes' rows
     if algorithm == "fedper":
         assert flower["personal_acc"] != flower["client_acc_mean"]  # the heads were personal
 
