@@ -31,6 +31,10 @@ from fedssl.messages import Payload, Update
 from fedssl.federation.tensors import TensorPool, client_seed, cycle_batches
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
+# Payload config key: at most this many local steps this round (a round policy's
+# partial work, fedssl.federation.policies); absent, the recipe's budget.
+STEP_BUDGET = "step_budget"
+
 
 @dataclass(frozen=True)
 class Augmentations:
@@ -120,7 +124,7 @@ class ClientDataModule(pl.LightningDataModule):
         payload: what it received this round.
         state: what it kept from earlier rounds.
         steps: the round's SGD steps; default: the recipe's budget, as the
-            learner's `round_steps` extends it.
+            learner's `round_steps` extends it, capped by the payload's `STEP_BUDGET`.
     """
 
     def __init__(self, source: BatchSource, client_id: int, labeled: np.ndarray, unlabeled: np.ndarray,
@@ -151,6 +155,8 @@ class ClientDataModule(pl.LightningDataModule):
         if self.steps is None:
             budget = round_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
             self.steps = learner.round_steps(budget)
+            if STEP_BUDGET in self.payload.config:
+                self.steps = min(self.steps, int(self.payload.config[STEP_BUDGET]))
         per_epoch = epoch_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
         stream = self.batches(np.random.default_rng(seed), self.steps)
         self.loader = RoundBatches(stream, self.steps, per_epoch)
