@@ -89,7 +89,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = comparison_table(variants)
     out = Path(args.out)
     atomic_write_text(out / "comparison.md", table + "\n")
-    plot_curves(variants, out / f"{args.metric}.png", metric=args.metric)
+    plot_curves(variants, out / f"{args.metric}.png", metric=args.metric, x=args.x)
     print(table)
     print(f"wrote {out / 'comparison.md'} and {out / (args.metric + '.png')}")
     return 0
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--runs-root", default="runs", help="where to look for the group's run directories")
     compare.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the group from this W&B project (online)")
     compare.add_argument("--metric", default="global_acc", help="the metric plotted against round")
+    compare.add_argument("--x", default="round", choices=("round", "sim_time"),
+                         help="the plot's x axis: round, or sim_time (simulated seconds, federation.system)")
     compare.add_argument("--out", default="comparison", help="folder for comparison.md and the PNG")
     compare.set_defaults(func=cmd_compare)
 

@@ -29,7 +29,6 @@ from fedssl.algorithms.base import ALGORITHMS
 from fedssl.algorithms.fedavg import FedAvg
 from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import require
-from fedssl.errors import UserError
 from fedssl.messages import Arrays, Update
 
 
@@ -43,8 +42,20 @@ class FedBuffConfig:
 
     def check(self, cfg: RecipeConfig) -> None:
         require(self.buffer_size >= 1, "algorithm.fedbuff.buffer_size", f"must be >= 1, got {self.buffer_size}")
-        require(self.concurrency >= 1 and (cfg.algorithm.name != "fedbuff" or self.concurrency <= cfg.federation.clients), "algorithm.fedbuff.concurrency",
-                f"must be between 1 and federation.clients ({cfg.federation.clients}), got {self.concurrency}")
+        require(self.concurrency >= 1, "algorithm.fedbuff.concurrency", f"must be >= 1, got {self.concurrency}")
+        if cfg.algorithm.name != "fedbuff":
+            return
+        fed = cfg.federation
+        require(self.concurrency <= fed.clients, "algorithm.fedbuff.concurrency",
+                f"must be at most federation.clients ({fed.clients}), got {self.concurrency}")
+        # checked here, when the recipe loads, so that no Flower simulation starts first
+        require(fed.backend == "inprocess", "federation.backend",
+                f"fedbuff runs on the inprocess backend only, got {fed.backend} (its clients start one at a time on "
+                "simulated time; fedssl's Flower rounds are synchronous cohorts)")
+        require(fed.system.policy == "wait_all", "federation.system.policy",
+                f"fedbuff has no synchronous rounds to cut short; use wait_all, got {fed.system.policy}")
+        require(cfg.algorithm.server_momentum == 0, "algorithm.server_momentum",
+                "fedbuff applies its buffer with a plain server step (0)")
 
 
 def staleness_weight(staleness: int) -> float:
@@ -72,18 +83,6 @@ class FedBuff(FedAvg):
 
     averages_updates = False
     asynchronous = True
-
-    def __init__(self, cfg: RecipeConfig):
-        fed = cfg.federation
-        if fed.backend != "inprocess":
-            raise UserError(f"federation.backend: fedbuff runs on the inprocess backend only, got {fed.backend} (its "
-                            "clients start one at a time on simulated time; Flower's rounds are synchronous cohorts)")
-        if fed.system.policy != "wait_all":
-            raise UserError(f"federation.system.policy: fedbuff has no synchronous rounds to cut short; "
-                            f"use wait_all, got {fed.system.policy}")
-        if cfg.algorithm.server_momentum > 0:
-            raise UserError("algorithm.server_momentum: fedbuff applies its buffer with a plain server step (0)")
-        super().__init__(cfg)
 
     def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
         """One flush: each update's arrays are its change Delta_i, its metrics its `staleness`."""

@@ -28,7 +28,7 @@ from fedssl.federation.evaluate import score
 from fedssl.federation.faults import Holding, check_update
 from fedssl.federation.metrics import mean_acc, round_metrics
 from fedssl.federation.personal_eval import personal_metrics
-from fedssl.federation.policies import SystemHeterogeneity
+from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
 from fedssl.messages import Payload, Update
 from fedssl.privacy.mechanism import CentralDP
@@ -93,6 +93,7 @@ class Federation:
         privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
         federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
         federation.clients = (clients or in_process)(federation)
+        check_system(cfg)
         if cfg.federation.system.profile != "none" or algorithm.counts_local_steps or algorithm.asynchronous:
             federation.system = SystemHeterogeneity.build(cfg, data, trainer.learner, clients_per_round(cfg.federation))
         return federation
