@@ -37,12 +37,12 @@ from fedssl.messages import Arrays, Update
 class FedBuffConfig:
     """`algorithm.fedbuff`: the buffer and how many clients train at once."""
 
-    buffer_size: int = 5  # K: client changes per published model version (one round)
-    concurrency: int = 10  # clients training at the same time; a finished one is replaced at once
+    buffer_size: int = 2  # K: client changes per published model version (one round)
+    concurrency: int = 0  # clients training at the same time (0: federation.clients_per_round); a finished one is replaced at once
 
     def check(self, cfg: RecipeConfig) -> None:
         require(self.buffer_size >= 1, "algorithm.fedbuff.buffer_size", f"must be >= 1, got {self.buffer_size}")
-        require(self.concurrency >= 1, "algorithm.fedbuff.concurrency", f"must be >= 1, got {self.concurrency}")
+        require(self.concurrency >= 0, "algorithm.fedbuff.concurrency", f"must be >= 0, got {self.concurrency}")
         if cfg.algorithm.name != "fedbuff":
             return
         fed = cfg.federation

@@ -98,13 +98,14 @@ def buffered_round(federation: Federation, round_index: int, state: ServerState)
     buffer holds `buffer_size`, publish the next version (see the module docstring)."""
     cfg = federation.cfg
     fedbuff, system = cfg.algorithm.fedbuff, federation.system
+    concurrency = fedbuff.concurrency or federation.system.keep  # 0: clients_per_round
     buffer = Buffer.from_extras(state.extras)
     began = buffer.clock
     started_now: set[int] = set()
     counts = {"bytes_up": 0, "bytes_down": 0, "dropped_clients": 0, "offline_clients": 0}
 
     def start_clients() -> None:
-        while len(buffer.flying) < fedbuff.concurrency:
+        while len(buffer.flying) < concurrency:
             busy = {slot.client for slot in buffer.flying.values()} | started_now
             candidates = [c for c in range(cfg.federation.clients) if c not in busy]
             if not candidates:

@@ -51,6 +51,7 @@ SETTINGS = {
     "semifl": ["data.labels.mode=server", "data.labels.server_per_class=3", "algorithm.ssl.server_steps=3"],
     "fedmatch": [*MIXED_CLIENTS, "algorithm.fedmatch.helper_every=1"],  # helpers chosen before round 2
     "fedbn": ["model.name=fedavg_cnn_bn"],
+    "fedbuff": ["algorithm.fedbuff.buffer_size=6"],  # every client in flight arrives each round: 12 trainings
 }
 NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients each
 
