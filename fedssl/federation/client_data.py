@@ -69,6 +69,11 @@ def round_steps(num_labeled: int, num_unlabeled: int, cfg: TrainConfig, unlabele
     return cfg.local_epochs * epoch_steps(num_labeled, num_unlabeled, cfg, unlabeled_batch)
 
 
+def capped(steps: int, payload: Payload) -> int:
+    """`steps`, at most the payload's `STEP_BUDGET` where it carries one."""
+    return min(steps, int(payload.config[STEP_BUDGET])) if STEP_BUDGET in payload.config else steps
+
+
 @dataclass(frozen=True)
 class BatchSource:
     """What every client's batches are cut from, built once per run: the image pool
@@ -154,9 +159,7 @@ class ClientDataModule(pl.LightningDataModule):
         self.unlabeled_batch = self.source.unlabeled_batch(learner) if len(self.unlabeled) else 0
         if self.steps is None:
             budget = round_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
-            self.steps = learner.round_steps(budget)
-            if STEP_BUDGET in self.payload.config:
-                self.steps = min(self.steps, int(self.payload.config[STEP_BUDGET]))
+            self.steps = capped(learner.round_steps(budget), self.payload)
         per_epoch = epoch_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
         stream = self.batches(np.random.default_rng(seed), self.steps)
         self.loader = RoundBatches(stream, self.steps, per_epoch)

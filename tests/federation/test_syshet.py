@@ -235,3 +235,14 @@ def test_bad_system_settings_exit_2_naming_the_key(tiny_recipe, capsys):
                            (["algorithm.name=fedbuff", "algorithm.fedbuff.concurrency=3", "federation.backend=flower"], "federation.backend")):
         code, err = run_cli(capsys, "run", str(tiny_recipe), *overrides)
         assert code == 2 and "Traceback" not in err and key in err, err
+
+
+def test_compare_plots_against_simulated_time_averaged_over_seeds():
+    from fedssl.tracking.compare import curve
+    from fedssl.tracking.runs import RunRecord
+    runs = [RunRecord("a", {}, {}, [{"round": 1, "sim_time": 10.0, "global_acc": 0.2},
+                                    {"round": 2, "sim_time": 30.0, "global_acc": 0.4}]),
+            RunRecord("b", {}, {}, [{"round": 1, "sim_time": 20.0, "global_acc": 0.4},
+                                    {"round": 2, "sim_time": 50.0, "global_acc": 0.6}])]
+    x, mean, _ = curve(runs, "global_acc", x="sim_time")
+    assert x.tolist() == [15.0, 40.0] and mean.tolist() == pytest.approx([0.3, 0.5])
