@@ -102,6 +102,9 @@ def check_system(cfg: RecipeConfig) -> None:
         raise UserError(f"federation.system.deadline: {system.policy} needs a deadline > 0 seconds, got {system.deadline}")
     if not (math.isfinite(system.overselect) and system.overselect >= 0):
         raise UserError(f"federation.system.overselect: must be >= 0, got {system.overselect}")
+    if system.online < 1 and system.profile in ("uniform", "mobile") and cfg.privacy.mechanism != "none":
+        raise UserError(f"federation.system.online: {system.online} < 1 cannot be combined with privacy.mechanism="
+                        f"{cfg.privacy.mechanism} (the accountant assumes Poisson-sampled clients all take part)")
     if system.policy != "wait_all" and cfg.privacy.mechanism != "none":
         # The accountant assumes each client takes part with the sampling rate; who
         # is dropped for being slow is not independent of the client.

@@ -7,6 +7,7 @@ resumes to the same run (arrival order included)."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from fedssl.errors import UserError
 from fedssl.config.load import load_recipe
 from fedssl.federation.buffered import Buffer, InFlight, next_arrival
 from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.federation.client_data import STEP_BUDGET
 from fedssl.federation.engine import Federation
 from fedssl.federation.profiles import build_profiles
 from fedssl.federation.policies import plan_round, round_seconds
@@ -246,3 +248,25 @@ def test_compare_plots_against_simulated_time_averaged_over_seeds():
                                     {"round": 2, "sim_time": 50.0, "global_acc": 0.6}])]
     x, mean, _ = curve(runs, "global_acc", x="sim_time")
     assert x.tolist() == [15.0, 40.0] and mean.tolist() == pytest.approx([0.3, 0.5])
+
+
+def test_partial_work_on_flower_nodes_is_the_same_round(tiny_recipe, loopback_grid):
+    from fedssl.backends.flower.client import app as client_app
+    from fedssl.backends.flower.server import FlowerClients
+    cfg = load_recipe(tiny_recipe, UNIFORM + ["federation.system.policy=partial", "federation.system.deadline=4.5"])
+    grid = loopback_grid(client_app, {100: {"partition-id": "0,3"}, 101: {"partition-id": "1,4"},
+                                      102: {"partition-id": "2,5"}})
+    results = []
+    for clients in (None, lambda server: FlowerClients.on_grid(server, grid)):
+        federation = Federation.build(cfg, clients=clients)
+        results.append(federation.fit_round(1, federation.initial_state()))
+    (local, local_metrics), (remote, remote_metrics) = results
+    assert local_metrics["partial_clients"] > 0 and remote_metrics["partial_clients"] == local_metrics["partial_clients"]
+    for name, array in local.params.items():
+        assert torch.equal(remote.params[name], array), name
+    # the step budget reached the node: a partial client trained fewer steps than its budget
+    federation = Federation.build(cfg)
+    client = federation.data.clients[0]
+    payload = replace(federation.algorithm.payload(1, federation.initial_state(), 0), config={STEP_BUDGET: 2})
+    data = federation.trainer.client_data(0, client.labeled, client.unlabeled, payload)
+    assert data.begin(federation.trainer.learner) == 2 < federation.system.steps[0]
