@@ -100,7 +100,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = comparison_table(variants, args.metric)
     out = Path(args.out)
     atomic_write_text(out / "comparison.md", table + "\n")
-    plot_curves(variants, out / f"{args.metric}.png", metric=args.metric)
+    plot_curves(variants, out / f"{args.metric}.png", metric=args.metric, x=args.x)
     print(table)
     print(f"wrote {out / 'comparison.md'} and {out / (args.metric + '.png')}")
     return 0
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric", default="global_acc",
                          help="the metric that ranks the variants and is plotted against round (any metric in the "
                               "runs' summary.json, e.g. global_f1_macro or global_recall/disgust)")
+    compare.add_argument("--x", default="round", choices=("round", "sim_time"),
+                         help="the plot's x axis: round, or sim_time (simulated seconds, federation.system)")
     compare.add_argument("--out", default="comparison", help="folder for comparison.md and the PNG")
     compare.set_defaults(func=cmd_compare)
 

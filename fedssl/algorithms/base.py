@@ -51,6 +51,12 @@ class Algorithm:
     # so that `federation.aggregator` can replace the average and `privacy.mechanism`
     # can hand it one private update in place of the cohort's.
     averages_updates = False
+    # Whether `aggregate` reads each update's `local_steps` metric (FedNova's tau_i),
+    # which the server adds from the steps it asked for (fedssl.federation.policies).
+    counts_local_steps = False
+    # Whether the server runs asynchronously (FedBuff): the engine hands its rounds
+    # to `fedssl.federation.buffered` instead of sampling a synchronous cohort.
+    asynchronous = False
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg

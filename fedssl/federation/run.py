@@ -121,6 +121,8 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                 progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
             for key in TRAFFIC:
                 totals[key] += metrics[key]
+            if "sim_seconds" in metrics:  # simulated time (federation.system), summed as the run goes
+                totals["sim_time"] = metrics["sim_time"] = totals.get("sim_time", 0.0) + metrics["sim_seconds"]
             elapsed += time.perf_counter() - began
             metrics["seconds"] = elapsed
             logger.log_round(round_index, metrics)

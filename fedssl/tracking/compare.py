@@ -124,17 +124,21 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rounds every run evaluated, with the mean and std over runs of `metric` there."""
-    per_run = [{row["round"]: row[metric] for row in r.history if _finite(row.get(metric))} for r in runs]
+def curve(runs: Sequence[RunRecord], metric: str, x: str = "round") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds every run evaluated, with the mean and std over runs of `metric` there;
+    with `x` other than round (e.g. sim_time, simulated seconds), its mean over runs
+    at those rounds stands for the round."""
+    per_run = [{row["round"]: (row.get(x), row[metric]) for row in r.history
+                if _finite(row.get(metric)) and _finite(row.get(x))} for r in runs]
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
-    values = np.array([[p[t] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
+    values = np.array([[p[t][1] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
+    xs = np.array([[p[t][0] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
     std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(rounds))
-    return np.array(rounds), values.mean(axis=0), std
+    return xs.mean(axis=0), values.mean(axis=0), std
 
 
-def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = "global_acc") -> None:
-    """PNG: `metric` against round, one line per variant, a band of ± one std over seeds."""
+def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = "global_acc", x: str = "round") -> None:
+    """PNG: `metric` against round (or `x`, e.g. sim_time), one line per variant, a band of ± one std over seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -143,11 +147,12 @@ def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = 
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for label, runs in variants.items():
-        rounds, mean, std = curve(runs, metric)
+        rounds, mean, std = curve(runs, metric, x)
         line, = axes.plot(rounds, mean, label=f"{label} (n={len(runs)})")
         axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("round")
+    if x == "round":
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("simulated seconds" if x == "sim_time" else x)
     axes.set_ylabel(metric)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

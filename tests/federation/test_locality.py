@@ -52,6 +52,7 @@ SETTINGS = {
     "fedmatch": [*MIXED_CLIENTS, "algorithm.fedmatch.helper_every=1"],  # helpers chosen before round 2
     "fedbn": ["model.name=fedavg_cnn_bn"],
     "fedma": ["algorithm.fedma.iterations=1"],  # round 2 sends the matched conv1 as extras, each client its own layers
+    "fedbuff": ["algorithm.fedbuff.buffer_size=6"],  # every client in flight arrives each round: 12 trainings
 }
 NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients each
 
