@@ -83,7 +83,6 @@ from fedssl.algorithms.personal import readers
 from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import require
 from fedssl.errors import UserError
-from fedssl.federation.tensors import client_seed
 from fedssl.learners.mocha import MU, WORK, MochaLearner
 from fedssl.learners.personal import personal_arrays
 from fedssl.messages import Arrays, Payload, Update
@@ -92,6 +91,7 @@ from fedssl.models.personal import select_arrays
 PATTERNS_KEY = "algorithm.mocha.patterns"
 EIGEN_FLOOR = 1e-7  # the authors' floor on the Gram matrix's eigenvalues (run_mocha.m)
 OMEGA, REPORTED, TASKS = "omega", "reported", "tasks/"  # ServerState.extras
+WORK_STREAM = 0x4D4F4348  # "MOCH": tags the draws of each client's share of the step budget
 
 
 @ALGORITHM_SECTIONS.register("mocha")
@@ -221,7 +221,8 @@ class Mocha(Algorithm):
         low, high = self.settings.work_min, self.settings.work_max
         if low == high:
             return high
-        rng = np.random.default_rng([client_seed(self.cfg.seed, round_index, client_id), 1])  # not its batches' stream
+        # (seed, round, client) with a tag of its own: a stream apart from the client's batches'
+        rng = np.random.default_rng([self.cfg.seed, round_index, client_id, WORK_STREAM])
         return float(rng.uniform(low, high))
 
     def payload(self, round_index: int, state: ServerState, client_id: int) -> Payload:
