@@ -202,7 +202,8 @@ class Mocha(Algorithm):
         """Every task starts from the initial weights; Omega = I/m, no task reported."""
         m = self.cfg.federation.clients
         extras = {OMEGA: torch.eye(m, dtype=torch.float64) / m, REPORTED: torch.zeros(m, dtype=torch.bool)}
-        extras |= {TASKS + name: arrays[name].unsqueeze(0).repeat(m, *[1] * arrays[name].dim()) for name in self.coupled}
+        extras |= {TASKS + name: arrays[name].unsqueeze(0).repeat(m, *[1] * arrays[name].dim())
+                   for name in self.coupled}
         return ServerState(params=dict(arrays), extras=extras)
 
     def tasks(self, state: ServerState) -> dict[str, torch.Tensor]:
@@ -255,7 +256,8 @@ class Mocha(Algorithm):
             params |= weighted_average([Update(u.client_id, {n: u.arrays[n] for n in shared}, u.num_examples)
                                         for u in trained])
         index = reported.nonzero().flatten()
-        params |= {name: extras[TASKS + name][index].double().mean(0).to(params[name].dtype) for name in self.coupled}
+        params |= {name: extras[TASKS + name][index].double().mean(0).to(params[name].dtype)
+                   for name in self.coupled}
         return replace(state, params=params, extras=extras)
 
     def personal_weights(self, global_weights: Arrays, client: LocalClient) -> Arrays:

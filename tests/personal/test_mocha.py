@@ -203,7 +203,9 @@ def test_each_client_runs_its_own_drawn_share_of_the_step_budget(tiny_recipe):
     ("algorithm.mocha.omega_every=-1", "algorithm.mocha.omega_every"),
 ])
 def test_a_bad_mocha_setting_names_its_key(tiny_recipe, override, key):
-    overrides = ["algorithm.name=mocha", override] + (["algorithm.mocha.work_min=0.8"] if "work_max" in override else [])
+    overrides = ["algorithm.name=mocha", override]
+    if "work_max" in override:  # below work_min
+        overrides.append("algorithm.mocha.work_min=0.8")
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         Federation.build(load_recipe(tiny_recipe, overrides))
 
@@ -220,10 +222,12 @@ def test_mocha_settings_on_another_algorithm_are_refused(tiny_recipe):
 def test_a_resumed_mocha_run_ends_exactly_as_an_uninterrupted_one(tiny_recipe, tmp_path):
     """Omega, every task's weights and every client's own model are in the checkpoint;
     the work drawn per client comes from (seed, round, client)."""
-    spill = ["algorithm.name=mocha", "train.local_steps=3", "algorithm.mocha.work_min=0.3", "algorithm.mocha.lam=0.01"]
-    summary = run_federation(load_recipe(tiny_recipe, [*spill, "federation.rounds=3"]), tmp_path / "whole")
-    run_federation(load_recipe(tiny_recipe, [*spill, "federation.rounds=2"]), tmp_path / "resumed")
-    resumed = run_federation(load_recipe(tiny_recipe, [*spill, "federation.rounds=3"]), tmp_path / "resumed", resume=True)
+    settings = ["algorithm.name=mocha", "train.local_steps=3", "algorithm.mocha.work_min=0.3",
+                "algorithm.mocha.lam=0.01"]
+    summary = run_federation(load_recipe(tiny_recipe, [*settings, "federation.rounds=3"]), tmp_path / "whole")
+    run_federation(load_recipe(tiny_recipe, [*settings, "federation.rounds=2"]), tmp_path / "resumed")
+    resumed = run_federation(load_recipe(tiny_recipe, [*settings, "federation.rounds=3"]), tmp_path / "resumed",
+                             resume=True)
 
     a, b = load_checkpoint(tmp_path / "whole" / CHECKPOINT), load_checkpoint(tmp_path / "resumed" / CHECKPOINT)
     for part in ("params", "extras"):
