@@ -5,8 +5,9 @@ sends back from an evaluation is one row of per-client scores per client it was
 asked about: never images, labels or per-sample values.
 
 Down: a node receives only what its own clients need. A train message carries the
-client's payload: the model's shared arrays and, for FedMatch, the helper models
-the server chose for that client. An evaluate message carries the global model.
+client's payload: the model's shared arrays (MOCHA: under its coupled arrays' names,
+the client's anchor, one combination of the other tasks' weights, never one
+client's) and, for FedMatch, the helper models the server chose for that client. An evaluate message carries the global model.
 No message carries the server's private state (`ServerState.extras`, FedMatch's:
 every client's latest model, embeddings, snapshots, the helper map) or another client's
 arrays (what it sent up, what it keeps), except a client's declared helpers.
@@ -53,6 +54,7 @@ SETTINGS = {
     "fedbn": ["model.name=fedavg_cnn_bn"],
     "fedma": ["algorithm.fedma.iterations=1"],  # round 2 sends the matched conv1 as extras, each client its own layers
     "fedbuff": ["algorithm.fedbuff.buffer_size=6"],  # every client in flight arrives each round: 12 trainings
+    "mocha": ["algorithm.mocha.work_min=0.5"],  # each client is sent its own anchor (from round 2) and share of the steps
 }
 NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients each
 
