@@ -22,6 +22,8 @@ from fedssl.config.validate import lossy
 from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
+from fedssl.federation.class_metrics import global_class_metrics
+from fedssl.federation.buffered import buffered_round
 from fedssl.federation.channel import Delivery, MaskedAverage, Tally, arrived, fill, transmit
 from fedssl.federation.client import ClientTrainer
 from fedssl.federation.clients import Clients, InProcessClients, build_trainer, resolve_device
@@ -30,8 +32,9 @@ from fedssl.federation.faults import Holding, check_update
 from fedssl.federation.links import Links
 from fedssl.federation.metrics import mean_acc, round_metrics
 from fedssl.federation.personal_eval import personal_metrics
+from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
-from fedssl.messages import Arrays, Payload, Update
+from fedssl.messages import Payload, Update
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
 
@@ -66,6 +69,7 @@ class Collected:
     bytes_up: int
     bytes_down: int
     dropped: int
+    system: dict[str, float] = field(default_factory=dict)  # simulated time and late/offline/partial counts
     link: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,6 +84,7 @@ class Federation:
     test: TensorPool
     clients: Clients
     privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
+    system: SystemHeterogeneity | None = None  # device profiles and round policy (federation.system)
     links: Links | None = None  # the codecs on each link (federation.uplink, federation.downlink); default: the recipe's
 
     def __post_init__(self) -> None:
@@ -100,11 +105,17 @@ class Federation:
             raise UserError(f"federation.aggregator: {cfg.federation.aggregator} is not available for "
                             f"algorithm.name={cfg.algorithm.name}, whose server does not average full client weights")
         privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
+        if lossy(cfg.federation.uplink.channel) and algorithm.asynchronous:
+            raise UserError(f"federation.uplink.channel: algorithm.name={cfg.algorithm.name} runs asynchronous rounds "
+                            f"(FedBuff), which do not simulate a lossy link yet")
         if lossy(cfg.federation.uplink.channel) and not (algorithm.averages_updates and algorithm.dense_updates):
             raise UserError(f"federation.uplink.channel: algorithm.name={cfg.algorithm.name} does not average dense "
                             f"updates, so a partly delivered update cannot be placed coordinate by coordinate")
         federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
         federation.clients = (clients or in_process)(federation)
+        check_system(cfg)
+        if cfg.federation.system.profile != "none" or algorithm.counts_local_steps or algorithm.asynchronous:
+            federation.system = SystemHeterogeneity.build(cfg, data, trainer.learner, clients_per_round(cfg.federation))
         return federation
 
     @property
@@ -123,13 +134,13 @@ class Federation:
     def kinds(self) -> dict[int, str]:
         return {c: holding.kind for c, holding in self.clients.holdings.items()}
 
-    def check(self, client_id: int, update: Update, sent: Arrays) -> str | None:
-        """Why the server cannot use client `client_id`'s `update` (decoded) to the
-        weights it was `sent` (as it decoded them), None if it can:
+    def check(self, client_id: int, update: Update, payload: Payload) -> str | None:
+        """Why the server cannot use client `client_id`'s `update` (decoded) to `payload`
+        (with the weights the client decodes from it), None if it can:
         `faults.check_update` against what the client holds."""
         if update.client_id != client_id:
             return f"its node answered for client {update.client_id}"
-        return check_update(update, sent, dense=self.algorithm.dense_updates,
+        return check_update(update, payload.arrays, dense=self.algorithm.dense_updates,
                             max_examples=self.clients.holdings[client_id].examples,
                             max_ratio=self.cfg.federation.max_update_ratio)
 
@@ -144,9 +155,12 @@ class Federation:
     def fit_round(self, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
         has_server_labels = len(self.data.server_labeled) > 0 and self.cfg.algorithm.ssl.server_steps > 0
         state = self.algorithm.server_round(round_index, state, self.train_on_server if has_server_labels else None)
+        if self.algorithm.asynchronous:
+            return buffered_round(self, round_index, state)
         collected = self.collect(round_index, state)
         metrics = round_metrics(collected.receipts, self.kinds) | collected.link | {
-            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped}
+            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped
+        } | collected.system
         if self.privacy is None:
             return self.algorithm.aggregate(collected.updates, state), metrics
         # DP-FedAvg: the cohort's updates become one private update, which the
@@ -162,18 +176,20 @@ class Federation:
         candidates = [c for c in range(fed.clients) if c not in failed]
         if self.privacy is not None:
             return poisson_sample(candidates, self.privacy.sampling_rate, self.cfg.seed, round_index, attempt)
-        count = min(clients_per_round(fed), len(candidates))
+        count = clients_per_round(fed)
+        count = min(self.system.sample_count(count) if self.system else count, len(candidates))
         return [candidates[i] for i in sample_clients(len(candidates), count, self.cfg.seed, round_index, attempt)]
 
-    def receive(self, round_index: int, client_id: int, update: Update, sent: Arrays
+    def receive(self, round_index: int, client_id: int, update: Update, payload: Payload
                 ) -> tuple[Update, str | None, Delivery | None, dict | None]:
         """A received update through the simulated uplink channel (if lossy), decoded
         (`Links.open_update`) and checked: (the update as the server uses it, why it is
-        unusable or None, what the channel did, which coordinates arrived)."""
-        channel = self.cfg.federation.uplink.channel
+        unusable or None, what the channel did, which coordinates arrived). `payload`:
+        what the client was sent, with the weights it decodes from it."""
+        channel, sent = self.cfg.federation.uplink.channel, payload.arrays
         delivery = transmit(update.arrays, channel, self.cfg.seed, round_index, client_id) if lossy(channel) else None
         opened, problem = self.links.open_update(update, sent, round_index, client_id)
-        problem = problem or self.check(client_id, opened, sent)
+        problem = problem or self.check(client_id, opened, payload)
         if problem or delivery is None:
             return opened, problem, delivery, None
         masks = arrived(delivery, sent, elementwise=self.links.up.elementwise)
@@ -212,11 +228,18 @@ class Federation:
         channel = fed.uplink.channel if lossy(fed.uplink.channel) else None
         masked = channel is not None and channel.strategy == "mean"
         tally = Tally()
+        plans, received = [], {}  # the system's plan of every draw, and the bytes each client sent
         for attempt in range(fed.round_retries + 1):
             sampled = self.sample(round_index, attempt, set(failed))
-            payloads, sent = {}, {}
-            for c in sampled:
-                payloads[c], sent[c] = self.links.send_payload(self.algorithm.payload(round_index, state, c), c)
+            payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
+            if self.system is not None:  # who is online, late or partial (federation.system.policy)
+                plan, payloads = self.system.plan(round_index, attempt, payloads)
+                plans.append((plan, payloads))
+            encoded, sent = {}, {}  # the payloads as they travel (federation.downlink), and with what each client decodes
+            for c, payload in payloads.items():
+                encoded[c], weights = self.links.send_payload(payload, c)
+                sent[c] = replace(payload, arrays=weights)
+            payloads = encoded
             updates = []
             running = (MaskedAverage() if masked else RunningAverage()) if self.averages_as_they_come else None
             for client_id, update, problem in self.clients.fit(round_index, payloads):
@@ -224,6 +247,7 @@ class Federation:
                 masks = None
                 if isinstance(update, Update):  # it came, usable or not
                     bytes_up += update.num_bytes
+                    received[client_id] = update.num_bytes
                     if not problem:
                         update, problem, delivery, masks = self.receive(round_index, client_id, update, sent[client_id])
                         if delivery is not None:
@@ -235,6 +259,8 @@ class Federation:
                     if isinstance(update, Exception):
                         raised.append(update)
                     continue
+                if self.system is not None:
+                    update = self.system.annotate(plan, update)
                 if running is not None:
                     if masked:
                         running.add(update.arrays, masks, update.num_examples)
@@ -249,6 +275,8 @@ class Federation:
                             "(retry %d of %d)", round_index, len(updates), len(sampled), needed, attempt + 1, fed.round_retries)
         else:
             reasons = "; ".join(f"client {c}: {why}" for c, why in failed.items()) or "no client failed"
+            if plans:  # clients the round policy left out
+                reasons += "; " + self.system.left_out(plans)
             retried = f" after {fed.round_retries} retries" if fed.round_retries else ""
             # chained to a client's exception, so that a bug in a learner keeps its traceback in Python
             raise UserError(f"federation.min_clients: round {round_index} got {len(updates)} usable updates of "
@@ -262,18 +290,23 @@ class Federation:
                 aggregated = [Update(SERVER_ID, average, running.total)]
             else:
                 aggregated = []
-        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), tally.metrics() if channel else {})
+        system = self.system.finish(plans, received) if self.system is not None else {}
+        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), system,
+                         tally.metrics() if channel else {})
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The global model on the server test set, and each client's row
-        (`Clients.score`). The metrics include what the evaluation cost and dropped
+        """The global model on the server test set (accuracy, loss, macro-F1, per-class
+        recall and the confusion matrix `global_confusion`, all from one pass), and
+        each client's row (`Clients.score`). The metrics include what the evaluation cost and dropped
         (`bytes_down`, `bytes_up`, `dropped_clients`), for the round to add to its own."""
         weights = self.algorithm.global_weights(state)
         self.trainer.learner.load_arrays(weights)
         server = score(self.model, self.test.images, self.test.labels)
         scored = self.clients.score(weights, sorted(self.clients.holdings))
         rows = scored.rows
-        metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
+        metrics = {"global_acc": server.accuracy, "global_loss": server.loss,
+                   **global_class_metrics(server.confusion, self.data.class_names),
+                   "global_confusion": server.confusion.tolist(), "client_acc_mean": mean_acc(rows)}
         kinds = sorted({row["kind"] for row in rows})
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}

@@ -50,6 +50,9 @@ class Links:
             raise UserError(f"federation.uplink.codecs: algorithm.name={cfg.algorithm.name} does not average dense "
                             f"updates (FedMatch sends sparse deltas of its own decomposition); codecs apply to the "
                             f"FedAvg family and the personalized algorithms")
+        if (up or down) and algorithm.asynchronous:
+            raise UserError(f"federation.uplink.codecs: algorithm.name={cfg.algorithm.name} runs asynchronous rounds "
+                            f"(FedBuff), which do not take codecs yet")
         return cls(cfg.seed, up, down)
 
     def seeds(self, round_index: int, client_id: int, direction: int, pipeline: Pipeline):

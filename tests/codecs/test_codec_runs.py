@@ -179,8 +179,8 @@ def test_a_flower_node_decodes_its_payload_and_encodes_its_update_as_in_process(
     assert on_node.arrays.keys() == local.arrays.keys()
     for name, value in local.arrays.items():  # the same encoding (float sums may differ in the last bits)
         torch.testing.assert_close(on_node.arrays[name], value, rtol=1e-5, atol=1e-6)
-    opened, problem, _, _ = server.receive(1, 2, on_node, sent)
-    assert problem is None and server.check(2, opened, sent) is None
+    opened, problem, _, _ = server.receive(1, 2, on_node, replace(payload, arrays=sent))
+    assert problem is None and server.check(2, opened, replace(payload, arrays=sent)) is None
     # the residual is held on the node, and becomes the client's state once the server accepts draw 1
     assert load_state(context, 2) == {}
     commit_state(context, 2, "1")

@@ -439,6 +439,7 @@ ALGORITHM_SETTINGS = {
     "semifl": [*UNLABELED_ONLY, "algorithm.ssl.server_steps=3"],
     "fedmatch": MIXED_CLIENTS,
     "fedbn": ["model.name=fedavg_cnn_bn"],  # FedBN keeps normalization layers local: it needs a model with some
+    "mocha": ["algorithm.mocha.work_min=0.5"],  # each client runs its own share of the steps
 }
 # Further settings worth a run, for algorithms that are registered.
 EXTRA_CASES = [
@@ -450,6 +451,8 @@ EXTRA_CASES = [
                                       "algorithm.fedmatch.lambda_l1=1e-5"]),
     # the supervised-only lower bound with labels at the server: the server trains alone
     ("fedavg", "labels-at-server", [*UNLABELED_ONLY, "algorithm.ssl.server_steps=3"]),
+    # MOCHA's coupling on the classifier alone, over a body shared and averaged by all
+    ("mocha", "coupled-head", ["algorithm.mocha.patterns=[fc.*]"]),
 ]
 
 
