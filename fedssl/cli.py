@@ -1,4 +1,4 @@
-"""The `fedssl` command line: run | recipes | data | sweep | compare | personalize | predict."""
+"""The `fedssl` command line: run | config | recipes | data | sweep | compare | personalize | predict."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     width = max((len(p.stem) for p in recipes), default=0)
     for path in recipes:
         print(f"{path.stem:<{width}}  {recipe_description(path)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedssl.config.load import load_recipe, to_yaml
+
+    print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     return 0
 
 
@@ -148,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name-from", type=lambda text: text.split(","), default=[], metavar="KEY,...",
                      help="append these keys' values to the run name (as sweeps do)")
     run.set_defaults(func=cmd_run)
+
+    config = commands.add_parser("config", help="print a recipe fully resolved (its bases, defaults and overrides) as YAML")
+    config.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe")
+    config.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5")
+    config.set_defaults(func=cmd_config)
 
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
