@@ -79,6 +79,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from fedssl.extras import require
     from fedssl.io import atomic_write_text
     from fedssl.tracking.compare import comparison_table, group_variants, plot_curves
     from fedssl.tracking.runs import find_group, read_run_dir, read_wandb_group
@@ -87,6 +88,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError("compare: give run directories, or --group NAME")
     if args.wandb and not args.group:
         raise UserError("compare: --wandb needs --group NAME")
+    require("matplotlib", "plots", "fedssl compare (its plot)")
     if args.wandb:
         records = read_wandb_group(args.wandb, args.group)
     else:

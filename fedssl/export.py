@@ -87,7 +87,7 @@ def model_path(out_dir: str | Path, export_format: str) -> Path:
         if missing:
             raise UserError(
                 f"--format onnx needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
-                f"pip install {' '.join(_ONNX_PACKAGES)} (or export TorchScript, the default)"
+                f"pip install 'fedssl[onnx]'"
             )
     return Path(out_dir) / FORMATS[export_format]
 
@@ -247,7 +247,7 @@ def _load_bytes(data: bytes, export_format: str, name: str) -> ExportedModel:
 
 def _load_onnx(data: bytes, name: str, not_ours: str) -> ExportedModel:
     if importlib.util.find_spec("onnxruntime") is None:
-        raise UserError(f"{name}: predicting with an ONNX model needs onnxruntime: pip install onnxruntime")
+        raise UserError(f"{name}: predicting with an ONNX model needs onnxruntime: pip install 'fedssl[onnx]'")
     import onnxruntime
 
     try:

@@ -95,6 +95,7 @@ class CentralDP:
         privacy = cfg.privacy
         if privacy.mechanism == "none":
             return None
+        accountant.make_accountant(privacy.accountant)  # the `privacy` extra, before any round runs
         if not supported:
             raise UserError(
                 f"privacy.mechanism: {privacy.mechanism} is not available for algorithm.name={algorithm_name}: its "
