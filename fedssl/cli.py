@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     personal.add_argument("--mode", default="head",
                           help="head: the classifier only (default); full: every layer; maml: --steps SGD steps on every layer")
     personal.add_argument("--out", help="folder for the model, personalize.json and logs (default: RUN/personalized-MODE)")
-    personal.add_argument("--format", default="torchscript", help="torchscript (default) or onnx (needs onnx, onnxscript)")
+    personal.add_argument("--format", default="pt2",
+                          help="pt2 (default: torch.export), torchscript, or onnx (needs the onnx extra)")
     personal.add_argument("--epochs", type=int, default=20, help="head/full: at most this many epochs")
     personal.add_argument("--patience", type=int, default=3, help="head/full: stop after this many epochs without a lower held-out loss")
     personal.add_argument("--steps", type=int, default=5, help="maml: adaptation steps")
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     personal.set_defaults(func=cmd_personalize)
 
     predict = commands.add_parser("predict", help="label images with a model exported by fedssl personalize")
-    predict.add_argument("model", help="model.pt (TorchScript) or model.onnx (needs onnxruntime)")
+    predict.add_argument("model", help="model.pt2 (torch.export), model.pt (TorchScript) or model.onnx (needs the onnx extra)")
     predict.add_argument("images", nargs="+", help="image files; one line each: path, label, confidence")
     predict.set_defaults(func=cmd_predict)
     return parser

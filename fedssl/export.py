@@ -1,10 +1,23 @@
 """Exported models: one file holding the network, its label names and its input spec.
 
-`fedssl personalize` writes one, `fedssl predict` reads one. Two formats:
+`fedssl personalize` writes one, `fedssl predict` reads one. Three formats:
 
-- ``torchscript`` (default, ``model.pt``): `torch.jit.trace` of the model in eval
-  mode, loadable without fedssl or timm, from Python (`torch.jit.load`) or C++
-  (libtorch). The metadata is the TorchScript extra file ``fedssl.json``::
+- ``pt2`` (default, ``model.pt2``): `torch.export` of the model in eval mode with a
+  dynamic batch dimension, the format torch maintains (TorchScript is deprecated);
+  loadable without fedssl or timm (`torch.export.load(...).module()`), and compiled
+  for a server or a phone by AOTInductor or ExecuTorch. The metadata is the extra
+  file ``fedssl.json``::
+
+      extra = {"fedssl.json": ""}
+      model = torch.export.load("model.pt2", extra_files=extra).module()
+      meta = json.loads(extra["fedssl.json"])
+
+  torch.export.load can unpickle parts of an archive; fedssl reads only archives
+  whose every part is plain tensors and JSON (`_check_pt2`), and refuses others.
+
+- ``torchscript`` (``model.pt``): `torch.jit.trace` of the model in eval
+  mode, loadable from Python (`torch.jit.load`) or C++ (libtorch), kept while torch
+  supports it. The metadata is the TorchScript extra file ``fedssl.json``::
 
       extra = {"fedssl.json": ""}
       model = torch.jit.load("model.pt", _extra_files=extra)
@@ -29,7 +42,9 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import warnings
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +58,10 @@ from fedssl.data.transforms import to_tensor
 from fedssl.errors import UserError
 from fedssl.io import atomic_write
 
-__all__ = ["FORMATS", "ExportedModel", "Prediction", "export_model", "load_exported", "model_metadata", "model_path"]
+__all__ = ["DEFAULT_FORMAT", "FORMATS", "ExportedModel", "Prediction", "export_model", "load_exported", "model_metadata", "model_path"]
 
-FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
+FORMATS = {"pt2": "model.pt2", "torchscript": "model.pt", "onnx": "model.onnx"}
+DEFAULT_FORMAT = "pt2"
 METADATA = "fedssl.json"
 FORMAT_NAME = "fedssl-model"
 FORMAT_VERSION = 1
@@ -87,12 +103,12 @@ def model_path(out_dir: str | Path, export_format: str) -> Path:
         if missing:
             raise UserError(
                 f"--format onnx needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
-                f"pip install 'fedssl[onnx]'"
+                f"pip install 'fedssl[onnx]' (or export pt2, the default)"
             )
     return Path(out_dir) / FORMATS[export_format]
 
 
-def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], export_format: str = "torchscript") -> Path:
+def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], export_format: str = DEFAULT_FORMAT) -> Path:
     """Write `model` (evaluated in eval mode) with `metadata` to `path`, atomically.
 
     The exported network is checked against `model` on a random batch before it is
@@ -108,7 +124,9 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], e
         with torch.no_grad():
             expected = model(probe)
         text = json.dumps(metadata, indent=2)
-        if export_format == "torchscript":
+        if export_format == "pt2":
+            data = _pt2_bytes(model, probe, text)
+        elif export_format == "torchscript":
             data = _torchscript_bytes(model, probe, text)
         else:
             data = _onnx_bytes(model, probe, text)
@@ -118,6 +136,14 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], e
     finally:
         model.train(was_training)
     return path
+
+
+def _pt2_bytes(model: nn.Module, probe: torch.Tensor, metadata: str) -> bytes:
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        program = torch.export.export(model, (probe[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, buffer, extra_files={METADATA: metadata})
+    return buffer.getvalue()
 
 
 def _torchscript_bytes(model: nn.Module, probe: torch.Tensor, metadata: str) -> bytes:
@@ -225,7 +251,8 @@ def load_exported(path: str | Path) -> ExportedModel:
     if not path.is_file():
         raise UserError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'} (expected a model file "
                         f"written by fedssl personalize)")
-    export_format = "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
+    suffix = path.suffix.lower()
+    export_format = "onnx" if suffix == ".onnx" else "pt2" if suffix == ".pt2" else "torchscript"
     return _load_bytes(path.read_bytes(), export_format, str(path))
 
 
@@ -233,6 +260,8 @@ def _load_bytes(data: bytes, export_format: str, name: str) -> ExportedModel:
     not_ours = f"{name}: not a model exported by fedssl personalize"
     if export_format == "onnx":
         return _load_onnx(data, name, not_ours)
+    if export_format == "pt2":
+        return _load_pt2(data, name, not_ours)
     extra = {METADATA: ""}
     try:
         with warnings.catch_warnings():
@@ -243,6 +272,56 @@ def _load_bytes(data: bytes, export_format: str, name: str) -> ExportedModel:
     metadata = _parse_metadata(extra[METADATA], name)
     module.eval()
     return ExportedModel(metadata=metadata, run=module)
+
+
+# What torch.export.save writes, all of it tensors or JSON (torch 2.6-2.14); torch.export.load
+# unpickles weights or constants flagged `use_pickle`, custom objects and sample inputs that
+# are not plain tensors, so an archive is read only once these have been checked.
+_PT2_DATA = re.compile(r"[^/]+/(data/(weights|constants)/(weight|constant|tensor_constant)_?\d+|"
+                       r"data/(weights|constants)/model_(weights|constants)_config\.json|models/model\.json|"
+                       r"data/sample_inputs/model\.pt|extra/[^/]+|archive_format|archive_version|"
+                       r"\.data/version|\.data/serialization_id|byteorder|version)")
+
+
+def _check_pt2(data: bytes, name: str, not_ours: str) -> None:
+    """Refuse a .pt2 archive that holds anything torch.export.load would unpickle."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = archive.namelist()
+    except (zipfile.BadZipFile, ValueError):
+        raise UserError(f"{not_ours} (not a .pt2 archive)") from None
+    unexpected = [n for n in names if not n.endswith("/") and not _PT2_DATA.fullmatch(n)]
+    if unexpected or not any(n.endswith("/archive_format") for n in names):
+        raise UserError(f"{not_ours} (the .pt2 archive holds {unexpected[0] if unexpected else 'no archive_format'}, "
+                        "which fedssl does not load)")
+    for entry in names:
+        if entry.endswith("_config.json"):
+            try:
+                config = json.loads(archive.read(entry))["config"]
+                pickled = [key for key, payload in config.items()
+                           if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(
+                               ("weight_", "tensor_constant"))]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{not_ours} ({entry} is not torch.export's)") from None
+            if pickled:
+                raise UserError(f"{name}: {pickled[0]!r} is a pickled object, which fedssl does not load; "
+                                "export the model again with fedssl personalize")
+        elif entry.endswith("sample_inputs/model.pt"):
+            try:
+                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
+            except Exception:  # anything but tensors and plain containers
+                raise UserError(f"{name}: its sample inputs are not plain tensors; fedssl does not load it") from None
+
+
+def _load_pt2(data: bytes, name: str, not_ours: str) -> ExportedModel:
+    _check_pt2(data, name, not_ours)
+    extra = {METADATA: ""}
+    try:
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    except Exception:  # torch raises many types on a file that is not a program it wrote
+        raise UserError(f"{not_ours} (not a torch.export program)") from None
+    metadata = _parse_metadata(extra[METADATA], name)
+    return ExportedModel(metadata=metadata, run=program.module())
 
 
 def _load_onnx(data: bytes, name: str, not_ours: str) -> ExportedModel:

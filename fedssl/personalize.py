@@ -314,7 +314,7 @@ def personalize(
     data: str | Path,
     options: FineTuneOptions = FineTuneOptions(),
     out_dir: str | Path | None = None,
-    export_format: str = "torchscript",
+    export_format: str = "pt2",
     echo: Callable[[str], None] = print,
 ) -> tuple[FineTuned, Path]:
     """Fine-tune the global model of `run` on the labeled images at `data` and export it.
@@ -325,7 +325,7 @@ def personalize(
         options: mode and budgets (see `FineTuneOptions`).
         out_dir: where the exported model, `personalize.json` and Lightning's CSV
             logs go; default: `personalized-MODE` beside the checkpoint.
-        export_format: torchscript (default) or onnx (needs the onnx package).
+        export_format: pt2 (default: torch.export), torchscript, or onnx (needs the onnx extra).
         echo: receives the lines a user reads (the CLI prints them).
 
     Returns:

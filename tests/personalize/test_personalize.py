@@ -91,7 +91,7 @@ def test_personalize_head_then_predict_end_to_end(tiny_run, faces, tmp_path):
     assert (out / "logs").is_dir()  # Lightning's CSV logger
 
     images = sorted(faces.rglob("*.png"))[:5]
-    predicted = fedssl("predict", str(out / "model.pt"), *map(str, images))
+    predicted = fedssl("predict", str(out / "model.pt2"), *map(str, images))
     assert predicted.returncode == 0, predicted.stderr
     lines = predicted.stdout.strip().splitlines()
     assert len(lines) == len(images)
@@ -143,7 +143,7 @@ def test_full_and_maml_modes(tiny_run, faces, tmp_path, capsys):
     report = json.loads((tmp_path / "maml" / "personalize.json").read_text())
     assert report["steps"] == 3 and report["options"]["lr"] == 0.01
     global_weights = load_trained(tiny_run).model.state_dict()
-    adapted = load_exported(tmp_path / "maml" / "model.pt").run.state_dict()
+    adapted = load_exported(tmp_path / "maml" / "model.pt2").run.state_dict()
     assert all(not torch.equal(adapted[name], global_weights[name]) for name in ("conv1.weight", "fc.weight"))
 
 
@@ -161,7 +161,7 @@ def test_csv_with_its_own_test_rows(tiny_run, tmp_path, capsys):
     assert code == 0, err
     assert "30 images to fine-tune on, 10 to evaluate (its own test split)" in out
     assert accuracies(out)["after"][2] == 10
-    assert (tmp_path / "csv" / "model.pt").is_file()
+    assert (tmp_path / "csv" / "model.pt2").is_file()
 
 
 def test_the_rebuilt_model_scores_what_the_run_reported(tiny_run):
@@ -253,7 +253,7 @@ def test_predict_names_an_unreadable_image(tiny_run, faces, tmp_path, capsys):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     good = sorted(faces.rglob("*.png"))[0]
-    code, out_text, err = run_main(capsys, "predict", str(out / "model.pt"), str(good), str(text))
+    code, out_text, err = run_main(capsys, "predict", str(out / "model.pt2"), str(good), str(text))
     assert_user_error(code, err, str(text), "unreadable image")
     assert out_text == ""  # every file is read before anything is printed
 
@@ -327,7 +327,7 @@ def test_a_folder_run_keeps_its_class_names_after_the_folder_is_gone(tiny_recipe
                               "--out", str(tmp_path / "personal"), "--no-progress")
     assert code == 0, err
     assert "note: --data has no images of angry;" in out
-    assert load_exported(tmp_path / "personal" / "model.pt").labels == ["angry", "happy", "sad"]
+    assert load_exported(tmp_path / "personal" / "model.pt2").labels == ["angry", "happy", "sad"]
 
     other = tmp_path / "other"
     three_classes(other, ("happy", "neutral", "sad"), seed=3)
