@@ -30,8 +30,10 @@
 
 The metadata says how to feed the model: ``labels`` (one per output, in order) and
 ``input``: decode the image, convert it to grayscale (``channels`` 1) or RGB (3),
-stretch it to ``image_size`` x ``image_size`` (bilinear), scale uint8 values to
-[-1, 1] by x / 127.5 - 1, and lay it out as float32 NCHW; the outputs are logits.
+stretch it to ``image_size`` x ``image_size`` (bilinear), normalize uint8 values per
+channel by (x / 255 - ``mean``) / ``std`` (0.5 and 0.5, i.e. [-1, 1], unless the model
+was built from pretrained weights: then their mean and std), and lay it out as float32
+NCHW; the outputs are logits.
 This is what training did (`fedssl.data.sources.image_folder.read_image`,
 `fedssl.data.transforms.to_tensor`), and what `ExportedModel.predict` does.
 """
@@ -64,12 +66,17 @@ FORMATS = {"pt2": "model.pt2", "torchscript": "model.pt", "onnx": "model.onnx"}
 DEFAULT_FORMAT = "pt2"
 METADATA = "fedssl.json"
 FORMAT_NAME = "fedssl-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the input's per-channel mean and std (1: always [-1, 1])
+READABLE_VERSIONS = (1, 2)
 _ONNX_PACKAGES = ("onnx", "onnxscript")
 
 
-def model_metadata(class_names: Sequence[str], image_size: int, channels: int, **extra: Any) -> dict[str, Any]:
-    """The metadata stored with an exported model (see the module docstring)."""
+def model_metadata(class_names: Sequence[str], image_size: int, channels: int, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, **extra: Any) -> dict[str, Any]:
+    """The metadata stored with an exported model (see the module docstring); `mean` and
+    `std` per channel (None: 0.5 and 0.5, fedssl's [-1, 1])."""
+    mean = [float(m) for m in mean] if mean is not None else [0.5] * channels
+    std = [float(s) for s in std] if std is not None else [0.5] * channels
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -79,9 +86,11 @@ def model_metadata(class_names: Sequence[str], image_size: int, channels: int, *
             "channels": channels,
             "color": "grayscale" if channels == 1 else "rgb",
             "resize": "stretch to image_size x image_size, bilinear",
-            "scale": 1 / 127.5,
-            "offset": -1.0,
-            "normalize": "x / 127.5 - 1: uint8 0..255 to [-1, 1]",
+            "mean": mean,
+            "std": std,
+            "scale": [1 / (255 * s) for s in std],
+            "offset": [-m / s for m, s in zip(mean, std)],
+            "normalize": "(x / 255 - mean) / std per channel, i.e. x * scale + offset",
             "layout": "NCHW",
             "dtype": "float32",
         },
@@ -210,6 +219,13 @@ class ExportedModel:
     def channels(self) -> int:
         return int(self.metadata["input"]["channels"])
 
+    @property
+    def normalization(self) -> tuple[list[float] | None, list[float] | None]:
+        """The per-channel (mean, std) the model's inputs are normalized with; (None, None) in
+        a version-1 file, whose inputs are always in [-1, 1]."""
+        spec = self.metadata["input"]
+        return spec.get("mean"), spec.get("std")
+
     def read_images(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Decode image files as the model expects them: uint8 (N, H, W, C).
 
@@ -234,7 +250,7 @@ class ExportedModel:
         """The most likely label of each uint8 (N, H, W, C) image, with its probability."""
         predictions = []
         for start in range(0, len(images), batch_size):
-            probabilities = self.run(to_tensor(images[start : start + batch_size])).softmax(dim=1)
+            probabilities = self.run(to_tensor(images[start : start + batch_size], *self.normalization)).softmax(dim=1)
             confidence, index = probabilities.max(dim=1)
             predictions += [Prediction(self.labels[i], float(c), int(i)) for c, i in zip(confidence, index.tolist())]
         return predictions
@@ -352,7 +368,14 @@ def _parse_metadata(text: str | bytes, name: str) -> dict[str, Any]:
         raise UserError(f"{not_ours} (its {METADATA} is not JSON)") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise UserError(f"{not_ours} (its {METADATA} is not fedssl's)")
-    if metadata.get("version") != FORMAT_VERSION:
+    if metadata.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{name}: fedssl model format {metadata.get('version')!r}; this fedssl reads "
-                        f"format {FORMAT_VERSION}")
+                        f"formats {', '.join(map(str, READABLE_VERSIONS))}")
+    spec = metadata.get("input")
+    channels = spec.get("channels") if isinstance(spec, dict) else None
+    for key in ("mean", "std"):
+        values = spec.get(key) if isinstance(spec, dict) else None
+        if metadata["version"] >= 2 and not (isinstance(values, list) and len(values) == channels and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise UserError(f"{name}: its {METADATA} input.{key} is not one number per channel")
     return metadata

@@ -65,6 +65,8 @@ class ModelConfig:
     pretrained: bool = False  # load weights from `checkpoint` (never from the network)
     checkpoint: str = ""  # local weights file (.pth/.safetensors) used when pretrained is true
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for timm.create_model
+    mean: list[float] = field(default_factory=list)  # input normalization: per-channel mean of images scaled to [0, 1], one value or one per channel (empty: the pretrained weights' own, from timm's data config, when pretrained; else 0.5)
+    std: list[float] = field(default_factory=list)  # input normalization: per-channel std, as mean (empty and not pretrained: 0.5, i.e. inputs in [-1, 1])
 
 
 @dataclass

@@ -333,3 +333,23 @@ def test_a_folder_run_keeps_its_class_names_after_the_folder_is_gone(tiny_recipe
     three_classes(other, ("happy", "neutral", "sad"), seed=3)
     code, _, err = run_main(capsys, "personalize", str(run_dir), "--data", str(other))
     assert_user_error(code, err, "'neutral'", "angry, happy, sad")
+
+
+def test_a_runs_normalization_is_trained_with_exported_and_predicted_with(tiny_recipe, faces, tmp_path):
+    from fedssl.federation.engine import Federation
+    from fedssl.config.load import load_recipe
+
+    normalization = ["model.mean=[0.4]", "model.std=[0.2]"]
+    assert Federation.build(load_recipe(tiny_recipe, normalization)).test.mean == (0.4,)  # the pools use it
+    _, run_dir, _ = launch(str(tiny_recipe), [*normalization, "federation.rounds=1", "name=normalized"])
+    result, path = personalize(run_dir, faces, FineTuneOptions(mode="head", epochs=1, progress=False),
+                               out_dir=tmp_path / "normalized", echo=lambda line: None)
+    exported = load_exported(path)
+    assert exported.metadata["version"] == 2
+    assert (exported.metadata["input"]["mean"], exported.metadata["input"]["std"]) == ([0.4], [0.2])
+    assert exported.metadata["input"]["offset"] == [pytest.approx(-2.0)]
+    images = exported.read_images(sorted(faces.rglob("*.png"))[:6])
+    with torch.no_grad():
+        logits = result.model(to_tensor(images, (0.4,), (0.2,)))
+    assert [p.index for p in exported.predict(images)] == logits.argmax(dim=1).tolist()
+    assert not torch.allclose(logits, result.model(to_tensor(images)))  # the normalization matters here
