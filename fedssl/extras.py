@@ -13,7 +13,7 @@ from types import ModuleType
 
 from fedssl.errors import UserError
 
-__all__ = ["EXTRAS", "require"]
+__all__ = ["EXTRAS", "MissingExtra", "require"]
 
 # extra -> (what it enables, the packages it installs, as imported)
 EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -24,16 +24,21 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+class MissingExtra(UserError, ImportError):
+    """An optional feature's package is not installed: a user's error (one line, exit 2)
+    that import machinery (pkgutil.walk_packages, test collectors) also sees as an ImportError."""
+
+
 def require(module: str, extra: str, feature: str | None = None) -> ModuleType:
     """Import `module`, which the `extra` installs.
 
     Raises:
-        UserError: the module is not installed (or cannot be imported), naming the
+        MissingExtra: the module is not installed (or cannot be imported), naming the
             feature that needs it and the pip command that installs it.
     """
     try:
         return importlib.import_module(module)
     except ImportError:
         what = feature or EXTRAS[extra][0]
-        raise UserError(f"{what} needs {module.split('.')[0]}, which is not installed: "
+        raise MissingExtra(f"{what} needs {module.split('.')[0]}, which is not installed: "
                         f"pip install 'fedssl[{extra}]'") from None
