@@ -107,6 +107,7 @@ def load_trained(path: str | Path) -> TrainedModel:
         algorithm.make_learner(build())
     weights = algorithm.global_weights(state)
     model = build()
+    algorithm.shape_model(model, weights)
     missing = load_weights(model, weights, file)
     return TrainedModel(cfg=cfg, model=model.eval(), class_names=tuple(names), missing=missing, path=file)
 

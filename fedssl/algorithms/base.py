@@ -91,6 +91,10 @@ class Algorithm:
         """The model weights (state_dict names) that are evaluated and exported."""
         return state.params
 
+    def shape_model(self, model: nn.Module, weights: Arrays) -> None:
+        """Give a model built from the recipe the shapes of the run's `weights`, where
+        the algorithm changes them (FedMA widens matched layers); nothing otherwise."""
+
     def personal_weights(self, global_weights: Arrays, client: LocalClient) -> Arrays:
         """The weights of `client`'s personalized model, which is scored on its own local
         test split: the global model (`global_weights`) with its personal layers

@@ -174,6 +174,11 @@ def to_dict(cfg: RecipeConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+def recipe_defaults() -> dict[str, Any]:
+    """Every key's default, as plain data (`???` where a recipe must give the key)."""
+    return OmegaConf.to_container(OmegaConf.structured(recipe_schema()))
+
+
 def to_yaml(cfg: RecipeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

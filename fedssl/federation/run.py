@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fedssl.algorithms.aggregate import ServerState
-from fedssl.config.load import to_dict, to_yaml
+from fedssl.config.load import recipe_defaults, to_dict, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
@@ -29,13 +29,20 @@ RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "
                      "federation.states_in_memory", "federation.state_dir")
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
-    """Refuse to resume a run under a recipe that would change its results."""
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
+                    prefix: str = "") -> None:
+    """Refuse to resume a run under a recipe that would change its results.
+
+    A key the killed run's config lacks was added to fedssl since it started; the
+    run behaved as its default (`defaults`, the schema's values), so only a
+    value other than that default is a change."""
+    defaults = recipe_defaults() if defaults is None else defaults
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
-        old, new = saved.get(key), current.get(key)
+        old, new = saved.get(key, defaults.get(key)), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            check_resumable(old, new, f"{dotted}.")
+            nested = defaults.get(key)
+            check_resumable(old, new, nested if isinstance(nested, dict) else {}, f"{dotted}.")
         elif old != new and not dotted.startswith(RESUMABLE_CHANGES):
             raise UserError(f"cannot resume: {dotted} was {old!r} in the killed run and is {new!r} now")
 

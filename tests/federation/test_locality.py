@@ -51,6 +51,7 @@ SETTINGS = {
     "semifl": ["data.labels.mode=server", "data.labels.server_per_class=3", "algorithm.ssl.server_steps=3"],
     "fedmatch": [*MIXED_CLIENTS, "algorithm.fedmatch.helper_every=1"],  # helpers chosen before round 2
     "fedbn": ["model.name=fedavg_cnn_bn"],
+    "fedma": ["algorithm.fedma.iterations=1"],  # round 2 sends the matched conv1 as extras, each client its own layers
 }
 NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients each
 
@@ -179,6 +180,12 @@ def declared_helpers(state: ServerState, client_id: int) -> set[tuple]:
                          for h in helpers.tolist()))
 
 
+def own_layers(state: ServerState, client_id: int) -> set[tuple]:
+    """The contents of the layers the server keeps for `client_id` (FedMA: its own
+    later layers, inputs moved to the matched units), which go back to it alone."""
+    return fingerprints({k: v for k, v in state.extras.items() if k.startswith(f"client/{client_id}/")})
+
+
 @pytest.mark.parametrize("backend", ["inprocess", "flower"])
 @pytest.mark.parametrize("algorithm", registered_algorithms())
 def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_and_scores(
@@ -198,6 +205,9 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
         private = set().union(*(s.extras for s in traffic.states.values()))
         assert not names & private, f"server-private arrays sent to {sent.clients}"
         if sent.kind == "train":
+            if algorithm == "fedma":  # the layers to train as arrays, the matched (frozen) ones as extras
+                assert set(sent.arrays) | set(sent.extras) == set(shared) and not set(sent.arrays) & set(sent.extras)
+                continue
             assert set(sent.arrays) == set(shared)
             for name in sent.extras:  # FedMatch's helpers: whole models, named helper<j>/<state_dict name>
                 match = re.fullmatch(r"helper\d+/(.+)", name)
@@ -221,12 +231,18 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
         own[client_id] |= fingerprints(kept)
     for sent in traffic.down:
         others = set().union(*(own[c] for c in clients if c not in sent.clients))
-        allowed = declared_helpers(traffic.states[sent.round], sent.clients[0]) if sent.kind == "train" else set()
+        allowed = set()
+        if sent.kind == "train":
+            state = traffic.states[sent.round]
+            allowed = declared_helpers(state, sent.clients[0]) | own_layers(state, sent.clients[0])
         leaked = (fingerprints(sent.arrays | sent.extras) & (server_private | others)) - public - allowed
         assert not leaked, f"{sent.kind} message to clients {sent.clients} in round {sent.round} carries private arrays"
 
-    # -- up: updates hold the model's shared arrays (or FedMatch's sparse deltas of them) and scalar metrics
-    for update in traffic.updates:
+    # -- up: updates hold the model's shared arrays (or FedMatch's sparse deltas of them) and scalar metrics,
+    # at the shapes they were sent (FedMA's matched layers grow from round to round)
+    sent_to = [sent for sent in traffic.down if sent.kind == "train"]
+    for update, sent in zip(traffic.updates, sent_to, strict=True):
+        assert sent.clients == [update.client_id]
         assert {f.name for f in dataclasses.fields(update)} == {"client_id", "arrays", "num_examples", "metrics"}
         assert isinstance(update.num_examples, int) and isinstance(update.client_id, int)
         for name, value in update.metrics.items():
@@ -237,7 +253,7 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
             # a shared array is a state_dict entry, or FedMatch's sigma/psi decomposition of one
             assert base in model_names or base.split("/", 1)[1] in model_names
             if base == name:
-                assert array.shape == shared[name]
+                assert array.shape == sent.arrays[name].shape
             else:  # a sparse delta: at most one entry per weight of that array
                 assert array.dim() == 1 and len(array) <= torch.Size(shared[base]).numel()
         # no more numbers than the model holds (a sparse delta: an index and a value per entry)
