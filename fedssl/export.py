@@ -293,7 +293,7 @@ def _load_bytes(data: bytes, export_format: str, name: str) -> ExportedModel:
 # What torch.export.save writes, all of it tensors or JSON (torch 2.6-2.14); torch.export.load
 # unpickles weights or constants flagged `use_pickle`, custom objects and sample inputs that
 # are not plain tensors, so an archive is read only once these have been checked.
-_PT2_DATA = re.compile(r"[^/]+/(data/(weights|constants)/(weight|constant|tensor_constant)_?\d+|"
+_PT2_DATA = re.compile(r"[^/]+/(data/weights/weight_\d+|data/constants/tensor_\d+|"
                        r"data/(weights|constants)/model_(weights|constants)_config\.json|models/model\.json|"
                        r"data/sample_inputs/model\.pt|extra/[^/]+|archive_format|archive_version|"
                        r"\.data/version|\.data/serialization_id|byteorder|version)")
@@ -316,7 +316,7 @@ def _check_pt2(data: bytes, name: str, not_ours: str) -> None:
                 config = json.loads(archive.read(entry))["config"]
                 pickled = [key for key, payload in config.items()
                            if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(
-                               ("weight_", "tensor_constant"))]
+                               ("weight_", "tensor_"))]
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{not_ours} ({entry} is not torch.export's)") from None
             if pickled:

@@ -89,3 +89,21 @@ def test_a_file_that_is_not_a_pt2_archive(tmp_path):
     junk.write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(UserError, match="not a .pt2 archive"):
         load_exported(junk)
+
+
+def test_a_pt2_program_with_constants_and_buffers_reads_back(tmp_path):
+    """Non-persistent buffers and tensors made in forward are stored as constants (tensor_N)."""
+    class Shifted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 3, 3)
+            self.register_buffer("scale", torch.tensor([1.0, 2.0, 3.0]), persistent=False)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) * self.scale + torch.tensor([1.0, 2.0, 3.0])
+
+    net = Shifted()
+    exported = load_exported(export_model(net, tmp_path / "model.pt2", model_metadata(LABELS, 8, 1)))
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.run(x), net(x))
