@@ -32,6 +32,7 @@ from fedssl.federation.personal_eval import personal_metrics
 from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
 from fedssl.messages import Payload, Update
+from fedssl.models.factory import input_normalization
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
 
@@ -92,7 +93,8 @@ class Federation:
             raise UserError(f"federation.aggregator: {cfg.federation.aggregator} is not available for "
                             f"algorithm.name={cfg.algorithm.name}, whose server does not average full client weights")
         privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
-        federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
+        test = TensorPool.from_dataset(data.test, device, input_normalization(cfg.model, cfg.data.channels))
+        federation = cls(cfg, data, algorithm, trainer, test, None, privacy)
         federation.clients = (clients or in_process)(federation)
         check_system(cfg)
         if cfg.federation.system.profile != "none" or algorithm.counts_local_steps or algorithm.asynchronous:
