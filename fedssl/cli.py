@@ -1,4 +1,4 @@
-"""The `fedssl` command line: run | recipes | data | sweep | compare | personalize | predict."""
+"""The `fedssl` command line: run | config | recipes | data | sweep | compare | personalize | predict."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     width = max((len(p.stem) for p in recipes), default=0)
     for path in recipes:
         print(f"{path.stem:<{width}}  {recipe_description(path)}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedssl.config.load import load_recipe, to_yaml
+
+    print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     return 0
 
 
@@ -83,6 +90,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from fedssl.extras import require
     from fedssl.io import atomic_write_text
     from fedssl.tracking.compare import comparison_table, group_variants, plot_curves, rank_variants
     from fedssl.tracking.runs import find_group, read_run_dir, read_wandb_group
@@ -91,6 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError("compare: give run directories, or --group NAME")
     if args.wandb and not args.group:
         raise UserError("compare: --wandb needs --group NAME")
+    require("matplotlib", "plots", "fedssl compare (its plot)")
     if args.wandb:
         records = read_wandb_group(args.wandb, args.group)
     else:
@@ -163,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="append these keys' values to the run name (as sweeps do)")
     run.set_defaults(func=cmd_run)
 
+    config = commands.add_parser("config", help="print a recipe fully resolved (its bases, defaults and overrides) as YAML")
+    config.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe")
+    config.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5")
+    config.set_defaults(func=cmd_config)
+
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
 
@@ -206,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     personal.add_argument("--mode", default="head",
                           help="head: the classifier only (default); full: every layer; maml: --steps SGD steps on every layer")
     personal.add_argument("--out", help="folder for the model, personalize.json and logs (default: RUN/personalized-MODE)")
-    personal.add_argument("--format", default="torchscript", help="torchscript (default) or onnx (needs onnx, onnxscript)")
+    personal.add_argument("--format", default="pt2",
+                          help="pt2 (default: torch.export), torchscript, or onnx (needs the onnx extra)")
     personal.add_argument("--epochs", type=int, default=20, help="head/full: at most this many epochs")
     personal.add_argument("--patience", type=int, default=3, help="head/full: stop after this many epochs without a lower held-out loss")
     personal.add_argument("--steps", type=int, default=5, help="maml: adaptation steps")
@@ -222,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     personal.set_defaults(func=cmd_personalize)
 
     predict = commands.add_parser("predict", help="label images with a model exported by fedssl personalize")
-    predict.add_argument("model", help="model.pt (TorchScript) or model.onnx (needs onnxruntime)")
+    predict.add_argument("model", help="model.pt2 (torch.export), model.pt (TorchScript) or model.onnx (needs the onnx extra)")
     predict.add_argument("images", nargs="+", help="image files; one line each: path, label, confidence")
     predict.set_defaults(func=cmd_predict)
     return parser

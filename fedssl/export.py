@@ -1,10 +1,23 @@
 """Exported models: one file holding the network, its label names and its input spec.
 
-`fedssl personalize` writes one, `fedssl predict` reads one. Two formats:
+`fedssl personalize` writes one, `fedssl predict` reads one. Three formats:
 
-- ``torchscript`` (default, ``model.pt``): `torch.jit.trace` of the model in eval
-  mode, loadable without fedssl or timm, from Python (`torch.jit.load`) or C++
-  (libtorch). The metadata is the TorchScript extra file ``fedssl.json``::
+- ``pt2`` (default, ``model.pt2``): `torch.export` of the model in eval mode with a
+  dynamic batch dimension, the format torch maintains (TorchScript is deprecated);
+  loadable without fedssl or timm (`torch.export.load(...).module()`), and compiled
+  for a server or a phone by AOTInductor or ExecuTorch. The metadata is the extra
+  file ``fedssl.json``::
+
+      extra = {"fedssl.json": ""}
+      model = torch.export.load("model.pt2", extra_files=extra).module()
+      meta = json.loads(extra["fedssl.json"])
+
+  torch.export.load can unpickle parts of an archive; fedssl reads only archives
+  whose every part is plain tensors and JSON (`_check_pt2`), and refuses others.
+
+- ``torchscript`` (``model.pt``): `torch.jit.trace` of the model in eval
+  mode, loadable from Python (`torch.jit.load`) or C++ (libtorch), kept while torch
+  supports it. The metadata is the TorchScript extra file ``fedssl.json``::
 
       extra = {"fedssl.json": ""}
       model = torch.jit.load("model.pt", _extra_files=extra)
@@ -17,8 +30,10 @@
 
 The metadata says how to feed the model: ``labels`` (one per output, in order) and
 ``input``: decode the image, convert it to grayscale (``channels`` 1) or RGB (3),
-stretch it to ``image_size`` x ``image_size`` (bilinear), scale uint8 values to
-[-1, 1] by x / 127.5 - 1, and lay it out as float32 NCHW; the outputs are logits.
+stretch it to ``image_size`` x ``image_size`` (bilinear), normalize uint8 values per
+channel by (x / 255 - ``mean``) / ``std`` (0.5 and 0.5, i.e. [-1, 1], unless the model
+was built from pretrained weights: then their mean and std), and lay it out as float32
+NCHW; the outputs are logits.
 This is what training did (`fedssl.data.sources.image_folder.read_image`,
 `fedssl.data.transforms.to_tensor`), and what `ExportedModel.predict` does.
 """
@@ -29,7 +44,9 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import warnings
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +60,23 @@ from fedssl.data.transforms import to_tensor
 from fedssl.errors import UserError
 from fedssl.io import atomic_write
 
-__all__ = ["FORMATS", "ExportedModel", "Prediction", "export_model", "load_exported", "model_metadata", "model_path"]
+__all__ = ["DEFAULT_FORMAT", "FORMATS", "ExportedModel", "Prediction", "export_model", "load_exported", "model_metadata", "model_path"]
 
-FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx"}
+FORMATS = {"pt2": "model.pt2", "torchscript": "model.pt", "onnx": "model.onnx"}
+DEFAULT_FORMAT = "pt2"
 METADATA = "fedssl.json"
 FORMAT_NAME = "fedssl-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the input's per-channel mean and std (1: always [-1, 1])
+READABLE_VERSIONS = (1, 2)
 _ONNX_PACKAGES = ("onnx", "onnxscript")
 
 
-def model_metadata(class_names: Sequence[str], image_size: int, channels: int, **extra: Any) -> dict[str, Any]:
-    """The metadata stored with an exported model (see the module docstring)."""
+def model_metadata(class_names: Sequence[str], image_size: int, channels: int, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, **extra: Any) -> dict[str, Any]:
+    """The metadata stored with an exported model (see the module docstring); `mean` and
+    `std` per channel (None: 0.5 and 0.5, fedssl's [-1, 1])."""
+    mean = [float(m) for m in mean] if mean is not None else [0.5] * channels
+    std = [float(s) for s in std] if std is not None else [0.5] * channels
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -63,9 +86,11 @@ def model_metadata(class_names: Sequence[str], image_size: int, channels: int, *
             "channels": channels,
             "color": "grayscale" if channels == 1 else "rgb",
             "resize": "stretch to image_size x image_size, bilinear",
-            "scale": 1 / 127.5,
-            "offset": -1.0,
-            "normalize": "x / 127.5 - 1: uint8 0..255 to [-1, 1]",
+            "mean": mean,
+            "std": std,
+            "scale": [1 / (255 * s) for s in std],
+            "offset": [-m / s for m, s in zip(mean, std)],
+            "normalize": "(x / 255 - mean) / std per channel, i.e. x * scale + offset",
             "layout": "NCHW",
             "dtype": "float32",
         },
@@ -87,12 +112,12 @@ def model_path(out_dir: str | Path, export_format: str) -> Path:
         if missing:
             raise UserError(
                 f"--format onnx needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
-                f"pip install {' '.join(_ONNX_PACKAGES)} (or export TorchScript, the default)"
+                f"pip install 'fedssl[onnx]' (or export pt2, the default)"
             )
     return Path(out_dir) / FORMATS[export_format]
 
 
-def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], export_format: str = "torchscript") -> Path:
+def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], export_format: str = DEFAULT_FORMAT) -> Path:
     """Write `model` (evaluated in eval mode) with `metadata` to `path`, atomically.
 
     The exported network is checked against `model` on a random batch before it is
@@ -108,7 +133,9 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], e
         with torch.no_grad():
             expected = model(probe)
         text = json.dumps(metadata, indent=2)
-        if export_format == "torchscript":
+        if export_format == "pt2":
+            data = _pt2_bytes(model, probe, text)
+        elif export_format == "torchscript":
             data = _torchscript_bytes(model, probe, text)
         else:
             data = _onnx_bytes(model, probe, text)
@@ -118,6 +145,14 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], e
     finally:
         model.train(was_training)
     return path
+
+
+def _pt2_bytes(model: nn.Module, probe: torch.Tensor, metadata: str) -> bytes:
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        program = torch.export.export(model, (probe[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, buffer, extra_files={METADATA: metadata})
+    return buffer.getvalue()
 
 
 def _torchscript_bytes(model: nn.Module, probe: torch.Tensor, metadata: str) -> bytes:
@@ -184,6 +219,13 @@ class ExportedModel:
     def channels(self) -> int:
         return int(self.metadata["input"]["channels"])
 
+    @property
+    def normalization(self) -> tuple[list[float] | None, list[float] | None]:
+        """The per-channel (mean, std) the model's inputs are normalized with; (None, None) in
+        a version-1 file, whose inputs are always in [-1, 1]."""
+        spec = self.metadata["input"]
+        return spec.get("mean"), spec.get("std")
+
     def read_images(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Decode image files as the model expects them: uint8 (N, H, W, C).
 
@@ -208,7 +250,7 @@ class ExportedModel:
         """The most likely label of each uint8 (N, H, W, C) image, with its probability."""
         predictions = []
         for start in range(0, len(images), batch_size):
-            probabilities = self.run(to_tensor(images[start : start + batch_size])).softmax(dim=1)
+            probabilities = self.run(to_tensor(images[start : start + batch_size], *self.normalization)).softmax(dim=1)
             confidence, index = probabilities.max(dim=1)
             predictions += [Prediction(self.labels[i], float(c), int(i)) for c, i in zip(confidence, index.tolist())]
         return predictions
@@ -225,7 +267,8 @@ def load_exported(path: str | Path) -> ExportedModel:
     if not path.is_file():
         raise UserError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'} (expected a model file "
                         f"written by fedssl personalize)")
-    export_format = "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
+    suffix = path.suffix.lower()
+    export_format = "onnx" if suffix == ".onnx" else "pt2" if suffix == ".pt2" else "torchscript"
     return _load_bytes(path.read_bytes(), export_format, str(path))
 
 
@@ -233,6 +276,8 @@ def _load_bytes(data: bytes, export_format: str, name: str) -> ExportedModel:
     not_ours = f"{name}: not a model exported by fedssl personalize"
     if export_format == "onnx":
         return _load_onnx(data, name, not_ours)
+    if export_format == "pt2":
+        return _load_pt2(data, name, not_ours)
     extra = {METADATA: ""}
     try:
         with warnings.catch_warnings():
@@ -245,9 +290,59 @@ def _load_bytes(data: bytes, export_format: str, name: str) -> ExportedModel:
     return ExportedModel(metadata=metadata, run=module)
 
 
+# What torch.export.save writes, all of it tensors or JSON (torch 2.6-2.14); torch.export.load
+# unpickles weights or constants flagged `use_pickle`, custom objects and sample inputs that
+# are not plain tensors, so an archive is read only once these have been checked.
+_PT2_DATA = re.compile(r"[^/]+/(data/weights/weight_\d+|data/constants/tensor_\d+|"
+                       r"data/(weights|constants)/model_(weights|constants)_config\.json|models/model\.json|"
+                       r"data/sample_inputs/model\.pt|extra/[^/]+|archive_format|archive_version|"
+                       r"\.data/version|\.data/serialization_id|byteorder|version)")
+
+
+def _check_pt2(data: bytes, name: str, not_ours: str) -> None:
+    """Refuse a .pt2 archive that holds anything torch.export.load would unpickle."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        names = archive.namelist()
+    except (zipfile.BadZipFile, ValueError):
+        raise UserError(f"{not_ours} (not a .pt2 archive)") from None
+    unexpected = [n for n in names if not n.endswith("/") and not _PT2_DATA.fullmatch(n)]
+    if unexpected or not any(n.endswith("/archive_format") for n in names):
+        raise UserError(f"{not_ours} (the .pt2 archive holds {unexpected[0] if unexpected else 'no archive_format'}, "
+                        "which fedssl does not load)")
+    for entry in names:
+        if entry.endswith("_config.json"):
+            try:
+                config = json.loads(archive.read(entry))["config"]
+                pickled = [key for key, payload in config.items()
+                           if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(
+                               ("weight_", "tensor_"))]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{not_ours} ({entry} is not torch.export's)") from None
+            if pickled:
+                raise UserError(f"{name}: {pickled[0]!r} is a pickled object, which fedssl does not load; "
+                                "export the model again with fedssl personalize")
+        elif entry.endswith("sample_inputs/model.pt"):
+            try:
+                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
+            except Exception:  # anything but tensors and plain containers
+                raise UserError(f"{name}: its sample inputs are not plain tensors; fedssl does not load it") from None
+
+
+def _load_pt2(data: bytes, name: str, not_ours: str) -> ExportedModel:
+    _check_pt2(data, name, not_ours)
+    extra = {METADATA: ""}
+    try:
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
+    except Exception:  # torch raises many types on a file that is not a program it wrote
+        raise UserError(f"{not_ours} (not a torch.export program)") from None
+    metadata = _parse_metadata(extra[METADATA], name)
+    return ExportedModel(metadata=metadata, run=program.module())
+
+
 def _load_onnx(data: bytes, name: str, not_ours: str) -> ExportedModel:
     if importlib.util.find_spec("onnxruntime") is None:
-        raise UserError(f"{name}: predicting with an ONNX model needs onnxruntime: pip install onnxruntime")
+        raise UserError(f"{name}: predicting with an ONNX model needs onnxruntime: pip install 'fedssl[onnx]'")
     import onnxruntime
 
     try:
@@ -273,7 +368,14 @@ def _parse_metadata(text: str | bytes, name: str) -> dict[str, Any]:
         raise UserError(f"{not_ours} (its {METADATA} is not JSON)") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise UserError(f"{not_ours} (its {METADATA} is not fedssl's)")
-    if metadata.get("version") != FORMAT_VERSION:
+    if metadata.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{name}: fedssl model format {metadata.get('version')!r}; this fedssl reads "
-                        f"format {FORMAT_VERSION}")
+                        f"formats {', '.join(map(str, READABLE_VERSIONS))}")
+    spec = metadata.get("input")
+    channels = spec.get("channels") if isinstance(spec, dict) else None
+    for key in ("mean", "std"):
+        values = spec.get(key) if isinstance(spec, dict) else None
+        if metadata["version"] >= 2 and not (isinstance(values, list) and len(values) == channels and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise UserError(f"{name}: its {METADATA} input.{key} is not one number per channel")
     return metadata

@@ -33,7 +33,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -53,6 +53,7 @@ from fedssl.federation.evaluate import Score, score
 from fedssl.io import atomic_write_text
 from fedssl.learners.base import Batch
 from fedssl.learners.supervised import build_optimizer
+from fedssl.models.factory import input_normalization
 from fedssl.models.split import head_parameter_names
 
 __all__ = ["MODES", "FineTuneData", "FineTuneOptions", "FineTuned", "FineTuner", "finetune", "personalize"]
@@ -60,6 +61,7 @@ __all__ = ["MODES", "FineTuneData", "FineTuneOptions", "FineTuned", "FineTuner",
 MODES = ("head", "full", "maml")
 ACCELERATORS = ("auto", "cpu", "cuda")  # Lightning's names; auto: a CUDA GPU where there is one
 REPORT = "personalize.json"
+Normalization = tuple[Optional[Sequence[float]], Optional[Sequence[float]]]  # (mean, std); (None, None): [-1, 1]
 
 
 @dataclass(frozen=True)
@@ -189,11 +191,13 @@ class KeepBest(Callback):
 
 class _Images(Dataset):
     """Labeled images as the learners' batch dicts ("x", "y"; `fedssl.learners.base.Batch`),
-    normalized as in training; with `kind`, uint8 images augmented one at a time first."""
+    normalized as in training (`normalization`: the model's (mean, std)); with `kind`, uint8
+    images augmented one at a time first."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, kind: str = "none", seed: int = 0):
-        self.raw, self.labels = images, torch.from_numpy(labels)
-        self.images = to_tensor(images) if kind == "none" else None
+    def __init__(self, images: np.ndarray, labels: np.ndarray, kind: str = "none", seed: int = 0,
+                 normalization: Normalization = (None, None)):
+        self.raw, self.labels, self.normalization = images, torch.from_numpy(labels), normalization
+        self.images = to_tensor(images, *normalization) if kind == "none" else None
         self.transform = None if kind == "none" else build_transform(kind, images.shape[1], seed=seed)
 
     def __len__(self) -> int:
@@ -202,7 +206,8 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> Batch:
         if self.transform is None:
             return {"x": self.images[i], "y": self.labels[i]}
-        return {"x": to_tensor(augment_batch(self.transform, self.raw[i : i + 1]))[0], "y": self.labels[i]}
+        return {"x": to_tensor(augment_batch(self.transform, self.raw[i : i + 1]), *self.normalization)[0],
+                "y": self.labels[i]}
 
 
 class FineTuneData(pl.LightningDataModule):
@@ -231,6 +236,7 @@ def finetune(
     train_cfg: TrainConfig,
     log_dir: Path | None = None,
     before: Score | None = None,
+    normalization: Normalization = (None, None),
 ) -> FineTuned:
     """Fine-tune `model` (in place) on `train`, measuring it on `heldout` before and after.
 
@@ -242,20 +248,22 @@ def finetune(
             `weight_decay`), used by head and full with `options.lr`.
         log_dir: where Lightning's CSV logger writes `logs/`; None: no logger.
         before: `model`'s score on `heldout`, if the caller has it already.
+        normalization: the (mean, std) the model's inputs are normalized with
+            (`fedssl.models.factory.input_normalization`; default: [-1, 1]).
     """
     options.check()
     unresolved = [name for name in ("lr", "batch_size", "augment", "seed") if getattr(options, name) is None]
     if unresolved:
         raise ValueError(f"finetune needs resolved options; {', '.join(unresolved)} is None")
-    x_held, y_held = to_tensor(heldout.images), torch.from_numpy(heldout.labels)
+    x_held, y_held = to_tensor(heldout.images, *normalization), torch.from_numpy(heldout.labels)
     if before is None:
         before = score(model, x_held, y_held)
 
     batch_size = min(options.batch_size, len(train))
     # A last batch of one image would break BatchNorm in training mode; with more
     # images than a batch, the shuffle lets every image take part over the epochs.
-    data = FineTuneData(_Images(train.images, train.labels, options.augment, options.seed),
-                        _Images(heldout.images, heldout.labels), batch_size, options.seed,
+    data = FineTuneData(_Images(train.images, train.labels, options.augment, options.seed, normalization),
+                        _Images(heldout.images, heldout.labels, normalization=normalization), batch_size, options.seed,
                         drop_last=len(train) > batch_size)
 
     if options.mode == "head":
@@ -314,7 +322,7 @@ def personalize(
     data: str | Path,
     options: FineTuneOptions = FineTuneOptions(),
     out_dir: str | Path | None = None,
-    export_format: str = "torchscript",
+    export_format: str = "pt2",
     echo: Callable[[str], None] = print,
 ) -> tuple[FineTuned, Path]:
     """Fine-tune the global model of `run` on the labeled images at `data` and export it.
@@ -325,7 +333,7 @@ def personalize(
         options: mode and budgets (see `FineTuneOptions`).
         out_dir: where the exported model, `personalize.json` and Lightning's CSV
             logs go; default: `personalized-MODE` beside the checkpoint.
-        export_format: torchscript (default) or onnx (needs the onnx package).
+        export_format: pt2 (default: torch.export), torchscript, or onnx (needs the onnx extra).
         echo: receives the lines a user reads (the CLI prints them).
 
     Returns:
@@ -373,16 +381,18 @@ def personalize(
         echo(f"note: --data has no images of {', '.join(class_names[i] for i in absent)}; "
              "the model still predicts these classes")
     echo(f"{data}: {len(train)} images to fine-tune on, {len(heldout)} to evaluate ({held_from})")
-    before = score(trained.model, to_tensor(heldout.images), torch.from_numpy(heldout.labels))
+    normalization = input_normalization(cfg.model, trained.channels)  # as the run trained
+    before = score(trained.model, to_tensor(heldout.images, *normalization), torch.from_numpy(heldout.labels))
     echo(f"held-out accuracy before: {_acc(before)}")
-    result = finetune(trained.model, train, heldout, options, cfg.train, log_dir=out_dir, before=before)
+    result = finetune(trained.model, train, heldout, options, cfg.train, log_dir=out_dir, before=before,
+                      normalization=normalization)
     how = (f"{result.steps} SGD steps" if result.mode == "maml"
            else f"best epoch {result.best_epoch} of {result.epochs}" + (
                ", the federated weights were not improved on" if result.best_epoch == 0 else ""))
     echo(f"held-out accuracy after:  {_acc(result.after)}  ({result.mode} fine-tuning, {how})")
 
     metadata = model_metadata(
-        class_names, trained.image_size, trained.channels,
+        class_names, trained.image_size, trained.channels, *normalization,
         personalized={"from": str(trained.path), "algorithm": cfg.algorithm.name, "model": cfg.model.name,
                       "mode": result.mode, "heldout_acc_before": result.before.accuracy,
                       "heldout_acc_after": result.after.accuracy},

@@ -25,7 +25,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # Shown on purpose as a mistake: the error example in the README and docs/running.md.
 DELIBERATE_TYPOS = {"federation.roundz"}
 # `model.pt`, `model.onnx`: file names that look like keys of the `model` section.
-FILE_SUFFIXES = (".pt", ".onnx", ".pth", ".yaml", ".json", ".md", ".png", ".py", ".csv")
+FILE_SUFFIXES = (".pt", ".pt2", ".onnx", ".pth", ".yaml", ".json", ".md", ".png", ".py", ".csv")
 
 
 def rel(page: Path) -> str:

@@ -10,7 +10,7 @@ FEDSSL = Path(__file__).resolve().parents[1] / "fedssl"
 # Lowest first. A package may import from packages on a strictly lower floor.
 FLOORS = [
     {"errors", "io", "messages", "sampling"},  # plain data and pure helpers
-    {"registry", "run_dir"},
+    {"registry", "run_dir", "extras"},
     {"choices"},  # registries config validates, filled from above (fedssl/choices.py)
     {"ssl"},  # pseudo-labeling pieces, threshold rules
     {"config"},  # the recipe schema, loading, range checks

@@ -1,5 +1,10 @@
 """Recipe loading: schema + YAML recipe + CLI overrides -> a typed `RecipeConfig`.
 
+A recipe may extend another with `base: NAME` (a shipped recipe's name, or a YAML
+file beside the recipe, its path relative to the recipe's folder): the base is read
+first (itself extending its own base, if any) and the recipe is merged onto it, so
+a recipe says only what differs. A chain that comes back to a recipe is refused.
+
 Every mistake a user can make here (a missing file, YAML that does not parse, an
 unknown key, a value of the wrong type) becomes a `UserError` naming the file or
 the dotted key, with the closest valid key for a misspelling.
@@ -42,6 +47,20 @@ def shipped_recipes() -> list[Path]:
 def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
     """Merge the schema, the recipe file and `key=value` overrides, in that order."""
     path = resolve_recipe_path(str(recipe))
+    return validate(merge_config([read_recipe(path), parse_overrides(overrides)], source=[str(path), "overrides"]))
+
+
+def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """The recipe file at `path` merged onto its `base` chain (not yet onto the schema).
+
+    Raises:
+        UserError: YAML that does not parse, a recipe that is not a mapping, a base
+            that is not found, or a chain of bases that comes back to a recipe.
+    """
+    here = path.resolve()
+    if here in chain:
+        names = " -> ".join(p.stem for p in (*chain[chain.index(here):], here))
+        raise UserError(f"{path}: its base chain comes back to itself ({names}); remove one of these base: keys")
     try:
         recipe_cfg = OmegaConf.load(path)
     except yaml.YAMLError as error:
@@ -50,7 +69,27 @@ def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> RecipeConf
         raise UserError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(recipe_cfg, DictConfig):
         raise UserError(f"{path}: a recipe must be a mapping of keys to values")
-    return validate(merge_config([recipe_cfg, parse_overrides(overrides)], source=[str(path), "overrides"]))
+    if "base" not in recipe_cfg:
+        return recipe_cfg
+    base = recipe_cfg.pop("base")
+    base_cfg = read_recipe(_base_path(path, base), (*chain, here))
+    try:
+        return OmegaConf.merge(base_cfg, recipe_cfg)
+    except OmegaConfBaseException as error:
+        raise UserError(f"{path}: cannot be merged onto its base {base}: {str(error).splitlines()[0]}") from None
+
+
+def _base_path(recipe: Path, base: Any) -> Path:
+    """`base` (as `recipe` names it) as a file: beside the recipe first, then the shipped recipes."""
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"{recipe}: key 'base' must name a recipe, e.g. base: ssl_fixmatch_faces")
+    name = Path(base).expanduser()
+    candidates = [recipe.parent / name] if name.suffix else [recipe.parent / f"{base}.yaml", RECIPES_DIR / f"{base}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    hint = "" if name.suffix else did_you_mean(base, [p.stem for p in shipped_recipes()])
+    raise UserError(f"{recipe}: base {base!r} not found (looked for {', '.join(map(str, candidates))}){hint}")
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:

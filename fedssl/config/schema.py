@@ -65,6 +65,8 @@ class ModelConfig:
     pretrained: bool = False  # load weights from `checkpoint` (never from the network)
     checkpoint: str = ""  # local weights file (.pth/.safetensors) used when pretrained is true
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for timm.create_model
+    mean: list[float] = field(default_factory=list)  # input normalization: per-channel mean of images scaled to [0, 1], one value or one per channel (empty: the pretrained weights' own, from timm's data config, when pretrained; else 0.5)
+    std: list[float] = field(default_factory=list)  # input normalization: per-channel std, as mean (empty and not pretrained: 0.5, i.e. inputs in [-1, 1])
 
 
 @dataclass
@@ -183,7 +185,7 @@ class FederationConfig:
 @dataclass
 class PrivacyConfig:
     mechanism: str = "none"  # none | central: user-level DP-FedAvg (clipped client deltas, Gaussian noise on their average)
-    clip: float = 1.0  # L2 bound on each client's delta (its change to the global arrays); with adaptive_clip, the first bound
+    clip: Optional[float] = None  # L2 bound on each client's delta (its change to the global arrays); with adaptive_clip, the first bound. Default: the bound that keeps the noise on each weight at 0.004 a round, 0.004 * m / z (m clients a round)
     adaptive_clip: bool = False  # track a quantile of the delta norms (Andrew et al. 2021) instead of a fixed bound
     target_quantile: float = 0.5  # adaptive_clip: share of deltas the bound should leave unclipped
     clip_lr: float = 0.2  # adaptive_clip: geometric step of the bound per round

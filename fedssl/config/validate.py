@@ -117,7 +117,7 @@ def validate_privacy(cfg: RecipeConfig) -> None:
     p = cfg.privacy
     check_choice(p.mechanism, PRIVACY_MECHANISMS, "privacy.mechanism")
     ACCOUNTANTS.get(p.accountant, key="privacy.accountant")
-    require(p.clip > 0, "privacy.clip", f"must be > 0, got {p.clip}")
+    require(p.clip is None or p.clip > 0, "privacy.clip", f"must be > 0, got {p.clip}")
     require(0 < p.target_quantile < 1, "privacy.target_quantile", f"must be in (0, 1), got {p.target_quantile}")
     require(p.clip_lr > 0, "privacy.clip_lr", f"must be > 0, got {p.clip_lr}")
     require(p.count_stddev is None or p.count_stddev > 0, "privacy.count_stddev", f"must be > 0, got {p.count_stddev}")

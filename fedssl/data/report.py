@@ -12,6 +12,7 @@ import numpy as np
 
 from fedssl.data.dataset import ImageDataset
 from fedssl.data.federated import FederatedData
+from fedssl.extras import require
 from fedssl.io import atomic_write
 
 SHORT_NAME = 6
@@ -78,6 +79,7 @@ def _save_atomic(fig, path: str | os.PathLike, dpi: int) -> None:
 
 
 def _figure(width: float, height: float):
+    require("matplotlib", "plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

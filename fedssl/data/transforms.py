@@ -27,6 +27,7 @@ all transforms of a pipeline one shared pair of generators instead.)
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ import cv2
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
-__all__ = ["AUGMENTATIONS", "KINDS", "build_transform", "check_augmentation", "reseed", "augment_batch", "to_tensor"]
+__all__ = ["AUGMENTATIONS", "KINDS", "build_transform", "check_augmentation", "reseed", "augment_batch", "to_tensor",
+           "is_default_normalization"]
 
 AUGMENTATIONS = ("none", "weak", "strong")  # what data.augment (and personalize --augment) may name
 KINDS = ("eval", *AUGMENTATIONS)
@@ -156,10 +158,25 @@ def augment_batch(transform: A.Compose, images: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [-1, 1], i.e. (x / 255 - 0.5) / 0.5."""
+def to_tensor(images: np.ndarray, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W), (x / 255 - mean) / std per channel.
+
+    Without `mean` and `std` (or with 0.5 and 0.5, fedssl's default), values are in
+    [-1, 1], computed as x / 127.5 - 1; a pretrained model's mean and std come from
+    `fedssl.models.factory.input_normalization`.
+    """
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     x = x.to(torch.float32, memory_format=torch.contiguous_format)
-    return x.div_(127.5).sub_(1.0)
+    if is_default_normalization(mean, std):
+        return x.div_(127.5).sub_(1.0)
+    channels = x.shape[1]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need one value per channel ({channels}), got {list(mean)} and {list(std)}")
+    return x.div_(255.0).sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
+
+
+def is_default_normalization(mean: Sequence[float] | None, std: Sequence[float] | None) -> bool:
+    """Whether (`mean`, `std`) is fedssl's own scaling to [-1, 1] (None: the default)."""
+    return (mean is None and std is None) or (set(mean or ()) == {0.5} and set(std or ()) == {0.5})

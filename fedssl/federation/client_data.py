@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 
 from fedssl.config.schema import TrainConfig
-from fedssl.data.transforms import augment_batch, reseed, to_tensor
+from fedssl.data.transforms import augment_batch, reseed
 from fedssl.messages import Payload, Update
 from fedssl.federation.tensors import TensorPool, client_seed, cycle_batches
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
@@ -198,7 +198,7 @@ class ClientDataModule(pl.LightningDataModule):
         pool = self.source.pool
         if transform is None:
             return pool.images[index]
-        return to_tensor(augment_batch(transform, pool.raw[indices])).to(index.device)
+        return pool.tensor(augment_batch(transform, pool.raw[indices])).to(index.device)
 
     def batches(self, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
         """The round's `steps` batches: labeled ("x", "y") and unlabeled ("u_weak",

@@ -33,7 +33,7 @@ from fedssl.federation.personal_eval import labeled_batches
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.tensors import TensorPool
 from fedssl.messages import Arrays, Payload, Update, array_bytes
-from fedssl.models.factory import build_model
+from fedssl.models.factory import build_model, input_normalization
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ def build_trainer(cfg: RecipeConfig, data: FederatedData, device: torch.device) 
         weak=build_transform("weak", size),
         strong=build_transform("strong", size),
     )
-    trainer = ClientTrainer(learner, TensorPool.from_dataset(data.pool, device), cfg.train, cfg.algorithm.ssl,
+    normalization = input_normalization(cfg.model, cfg.data.channels)
+    trainer = ClientTrainer(learner, TensorPool.from_dataset(data.pool, device, normalization), cfg.train, cfg.algorithm.ssl,
                             algorithm.shared_names(learner), cfg.seed, augmentations)
     return algorithm, trainer
 

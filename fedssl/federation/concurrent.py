@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedssl.config.schema import RecipeConfig
-from fedssl.data.transforms import augment_batch, to_tensor
+from fedssl.data.transforms import augment_batch
 from fedssl.federation.client import ClientTrainer, round_steps
 from fedssl.federation.client_data import capped
 from fedssl.messages import Payload, Update
@@ -202,7 +202,7 @@ class CohortTrainer:
         if augment is None:
             return x
         for k, size in enumerate(real):
-            x[k, :size] = to_tensor(augment_batch(augment[k], pool.raw[rows[k, :size]])).to(x.device)
+            x[k, :size] = pool.tensor(augment_batch(augment[k], pool.raw[rows[k, :size]])).to(x.device)
         return x
 
 

@@ -35,6 +35,7 @@ from fedssl.federation.personal_eval import personal_metrics
 from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
 from fedssl.messages import Payload, Update
+from fedssl.models.factory import input_normalization
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
 
@@ -111,7 +112,8 @@ class Federation:
         if lossy(cfg.federation.uplink.channel) and not (algorithm.averages_updates and algorithm.dense_updates):
             raise UserError(f"federation.uplink.channel: algorithm.name={cfg.algorithm.name} does not average dense "
                             f"updates, so a partly delivered update cannot be placed coordinate by coordinate")
-        federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
+        test = TensorPool.from_dataset(data.test, device, input_normalization(cfg.model, cfg.data.channels))
+        federation = cls(cfg, data, algorithm, trainer, test, None, privacy)
         federation.clients = (clients or in_process)(federation)
         check_system(cfg)
         if cfg.federation.system.profile != "none" or algorithm.counts_local_steps or algorithm.asynchronous:

@@ -36,8 +36,10 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], defaults: di
 
     A key the killed run's config lacks was added to fedssl since it started; the
     run behaved as its default (`defaults`, the schema's values), so only a
-    value other than that default is a change."""
-    defaults = recipe_defaults() if defaults is None else defaults
+    value other than that default is a change. Privacy settings other than the
+    mechanism change nothing while it is `none`."""
+    if defaults is None:
+        saved, current, defaults = without_inert_privacy(saved), without_inert_privacy(current), recipe_defaults()
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
         old, new = saved.get(key, defaults.get(key)), current.get(key)
@@ -46,6 +48,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], defaults: di
             check_resumable(old, new, nested if isinstance(nested, dict) else {}, f"{dotted}.")
         elif old != new and not dotted.startswith(RESUMABLE_CHANGES):
             raise UserError(f"cannot resume: {dotted} was {old!r} in the killed run and is {new!r} now")
+
+
+def without_inert_privacy(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` without the privacy keys that have no effect: all but the mechanism when it is `none`."""
+    privacy = config.get("privacy", {})
+    return {**config, "privacy": {"mechanism": "none"}} if privacy.get("mechanism", "none") == "none" else config
 
 
 def check_privacy_resumable(saved: dict[str, Any], cfg: RecipeConfig) -> None:

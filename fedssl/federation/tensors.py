@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,17 +17,27 @@ class TensorPool:
     """One dataset as normalized float tensors on `device`, plus its raw uint8 images
     for augmentation. Clients index into it; nothing is decoded or copied per round."""
 
-    images: torch.Tensor  # float32 (N, C, H, W) in [-1, 1]
+    images: torch.Tensor  # float32 (N, C, H, W), normalized (`to_tensor`): in [-1, 1] unless the model's weights say otherwise
     labels: torch.Tensor  # int64 (N,)
     raw: np.ndarray  # uint8 (N, H, W, C)
+    mean: tuple[float, ...] | None = None  # the normalization (`fedssl.models.factory.input_normalization`)
+    std: tuple[float, ...] | None = None
 
     @classmethod
-    def from_dataset(cls, dataset: ImageDataset, device: torch.device) -> TensorPool:
+    def from_dataset(cls, dataset: ImageDataset, device: torch.device,
+                     normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> TensorPool:
+        mean, std = (tuple(normalization[0]), tuple(normalization[1])) if normalization else (None, None)
         return cls(
-            images=to_tensor(dataset.images).to(device),
+            images=to_tensor(dataset.images, mean, std).to(device),
             labels=torch.from_numpy(dataset.labels).to(device),
             raw=dataset.images,
+            mean=mean,
+            std=std,
         )
+
+    def tensor(self, raw: np.ndarray) -> torch.Tensor:
+        """uint8 images (augmented copies of the pool's) normalized as the pool is, on the CPU."""
+        return to_tensor(raw, self.mean, self.std)
 
     def __len__(self) -> int:
         return len(self.labels)

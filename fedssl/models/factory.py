@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import timm
 import torch
+from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg, load_state_dict
 
 import fedssl.models.cnn as _cnn  # registers fedssl's CNNs with timm
@@ -26,7 +27,9 @@ from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 from fedssl.tracking.quiet import quiet_logger
 
-__all__ = ["build_model", "model_names"]
+__all__ = ["build_model", "input_normalization", "model_names"]
+
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.5  # fedssl's own scaling: uint8 to [-1, 1]
 
 # create_model arguments fedssl sets itself; a recipe may not pass them in model.kwargs.
 _RESERVED_KWARGS = {
@@ -92,6 +95,49 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, image_size: i
     if not checkpoint:
         raise UserError("model.checkpoint: pretrained: true needs a local model.checkpoint; fedssl never downloads weights")
     return _create_from_checkpoint(name, kwargs, Path(checkpoint).expanduser())
+
+
+def input_normalization(cfg: ModelConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) that images scaled to [0, 1] are normalized with.
+
+    The recipe's `model.mean` / `model.std` when given; else, for a model built from
+    pretrained weights, the mean and std its weights were trained with, as timm's
+    `resolve_model_data_config` gives them for `cfg.name` (e.g. ImageNet's for
+    resnet18); else 0.5 and 0.5, i.e. inputs in [-1, 1]. For grayscale input to
+    weights trained on RGB, timm sums the first convolution over the colours, so the
+    grey channel gets the mean of the three means and of the three stds.
+
+    Raises:
+        UserError: a mean or std of another length than 1 or `channels`, or a std <= 0.
+    """
+    if cfg.mean or cfg.std:
+        if not (cfg.mean and cfg.std):
+            raise UserError(f"model.{'std' if cfg.mean else 'mean'}: give model.mean and model.std together")
+        mean, std = _per_channel(cfg.mean, channels, "model.mean"), _per_channel(cfg.std, channels, "model.std")
+    elif cfg.pretrained:
+        data_config = resolve_data_config({}, pretrained_cfg=_pretrained_cfg(cfg.name))
+        mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
+        if len(mean) != channels:
+            mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    else:
+        return (DEFAULT_MEAN,) * channels, (DEFAULT_STD,) * channels
+    if not all(s > 0 for s in std):
+        raise UserError(f"model.std: every value must be > 0, got {list(std)}")
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+def _per_channel(values: Any, channels: int, key: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise UserError(f"{key}: one value or one per channel (data.channels={channels}), got {list(values)}")
+    return values
+
+
+def _pretrained_cfg(name: str) -> dict[str, Any]:
+    pretrained_cfg = get_pretrained_cfg(name)
+    return pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
 
 
 def _plain_kwargs(kwargs: Any) -> dict[str, Any]:

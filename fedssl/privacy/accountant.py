@@ -14,20 +14,35 @@ from __future__ import annotations
 
 import functools
 import math
-
-import dp_accounting
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING
 
 from fedssl.choices import ACCOUNTANTS
+from fedssl.extras import require
 from fedssl.tracking.quiet import quiet_logger
 
-ACCOUNTANTS.register("rdp")(rdp.RdpAccountant)
-ACCOUNTANTS.register("pld")(pld.PLDAccountant)
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+def _dp_accounting():
+    """dp-accounting, the `privacy` extra; imported when an epsilon is first needed."""
+    return require("dp_accounting", "privacy")
+
+
+@ACCOUNTANTS.register("rdp")
+def _rdp() -> dp_accounting.PrivacyAccountant:
+    return require("dp_accounting.rdp", "privacy").RdpAccountant()
+
+
+@ACCOUNTANTS.register("pld")
+def _pld() -> dp_accounting.PrivacyAccountant:
+    return require("dp_accounting.pld", "privacy").PLDAccountant()
 
 
 def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:
     """What one round releases, as a dp-accounting event."""
-    return dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    dp = _dp_accounting()
+    return dp.PoissonSampledDpEvent(sampling_rate, dp.GaussianDpEvent(noise_multiplier))
 
 
 def make_accountant(kind: str) -> dp_accounting.PrivacyAccountant:
@@ -60,16 +75,18 @@ def noise_for_epsilon(target_epsilon: float, sampling_rate: float, rounds: int, 
     [z_rdp / 4, z_rdp], where z_rdp is the RDP calibration: RDP's epsilon bounds
     the PLD one from above, so z_rdp is always enough.
     """
-    def event(z: float) -> dp_accounting.DpEvent:
-        return dp_accounting.SelfComposedDpEvent(round_event(z, sampling_rate), rounds)
+    dp = _dp_accounting()
 
-    bracket = dp_accounting.LowerEndpointAndGuess(1e-2, 2.0)
+    def event(z: float) -> dp_accounting.DpEvent:
+        return dp.SelfComposedDpEvent(round_event(z, sampling_rate), rounds)
+
+    bracket = dp.LowerEndpointAndGuess(1e-2, 2.0)
     if kind == "pld":
         upper = noise_for_epsilon(target_epsilon, sampling_rate, rounds, delta, "rdp")
-        bracket = dp_accounting.ExplicitBracketInterval(upper / 4, upper)
+        bracket = dp.ExplicitBracketInterval(upper / 4, upper)
     # dp-accounting's RDP accountant warns, once per fractional order at large noise
     # multipliers, that a series did not converge; the epsilon stays a valid bound.
     with quiet_logger("absl"):
-        return float(dp_accounting.calibrate_dp_mechanism(
+        return float(dp.calibrate_dp_mechanism(
             lambda: make_accountant(kind), event, target_epsilon, delta, bracket_interval=bracket, tol=1e-3,
         ))

@@ -34,6 +34,7 @@ reproduce; a deployment should draw it from a cryptographically secure source
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -48,6 +49,20 @@ from fedssl.privacy import accountant
 from fedssl.privacy.clipping import adapt_clip, clip_to_norm, noisy_unclipped_fraction, split_noise, update_delta
 
 NOISE_STREAM = 0xD9  # the noise's random stream, apart from those of sampling and training
+# Noise std added to each weight of the global model per round, z * clip / m. The quickstart
+# (FedAvg CNN, 5 clients a round) stayed finite for 8 rounds at 0.004 and turned non-finite in
+# round 2 at 0.2 (clip 1, z 1); BENCHMARKS.md's privacy runs diverged at 0.05 and held for 10
+# rounds at 0.025. Above 0.02, a margin below what diverged, a run is warned about.
+DEFAULT_WEIGHT_NOISE = 0.004
+DIVERGING_WEIGHT_NOISE = 0.02
+
+log = logging.getLogger(__name__)
+
+
+def default_clip(noise_multiplier: float, expected_clients: float) -> float:
+    """The clipping bound whose noise on each weight is `DEFAULT_WEIGHT_NOISE` a round:
+    the noise std on the average is z * clip / m, so clip = 0.004 * m / z (1 without noise)."""
+    return DEFAULT_WEIGHT_NOISE * expected_clients / noise_multiplier if noise_multiplier > 0 else 1.0
 
 
 def noise_generator(seed: int, round_index: int) -> torch.Generator:
@@ -95,6 +110,7 @@ class CentralDP:
         privacy = cfg.privacy
         if privacy.mechanism == "none":
             return None
+        accountant.make_accountant(privacy.accountant)  # the `privacy` extra, before any round runs
         if not supported:
             raise UserError(
                 f"privacy.mechanism: {privacy.mechanism} is not available for algorithm.name={algorithm_name}: its "
@@ -113,7 +129,16 @@ class CentralDP:
                 raise UserError(f"privacy.count_stddev: must exceed noise_multiplier / 2 = {z / 2:.4g} "
                                 f"(the count's noise is part of the budget), got {count_stddev}")
             z_delta = split_noise(z, count_stddev)
-        return cls(privacy, cfg.seed, q, m, z, z_delta, count_stddev, privacy.clip)
+        clip = privacy.clip if privacy.clip is not None else default_clip(z_delta, m)
+        weight_noise = z_delta * clip / m
+        if weight_noise > DIVERGING_WEIGHT_NOISE:
+            log.warning(
+                "privacy: the noise on each weight is %.3g a round (noise multiplier %.3g x clip %.3g / %d clients a "
+                "round), above %.3g, where runs have diverged to non-finite weights; leave privacy.clip unset (it then "
+                "keeps the noise at %.3g: clip %.3g here) or give privacy.clip <= %.3g, or sample more clients a round",
+                weight_noise, z_delta, clip, m, DIVERGING_WEIGHT_NOISE, DEFAULT_WEIGHT_NOISE,
+                default_clip(z_delta, m), DIVERGING_WEIGHT_NOISE * m / z_delta)
+        return cls(privacy, cfg.seed, q, m, z, z_delta, count_stddev, clip)
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon at `cfg.delta` after `rounds` rounds."""

@@ -52,6 +52,28 @@ def test_missing_data_file_exits_2(tiny_recipe):
     assert_user_error(result, "/nonexistent/fer2013.csv")
 
 
+def test_config_prints_the_resolved_recipe_as_yaml(tmp_path):
+    import yaml
+
+    from fedssl.config.load import load_recipe, to_dict
+
+    result = fedssl("config", "ssl_fedprox_fixmatch_faces", "federation.rounds=3")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed == to_dict(load_recipe("ssl_fedprox_fixmatch_faces", ["federation.rounds=3"]))
+    # what the recipe file itself does not say: its base's keys and the schema's defaults
+    assert printed["algorithm"]["proximal_mu"] == 0.01 and printed["algorithm"]["ssl"]["tau"] == 0.95
+    assert printed["federation"]["rounds"] == 3 and "base" not in printed
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(result.stdout)
+    assert to_dict(load_recipe(resolved)) == printed  # what it prints is a recipe that runs the same
+
+
+def test_config_errors_as_run_does():
+    assert_user_error(fedssl("config", "quickstart", "federation.roundz=2"), "federation.roundz", "federation.rounds")
+    assert_user_error(fedssl("config", "ssl_fixmatch_fer2013"), "data.path")
+
+
 def test_run_writes_the_run_directory(tiny_recipe, tmp_path):
     result = fedssl("run", str(tiny_recipe), "logging.wandb.mode=offline")
     assert result.returncode == 0, result.stderr

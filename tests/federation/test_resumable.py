@@ -26,3 +26,12 @@ def test_a_changed_key_is_refused_and_a_resumable_one_is_not():
     current["seed"] = saved["seed"] + 1
     with pytest.raises(UserError, match="seed was"):
         check_resumable(saved, current)
+
+
+def test_privacy_settings_are_compared_only_under_dp():
+    saved, current = recipe_defaults(), recipe_defaults()
+    saved["privacy"]["clip"] = 1.0  # an older default, inert without DP
+    check_resumable(saved, current)
+    saved["privacy"]["mechanism"] = current["privacy"]["mechanism"] = "central"
+    with pytest.raises(UserError, match="privacy.clip was 1.0"):
+        check_resumable(saved, current)

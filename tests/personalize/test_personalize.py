@@ -91,7 +91,7 @@ def test_personalize_head_then_predict_end_to_end(tiny_run, faces, tmp_path):
     assert (out / "logs").is_dir()  # Lightning's CSV logger
 
     images = sorted(faces.rglob("*.png"))[:5]
-    predicted = fedssl("predict", str(out / "model.pt"), *map(str, images))
+    predicted = fedssl("predict", str(out / "model.pt2"), *map(str, images))
     assert predicted.returncode == 0, predicted.stderr
     lines = predicted.stdout.strip().splitlines()
     assert len(lines) == len(images)
@@ -143,7 +143,7 @@ def test_full_and_maml_modes(tiny_run, faces, tmp_path, capsys):
     report = json.loads((tmp_path / "maml" / "personalize.json").read_text())
     assert report["steps"] == 3 and report["options"]["lr"] == 0.01
     global_weights = load_trained(tiny_run).model.state_dict()
-    adapted = load_exported(tmp_path / "maml" / "model.pt").run.state_dict()
+    adapted = load_exported(tmp_path / "maml" / "model.pt2").run.state_dict()
     assert all(not torch.equal(adapted[name], global_weights[name]) for name in ("conv1.weight", "fc.weight"))
 
 
@@ -161,7 +161,7 @@ def test_csv_with_its_own_test_rows(tiny_run, tmp_path, capsys):
     assert code == 0, err
     assert "30 images to fine-tune on, 10 to evaluate (its own test split)" in out
     assert accuracies(out)["after"][2] == 10
-    assert (tmp_path / "csv" / "model.pt").is_file()
+    assert (tmp_path / "csv" / "model.pt2").is_file()
 
 
 def test_the_rebuilt_model_scores_what_the_run_reported(tiny_run):
@@ -253,7 +253,7 @@ def test_predict_names_an_unreadable_image(tiny_run, faces, tmp_path, capsys):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     good = sorted(faces.rglob("*.png"))[0]
-    code, out_text, err = run_main(capsys, "predict", str(out / "model.pt"), str(good), str(text))
+    code, out_text, err = run_main(capsys, "predict", str(out / "model.pt2"), str(good), str(text))
     assert_user_error(code, err, str(text), "unreadable image")
     assert out_text == ""  # every file is read before anything is printed
 
@@ -327,9 +327,29 @@ def test_a_folder_run_keeps_its_class_names_after_the_folder_is_gone(tiny_recipe
                               "--out", str(tmp_path / "personal"), "--no-progress")
     assert code == 0, err
     assert "note: --data has no images of angry;" in out
-    assert load_exported(tmp_path / "personal" / "model.pt").labels == ["angry", "happy", "sad"]
+    assert load_exported(tmp_path / "personal" / "model.pt2").labels == ["angry", "happy", "sad"]
 
     other = tmp_path / "other"
     three_classes(other, ("happy", "neutral", "sad"), seed=3)
     code, _, err = run_main(capsys, "personalize", str(run_dir), "--data", str(other))
     assert_user_error(code, err, "'neutral'", "angry, happy, sad")
+
+
+def test_a_runs_normalization_is_trained_with_exported_and_predicted_with(tiny_recipe, faces, tmp_path):
+    from fedssl.federation.engine import Federation
+    from fedssl.config.load import load_recipe
+
+    normalization = ["model.mean=[0.4]", "model.std=[0.2]"]
+    assert Federation.build(load_recipe(tiny_recipe, normalization)).test.mean == (0.4,)  # the pools use it
+    _, run_dir, _ = launch(str(tiny_recipe), [*normalization, "federation.rounds=1", "name=normalized"])
+    result, path = personalize(run_dir, faces, FineTuneOptions(mode="head", epochs=1, progress=False),
+                               out_dir=tmp_path / "normalized", echo=lambda line: None)
+    exported = load_exported(path)
+    assert exported.metadata["version"] == 2
+    assert (exported.metadata["input"]["mean"], exported.metadata["input"]["std"]) == ([0.4], [0.2])
+    assert exported.metadata["input"]["offset"] == [pytest.approx(-2.0)]
+    images = exported.read_images(sorted(faces.rglob("*.png"))[:6])
+    with torch.no_grad():
+        logits = result.model(to_tensor(images, (0.4,), (0.2,)))
+    assert [p.index for p in exported.predict(images)] == logits.argmax(dim=1).tolist()
+    assert not torch.allclose(logits, result.model(to_tensor(images)))  # the normalization matters here

@@ -5,3 +5,7 @@ touches one place. `codec` maps fedssl's messages to Flower records, `client` an
 `server` are the ClientApp and ServerApp, `simulation` runs both on Flower's
 simulation engine.
 """
+
+from fedssl.extras import require
+
+require("flwr", "flower")  # every module here imports flwr: one clear line when the extra is missing
