@@ -51,6 +51,8 @@ SETTINGS = {
     "semifl": ["data.labels.mode=server", "data.labels.server_per_class=3", "algorithm.ssl.server_steps=3"],
     "fedmatch": [*MIXED_CLIENTS, "algorithm.fedmatch.helper_every=1"],  # helpers chosen before round 2
     "fedbn": ["model.name=fedavg_cnn_bn"],
+    # both stages, with BYOL's target network and FedEMA's last online network kept per client
+    "fedaffect": [*MIXED_CLIENTS, "algorithm.selfsup.pretrain_rounds=1", "algorithm.selfsup.update=fedema"],
 }
 NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients each
 
