@@ -253,3 +253,38 @@ def test_personal_heads_stay_on_the_client(tiny_recipe):
     assert not any(n.startswith("ssl_predictor.") for n in update.arrays)
     assert any(k.startswith("personal/ssl_predictor.") for k in kept)
     assert isinstance(federation.trainer.learner, SelfSupervisedLearner)
+
+
+@pytest.mark.slow
+def test_flower_simulation_runs_fedaffect_as_the_inprocess_loop(tiny_recipe):
+    """BYOL's target and FedEMA's last online network stay on the nodes; a held-out
+    client is adapted and scored on its node; both backends end at the same scores."""
+    from fedssl.launch import launch
+
+    overrides = [*FEW_SHOT, "algorithm.selfsup.update=fedema", "federation.rounds=2", "federation.holdout_clients=1"]
+    _, _, flower = launch(str(tiny_recipe), [*overrides, "name=flower", "federation.backend=flower"])
+    _, _, local = launch(str(tiny_recipe), [*overrides, "name=local"])
+    for key in ("global_acc", "client_acc_mean", "personal_acc", "unseen_acc", "unseen_global_acc"):
+        assert flower[key] == pytest.approx(local[key], abs=1e-6), key
+
+
+def test_personalize_head_fine_tunes_a_self_supervised_runs_encoder(tiny_recipe, tmp_path, write_faces):
+    """`fedssl personalize --mode head` reads the run's classifier on its learned
+    encoder (the heads are left behind) and trains the head alone."""
+    from fedssl.cli import main
+    from fedssl.launch import launch
+    from fedssl.trained import load_trained
+
+    _, run_dir, _ = launch(str(tiny_recipe), [*FEW_SHOT, "federation.rounds=2", "name=ssl"])
+    trained = load_trained(run_dir)
+    assert trained.missing == [] and set(trained.model.state_dict()) == set(Federation.build(
+        load_recipe(tiny_recipe)).model.state_dict())
+    write_faces(tmp_path / "mine")
+    assert main(["personalize", str(run_dir), "--data", str(tmp_path / "mine"), "--out", str(tmp_path / "out"),
+                 "--mode", "head", "--epochs", "2", "--no-progress"]) == 0
+    from fedssl.export import load_exported
+
+    tuned = load_exported(tmp_path / "out" / "model.pt").run.state_dict()
+    body = [n for n in tuned if not n.startswith("fc.")]
+    assert all(torch.equal(tuned[n], trained.model.state_dict()[n]) for n in body)
+    assert not torch.equal(tuned["fc.weight"], trained.model.state_dict()["fc.weight"])
