@@ -54,6 +54,7 @@ class SelfSupConfig:
     pretrain_rounds: int = 10  # fedaffect: rounds of self-supervision alone before the few-shot stage (>= federation.rounds: self-supervision only)
     schedule: str = "sequential"  # fedaffect: after pretrain_rounds, sequential (few-shot rounds: the classifier on the labeled images) | interleaved (both losses in every round, FedAffect's alternation)
     finetune_encoder: bool = False  # fedaffect: the few-shot stage trains the encoder too, not only the classifier
+    fewshot_steps: int = 0  # fedaffect: SGD steps of a few-shot round (0: train.local_epochs passes over the labeled images, or train.local_steps)
     temperature: float = 0.5  # simclr: NT-Xent temperature
     target_momentum: float = 0.99  # byol: base EMA rate of the target network, raised to 1 over each round (cosine)
     proj_dim: int = 64  # output width of the projection and prediction heads
@@ -67,6 +68,7 @@ class SelfSupConfig:
         require(self.ema_lambda >= 0, "algorithm.selfsup.ema_lambda", f"must be >= 0, got {self.ema_lambda}")
         require(0 < self.ema_tau <= 1, "algorithm.selfsup.ema_tau", f"must be in (0, 1], got {self.ema_tau}")
         require(self.pretrain_rounds >= 0, "algorithm.selfsup.pretrain_rounds", f"must be >= 0, got {self.pretrain_rounds}")
+        require(self.fewshot_steps >= 0, "algorithm.selfsup.fewshot_steps", f"must be >= 0, got {self.fewshot_steps}")
         require(self.temperature > 0, "algorithm.selfsup.temperature", f"must be > 0, got {self.temperature}")
         require(0 <= self.target_momentum <= 1, "algorithm.selfsup.target_momentum",
                 f"must be in [0, 1], got {self.target_momentum}")
@@ -115,7 +117,7 @@ class FedAffect(FedAvg):
         s = self.section
         learner = SelfSupervisedLearner(model, self.cfg.train, s.method, s.proj_dim, s.hidden_dim, s.temperature,
                                         s.target_momentum, s.finetune_encoder, s.update == "fedema", s.ema_lambda,
-                                        s.ema_tau)
+                                        s.ema_tau, s.fewshot_steps)
         names = list(learner.views())
         self.personal = learner.personal = select(names, s.personal)
         if len(self.personal) == len(names):

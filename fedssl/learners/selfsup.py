@@ -84,6 +84,7 @@ class SelfSupervisedLearner(FederatedLearner):
         finetune_encoder: in the few-shot stage, train the encoder with the classifier.
         fedema: FedEMA's divergence-aware update of the local online network;
             `fedema_lambda` > 0 fixes lambda, else the autoscaler sets it from `fedema_tau`.
+        fewshot_steps: SGD steps of a few-shot round (0: the recipe's budget).
     """
 
     uses_unlabeled = True
@@ -91,12 +92,13 @@ class SelfSupervisedLearner(FederatedLearner):
     def __init__(self, model: nn.Module, train_cfg: TrainConfig, method: str = "byol", proj_dim: int = 64,
                  hidden_dim: int = 256, temperature: float = 0.5, target_momentum: float = 0.99,
                  finetune_encoder: bool = False, fedema: bool = False, fedema_lambda: float = 0.0,
-                 fedema_tau: float = 0.7):
+                 fedema_tau: float = 0.7, fewshot_steps: int = 0):
         super().__init__(model)
         lightly = lightly_modules()
         self.train_cfg, self.method = train_cfg, method
         self.finetune_encoder, self.target_momentum = finetune_encoder, target_momentum
         self.fedema, self.fedema_lambda, self.fedema_tau = fedema, fedema_lambda, fedema_tau
+        self.fewshot_steps = fewshot_steps
         self._update_momentum, self._cosine_schedule = lightly["update_momentum"], lightly["cosine_schedule"]
         features = getattr(model, "head_hidden_size", None) or model.num_features
         if method == "simclr":
@@ -201,6 +203,9 @@ class SelfSupervisedLearner(FederatedLearner):
         self.load_arrays({n: ema_blend(previous[n], received[n], self.mu) for n in received})
 
     def round_steps(self, steps: int) -> int:
+        """The recipe's budget, or in a few-shot round `fewshot_steps` where set."""
+        if self.stage == "fewshot" and self.fewshot_steps > 0:
+            steps = self.fewshot_steps
         self.total_steps = steps
         return steps
 
