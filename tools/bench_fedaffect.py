@@ -37,9 +37,9 @@ def variants(k: int, steps: int) -> list[tuple[str, str, list[str]]]:
     labels = [f"data.labels.per_class={k}"]
     return [
         (f"supervised_only_k{k}", "ssl_supervised_only_faces", [*labels, f"train.local_steps={steps}"]),
+        (f"fedaffect_byol_k{k}", "ssl_fedaffect_faces", [*labels, f"algorithm.selfsup.fewshot_steps={steps}"]),
         (f"fixmatch_k{k}", "ssl_fixmatch_faces", labels),
         (f"fedmatch_k{k}", "ssl_fedmatch_client_faces", labels),
-        (f"fedaffect_byol_k{k}", "ssl_fedaffect_faces", [*labels, f"algorithm.selfsup.fewshot_steps={steps}"]),
         (f"fedaffect_byol_interleaved_k{k}", "ssl_fedaffect_faces",
          [*labels, "algorithm.selfsup.schedule=interleaved", "algorithm.selfsup.pretrain_rounds=0"]),
         (f"fedema_byol_k{k}", "ssl_fedema_faces", [*labels, f"algorithm.selfsup.fewshot_steps={steps}"]),
