@@ -170,11 +170,11 @@ def test_a_self_supervised_round_hands_images_and_never_labels(tiny_recipe):
 
 
 def test_a_few_shot_round_trains_only_the_classifier_on_the_labeled_images(tiny_recipe):
-    federation = build(tiny_recipe)
+    federation = build(tiny_recipe, "algorithm.selfsup.fewshot_steps=4")
     calls = record_batches(federation.trainer.learner)
     state = federation.initial_state()
     _, update, _ = fit(federation, 0, 2, state)  # round 2: after the one pretraining round
-    assert calls and all(set(batch) == {"x", "y"} for batch in calls)
+    assert len(calls) == 4 and all(set(batch) == {"x", "y"} for batch in calls)
     assert update.num_examples == len(federation.data.clients[0].labeled)
     changed = {n for n, v in update.arrays.items() if not torch.equal(v, state.params[n])}
     assert changed == {"fc.weight", "fc.bias"}  # the encoder is frozen (finetune_encoder: false)
