@@ -239,7 +239,9 @@ class InProcessClients:
 
     def score_personal(self, weights: Arrays, rows: list[dict[str, Any]]) -> None:
         """Add each client's personalized model's scores on its own local test split to
-        its row (without personalization that model is the global one, scored already)."""
+        its row (without personalization that model is the global one, scored already);
+        a held-out client's model is the one it adapts with its labeled images
+        (`Algorithm.unseen_weights`), scored on the rest of its data."""
         for row in rows:
             if row["client"] in self.held_out:
                 client = self.local_client(row["client"], kept=False)  # it never trained: it kept nothing

@@ -87,8 +87,8 @@ def unseen_metrics(rows: Sequence[dict[str, Any]], held_out: Collection[int]) ->
     """`unseen_acc` (mean over held-out clients of their adapted model's accuracy on
     the rest of their data) and `unseen_global_acc` (the global model's, before
     adapting), from their evaluation rows; nothing without held-out clients."""
-    unseen = [row for row in rows if row["client"] in held_out and row["test_samples"]]
     if not held_out:
         return {}
+    unseen = [row for row in rows if row["client"] in held_out and row["test_samples"]]
     mean = lambda key: float(np.mean([row[key] for row in unseen])) if unseen else float("nan")
     return {"unseen_acc": mean("personal_acc"), "unseen_global_acc": mean("acc")}
