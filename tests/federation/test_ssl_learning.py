@@ -168,6 +168,7 @@ def test_flexmatch_client_starts_with_zero_thresholds_and_keeps_its_selections(t
 @pytest.mark.parametrize("algorithm, extra", [
     ("fixmatch", []),
     ("semifl", ["algorithm.ssl.server_steps=2"]),
+    ("fedaffect", ["algorithm.ssl.server_steps=2"]),  # a self-supervised round
 ])
 def test_an_unlabeled_client_never_hands_labels_to_the_learner(tiny_recipe, algorithm, extra):
     federation = build(tiny_recipe, f"algorithm.name={algorithm}", *UNLABELED_ONLY, *extra)
