@@ -5,7 +5,6 @@ and `fedssl personalize` on a self-supervised run."""
 import math
 import sys
 
-import numpy as np
 import pytest
 import torch
 
