@@ -33,7 +33,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg, run_dir, summary = launch(args.recipe, args.overrides, args.resume, args.overwrite, args.name_from)
     print(
-        f"{cfg.name}: global_acc {summary['global_acc']:.4f}, client_acc_mean {summary['client_acc_mean']:.4f} "
+        f"{cfg.name}: global_acc {summary['global_acc']:.4f}, global_f1_macro {summary['global_f1_macro']:.4f}, "
+        f"client_acc_mean {summary['client_acc_mean']:.4f} "
         f"after {summary['rounds']} rounds in {summary['seconds']:.1f}s; run directory {run_dir}"
     )
     return 0
@@ -56,8 +57,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     recipe = args.recipe  # as the user gave it: the W&B agent resolves it where it runs
     name_from = [p.key for p in params] + ["seed"]
 
+    if args.runs is not None and args.runs < 1:
+        raise UserError(f"--runs: must be at least 1, got {args.runs}")
+    if args.local and args.method != "grid":
+        raise UserError(f"sweep: --local runs a grid; a {args.method} sweep is drawn by a W&B agent (drop --local)")
+    config = wandb_sweep_config(recipe, sweep_name, params, seeds, args.overrides, args.method, args.runs)
     config_path = Path(base.output_dir) / f"{sweep_name}.sweep.yaml"
-    atomic_write_text(config_path, yaml.safe_dump(wandb_sweep_config(recipe, sweep_name, params, seeds, args.overrides), sort_keys=False))
+    atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+    if args.method != "grid":
+        cap = f"at most {args.runs} runs" if args.runs else "runs until you stop the agent (cap them with --runs N)"
+        print(f"wrote the W&B {args.method} sweep configuration {config_path} ({cap})")
+        print(f"start it with: wandb sweep {config_path}  (then run the 'wandb agent ...' it prints)")
+        return 0
     grid_overrides = [[*args.overrides, *combo, f"logging.wandb.group={sweep_name}"] for combo in grid(params, seeds)]
     print(f"wrote the W&B sweep configuration {config_path} ({len(grid_overrides)} runs)")
     if not args.local:
@@ -73,7 +84,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedssl.io import atomic_write_text
-    from fedssl.tracking.compare import comparison_table, group_variants, plot_curves
+    from fedssl.tracking.compare import comparison_table, group_variants, plot_curves, rank_variants
     from fedssl.tracking.runs import find_group, read_run_dir, read_wandb_group
 
     if not args.run_dirs and not args.group:
@@ -85,11 +96,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         run_dirs = [Path(d) for d in args.run_dirs] or find_group(Path(args.runs_root), args.group)
         records = [read_run_dir(d) for d in run_dirs]
-    variants = group_variants(records)
-    table = comparison_table(variants)
+    variants = rank_variants(group_variants(records), args.metric)
+    table = comparison_table(variants, args.metric)
     out = Path(args.out)
     atomic_write_text(out / "comparison.md", table + "\n")
-    plot_curves(variants, out / f"{args.metric}.png", metric=args.metric)
+    plot_curves(variants, out / f"{args.metric}.png", metric=args.metric, x=args.x)
     print(table)
     print(f"wrote {out / 'comparison.md'} and {out / (args.metric + '.png')}")
     return 0
@@ -100,6 +111,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from fedssl.data.federated import build_federated_data
     from fedssl.data.report import client_table, plot_class_samples, plot_partition_heatmap
     from fedssl.data.sources import load_source
+    from fedssl.tracking.wandb_run import log_data_images
 
     cfg = load_recipe(args.recipe, args.overrides)
     fed = build_federated_data(load_source(cfg.data), cfg.data, cfg.federation.clients, cfg.seed)
@@ -109,6 +121,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     plot_partition_heatmap(fed, out / "partition.png")
     plot_class_samples(fed.pool, out / "samples.png", seed=cfg.seed)
     print(f"wrote {out / 'partition.png'} and {out / 'samples.png'}")
+    if log_data_images(cfg, out, {"partition": out / "partition.png", "samples": out / "samples.png"}):
+        print(f"logged them to W&B (logging.wandb.mode={cfg.logging.wandb.mode}, under {out / 'wandb'})")
     return 0
 
 
@@ -152,10 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=cmd_recipes)
 
-    sweep = commands.add_parser("sweep", help="a grid of runs: a W&B sweep configuration, or run it here with --local")
+    sweep = commands.add_parser("sweep", help="a W&B sweep configuration (grid, random or bayes), "
+                                              "or a grid run here with --local")
     sweep.add_argument("recipe")
     sweep.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
-    sweep.add_argument("--param", action="append", default=[], help="key=value1,value2,... (repeatable; the grid is their product)")
+    sweep.add_argument("--param", action="append", default=[],
+                       help="key=value1,value2,... (repeatable; the grid is their product); random and bayes also "
+                            "take key=MIN..MAX or key=log:MIN..MAX")
+    sweep.add_argument("--method", default="grid", choices=("grid", "random", "bayes"),
+                       help="W&B's sweep method: grid (default; --local runs it here), random or bayes (a W&B agent)")
+    sweep.add_argument("--runs", type=int, help="random/bayes: the most runs the agent draws (W&B's run_cap)")
     sweep.add_argument("--seeds", type=int, default=1, help="seeds per combination: the recipe's seed, seed+1, ...")
     sweep.add_argument("--name", help="the sweep's name and W&B group (default: NAME-sweep)")
     sweep.add_argument("--local", action="store_true", help="run the grid here, sequentially, without a W&B agent")
@@ -166,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--group", help="every finished run of this W&B group (under --runs-root, or in --wandb)")
     compare.add_argument("--runs-root", default="runs", help="where to look for the group's run directories")
     compare.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the group from this W&B project (online)")
-    compare.add_argument("--metric", default="global_acc", help="the metric plotted against round")
+    compare.add_argument("--metric", default="global_acc",
+                         help="the metric that ranks the variants and is plotted against round (any metric in the "
+                              "runs' summary.json, e.g. global_f1_macro or global_recall/disgust)")
+    compare.add_argument("--x", default="round", choices=("round", "sim_time"),
+                         help="the plot's x axis: round, or sim_time (simulated seconds, federation.system)")
     compare.add_argument("--out", default="comparison", help="folder for comparison.md and the PNG")
     compare.set_defaults(func=cmd_compare)
 

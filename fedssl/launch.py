@@ -17,14 +17,20 @@ from fedssl.sweep import run_name
 
 def named_after(cfg: RecipeConfig, keys: Sequence[str]) -> RecipeConfig:
     """`cfg` renamed `NAME-key1=value1-...` after the resolved values of `keys`
-    (a sweep's runs get distinct, readable names this way)."""
+    (a sweep's runs get distinct, readable names this way). Its W&B group, unless
+    the recipe sets one, stays the name before renaming: the seeds of a recipe
+    launched with `--name-from seed` share a group."""
+    if not keys:
+        return cfg
     resolved = OmegaConf.create(to_dict(cfg))
     values = []
     for key in keys:
         if OmegaConf.select(resolved, key, default=MISSING) is MISSING:
             raise UserError(f"--name-from: unknown key {key!r}")
         values.append(f"{key}={OmegaConf.select(resolved, key)}")
-    return replace(cfg, name=check_run_name(run_name(cfg.name, values)))
+    wcfg = cfg.logging.wandb
+    grouped = replace(cfg.logging, wandb=replace(wcfg, group=wcfg.group or cfg.name))
+    return replace(cfg, name=check_run_name(run_name(cfg.name, values)), logging=grouped)
 
 
 def launch(

@@ -336,6 +336,7 @@ def personalize(
             `FineTuneOptions.check` and `fedssl.export.export_model`.
     """
     from fedssl.export import export_model, model_metadata, model_path
+    from fedssl.tracking.wandb_run import log_personalize
     from fedssl.trained import load_trained
 
     options.check()
@@ -392,10 +393,12 @@ def personalize(
         "train_images": result.train_count, "heldout_images": result.after.count,
         "heldout_acc_before": result.before.accuracy, "heldout_loss_before": result.before.loss,
         "heldout_acc_after": result.after.accuracy, "heldout_loss_after": result.after.loss,
+        "heldout_f1_macro_before": result.before.f1_macro, "heldout_f1_macro_after": result.after.f1_macro,
         "epochs": result.epochs, "steps": result.steps, "best_epoch": result.best_epoch, "labels": list(class_names),
     }
     atomic_write_text(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
     result.details = report
+    log_personalize(trained, report, out_dir / REPORT, target)
     echo(f"exported {target}; try: fedssl predict {target} IMAGE...")
     return result, target
 

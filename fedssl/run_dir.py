@@ -11,6 +11,9 @@ from fedssl.errors import UserError
 from fedssl.io import atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "best.pt"  # the checkpoint of the round with the best global_acc so far
+PARTITION = "partition.npz"
+CONFUSION_PNG = "confusion_matrix.png"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 # Left in every run directory fedssl creates: the only directories --overwrite (or a

@@ -38,6 +38,8 @@ class TrainedModel:
         missing: parameters the checkpoint does not hold (personal layers that never
             left the clients); they keep their random initialization.
         path: the checkpoint file read.
+        wandb_id: the id of the run's W&B run, where it logged to W&B (its model
+            artifact is `model-<wandb_id>`).
     """
 
     cfg: RecipeConfig
@@ -45,6 +47,7 @@ class TrainedModel:
     class_names: tuple[str, ...]
     missing: list[str]
     path: Path
+    wandb_id: str | None = None
 
     @property
     def image_size(self) -> int:
@@ -107,8 +110,11 @@ def load_trained(path: str | Path) -> TrainedModel:
         algorithm.make_learner(build())
     weights = algorithm.global_weights(state)
     model = build()
+    algorithm.shape_model(model, weights)
     missing = load_weights(model, weights, file)
-    return TrainedModel(cfg=cfg, model=model.eval(), class_names=tuple(names), missing=missing, path=file)
+    wandb_id = checkpoint.get("wandb_id")
+    return TrainedModel(cfg=cfg, model=model.eval(), class_names=tuple(names), missing=missing, path=file,
+                        wandb_id=wandb_id if isinstance(wandb_id, str) else None)
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> list[str]:

@@ -35,7 +35,13 @@ ENTRIES = [
     ("perfedavg", "Per-FedAvg (FO)", "personal_perfedavg", 2),
     ("perfedavg_hf", "Per-FedAvg (HF)", "personal_perfedavg_hf", 3),
     ("reptile", "Reptile", "personal_reptile", 1),
+    ("mocha", "MOCHA", "personal_mocha", 1),
+    ("mocha_independent", "MOCHA, Omega fixed at I/m", "personal_mocha", 1),
 ]
+# Entries that run a recipe with settings of their own: MOCHA with Omega never
+# updated from I/m is each client training alone (with weight decay lambda m), the
+# baseline that tells what the learned coupling adds.
+ENTRY_OVERRIDES = {"mocha_independent": ["algorithm.mocha.omega_every=0"]}
 # Budgets that fit a 2-core CPU, as overrides; "{batch}" is 16 (faces) or 10
 # (Fashion-MNIST) times the entry's batch parts. Faces: 20 people, one client
 # each, all taking part every round, at 24x24 pixels, 250 images each (a fifth to
@@ -116,6 +122,7 @@ def main() -> None:
         if args.only and key not in args.only:
             continue
         extra = [o.format(batch=BATCH[args.dataset] * parts, adapt=ADAPT_STEPS.get(key, 1)) for o in budget]
+        extra += ENTRY_OVERRIDES.get(key, [])
         runs = []
         for seed in range(args.seeds):
             overrides = [*extra, f"seed={seed}", f"name={key}-seed{seed}", f"output_dir={out}",

@@ -51,6 +51,12 @@ class Algorithm:
     # so that `federation.aggregator` can replace the average and `privacy.mechanism`
     # can hand it one private update in place of the cohort's.
     averages_updates = False
+    # Whether `aggregate` reads each update's `local_steps` metric (FedNova's tau_i),
+    # which the server adds from the steps it asked for (fedssl.federation.policies).
+    counts_local_steps = False
+    # Whether the server runs asynchronously (FedBuff): the engine hands its rounds
+    # to `fedssl.federation.buffered` instead of sampling a synchronous cohort.
+    asynchronous = False
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
@@ -90,6 +96,10 @@ class Algorithm:
     def global_weights(self, state: ServerState) -> Arrays:
         """The model weights (state_dict names) that are evaluated and exported."""
         return state.params
+
+    def shape_model(self, model: nn.Module, weights: Arrays) -> None:
+        """Give a model built from the recipe the shapes of the run's `weights`, where
+        the algorithm changes them (FedMA widens matched layers); nothing otherwise."""
 
     def personal_weights(self, global_weights: Arrays, client: LocalClient) -> Arrays:
         """The weights of `client`'s personalized model, which is scored on its own local

@@ -109,6 +109,19 @@ class FlowerConfig:
 
 
 @dataclass
+class SystemConfig:
+    profile: str = "none"  # clients' devices (docs/heterogeneity.md): none (no simulated time) | uniform (every client `speed`, `uplink`, `downlink`) | mobile (log-normal spread around those medians, drawn from the seed) | trace (read from the CSV `trace`)
+    speed: float = 100.0  # uniform/mobile: local training speed in samples per second (mobile: the median)
+    uplink: float = 1.0e6  # uniform/mobile: client -> server bandwidth in bytes per second (mobile: the median)
+    downlink: float = 4.0e6  # uniform/mobile: server -> client bandwidth in bytes per second (mobile: the median)
+    online: float = 1.0  # uniform/mobile: probability a sampled client is online in a round (offline ones do not answer)
+    trace: str = ""  # trace: CSV with header client,speed,uplink,downlink,online (one row per client)
+    policy: str = "wait_all"  # how a round ends: wait_all | deadline (drop clients not done by `deadline`) | overselect (sample more, keep the first clients_per_round to finish) | partial (each client does the local steps that fit `deadline`)
+    deadline: float = 0.0  # deadline/partial: the round's deadline in simulated seconds
+    overselect: float = 0.0  # overselect: extra share of clients sampled, e.g. 0.3 samples 30% more
+
+
+@dataclass
 class FederationConfig:
     backend: str = "inprocess"  # where clients run: inprocess (one process) | flower (Flower's simulation engine)
     rounds: int = 10  # communication rounds
@@ -132,6 +145,7 @@ class FederationConfig:
     linear_probe: bool = False  # evaluate: linear_acc, a logistic-regression probe on the global model's frozen features of the training clients' labeled split, scored on the server test set
     max_update_ratio: float = 1000.0  # an update whose distance from the weights it was sent exceeds this x max(their norm, 1) is dropped and counted (e.g. a rogue x1e30 update)
     flower: FlowerConfig = field(default_factory=FlowerConfig)  # backend=flower: client resources and timeouts
+    system: SystemConfig = field(default_factory=SystemConfig)  # device profiles, simulated time and round policies
 
 
 @dataclass

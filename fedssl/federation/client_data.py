@@ -31,6 +31,10 @@ from fedssl.messages import Payload, Update
 from fedssl.federation.tensors import TensorPool, client_seed, cycle_batches
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
+# Payload config key: at most this many local steps this round (a round policy's
+# partial work, fedssl.federation.policies); absent, the recipe's budget.
+STEP_BUDGET = "step_budget"
+
 
 @dataclass(frozen=True)
 class Augmentations:
@@ -63,6 +67,11 @@ def round_steps(num_labeled: int, num_unlabeled: int, cfg: TrainConfig, unlabele
     if cfg.local_steps > 0:
         return cfg.local_steps
     return cfg.local_epochs * epoch_steps(num_labeled, num_unlabeled, cfg, unlabeled_batch)
+
+
+def capped(steps: int, payload: Payload) -> int:
+    """`steps`, at most the payload's `STEP_BUDGET` where it carries one."""
+    return min(steps, int(payload.config[STEP_BUDGET])) if STEP_BUDGET in payload.config else steps
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ class ClientDataModule(pl.LightningDataModule):
         payload: what it received this round.
         state: what it kept from earlier rounds.
         steps: the round's SGD steps; default: the recipe's budget, as the
-            learner's `round_steps` extends it.
+            learner's `round_steps` extends it, capped by the payload's `STEP_BUDGET`.
     """
 
     def __init__(self, source: BatchSource, client_id: int, labeled: np.ndarray, unlabeled: np.ndarray,
@@ -153,7 +162,7 @@ class ClientDataModule(pl.LightningDataModule):
         self.unlabeled_batch = self.source.unlabeled_batch(learner) if len(self.unlabeled) else 0
         if self.steps is None:
             budget = round_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
-            self.steps = learner.round_steps(budget)
+            self.steps = capped(learner.round_steps(budget), self.payload)
         per_epoch = epoch_steps(len(self.labeled), len(self.unlabeled), self.source.train, self.unlabeled_batch)
         stream = self.batches(np.random.default_rng(seed), self.steps)
         self.loader = RoundBatches(stream, self.steps, per_epoch)

@@ -71,7 +71,7 @@ class Clients(Protocol):
 
     def score(self, weights: Arrays, client_ids: list[int]) -> Scored:
         """Per client, the global model (`weights`) and its personalized model on its own
-        local test split: {client, kind, test_samples, acc, loss, personal_acc, personal_loss}."""
+        local test split: {client, kind, test_samples, acc, loss, personal_acc, personal_loss, personal_f1}."""
 
     def state_dict(self) -> dict[int, Kept]:
         """What the clients keep, for the server's checkpoint (empty where it lives elsewhere)."""
@@ -213,12 +213,12 @@ class InProcessClients:
         This is all a node needs to score its clients: the global weights, not the
         server's state."""
         self.trainer.learner.load_arrays(weights)
-        rows = []
+        rows, scores = [], []
         for client_id in client_ids:
-            local = self.score_local(client_id)
+            scores.append(self.score_local(client_id))
             rows.append({"client": client_id, "kind": client_kind(self.data.clients[client_id]),
-                         "test_samples": local.count, "acc": local.accuracy, "loss": local.loss})
-        self.score_personal(weights, rows)
+                         "test_samples": scores[-1].count, "acc": scores[-1].accuracy, "loss": scores[-1].loss})
+        self.score_personal(weights, rows, scores)
         return rows
 
     def score_local(self, client_id: int) -> Score:
@@ -237,26 +237,24 @@ class InProcessClients:
                                                 self.cfg.seed, client_id, steps)
         return LocalClient(client_id, self.store.peek(client_id) if kept else {}, batches)
 
-    def score_personal(self, weights: Arrays, rows: list[dict[str, Any]]) -> None:
+    def score_personal(self, weights: Arrays, rows: list[dict[str, Any]], scores: list[Score]) -> None:
         """Add each client's personalized model's scores on its own local test split to
-        its row (without personalization that model is the global one, scored already);
-        a held-out client's model is the one it adapts with its labeled images
-        (`Algorithm.unseen_weights`), scored on the rest of its data."""
-        for row in rows:
+        its row: accuracy, loss and macro-F1 (without personalization that model is the
+        global one, whose `scores` are those of the rows); a held-out client's model is
+        the one it adapts with its labeled images (`Algorithm.unseen_weights`), scored
+        on the rest of its data."""
+        for row, local in zip(rows, scores):
             if row["client"] in self.held_out:
                 client = self.local_client(row["client"], kept=False)  # it never trained: it kept nothing
                 steps = self.cfg.federation.holdout_steps
                 tune = lambda arrays: fine_tune_head(self.model, arrays, client.batches(steps), self.cfg.train.lr)
                 self.trainer.learner.load_arrays(self.algorithm.unseen_weights(weights, client, tune))
                 local = self.score_local(row["client"])
-                row |= {"personal_acc": local.accuracy, "personal_loss": local.loss}
             elif self.algorithm.personalized:
                 client = self.local_client(row["client"])
                 self.trainer.learner.load_arrays(self.algorithm.personal_weights(weights, client))
                 local = self.score_local(row["client"])
-                row |= {"personal_acc": local.accuracy, "personal_loss": local.loss}
-            else:
-                row |= {"personal_acc": row["acc"], "personal_loss": row["loss"]}
+            row |= {"personal_acc": local.accuracy, "personal_loss": local.loss, "personal_f1": local.f1_macro}
 
     def state_dict(self) -> dict[int, Kept]:
         return self.store.state_dict()

@@ -40,6 +40,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from fedssl.config.schema import RecipeConfig
 from fedssl.data.transforms import augment_batch, to_tensor
 from fedssl.federation.client import ClientTrainer, round_steps
+from fedssl.federation.client_data import capped
 from fedssl.messages import Payload, Update
 from fedssl.federation.tensors import client_seed, cycle_batches
 from fedssl.learners.supervised import SupervisedLearner
@@ -114,7 +115,7 @@ class CohortTrainer:
         cohort, `federation.concurrent_clients`)."""
         train, pool = self.cfg.train, self.trainer.pool
         device = pool.labels.device
-        steps = [round_steps(len(labeled), 0, train, 0) for _, labeled, _ in clients]
+        steps = [capped(round_steps(len(labeled), 0, train, 0), payload) for _, labeled, payload in clients]
         # Longest first: at step t the clients still training are the first `active[t]`.
         order = sorted(range(len(clients)), key=lambda k: -steps[k])
         given = [client_id for client_id, _, _ in clients]

@@ -9,7 +9,7 @@ client), so a resumed run continues exactly where the killed one stopped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Callable, Mapping
 
@@ -23,12 +23,15 @@ from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData, build_federated_data
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
+from fedssl.federation.class_metrics import global_class_metrics
+from fedssl.federation.buffered import buffered_round
 from fedssl.federation.client import ClientTrainer
 from fedssl.federation.clients import Clients, InProcessClients, build_trainer, resolve_device
 from fedssl.federation.evaluate import score
 from fedssl.federation.faults import Holding, check_update
 from fedssl.federation.metrics import mean_acc, round_metrics
 from fedssl.federation.personal_eval import personal_metrics
+from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
 from fedssl.federation.unseen import linear_acc, unseen_metrics
 from fedssl.messages import Payload, Update
@@ -62,6 +65,7 @@ class Collected:
     bytes_up: int
     bytes_down: int
     dropped: int
+    system: dict[str, float] = field(default_factory=dict)  # simulated time and late/offline/partial counts
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Federation:
     test: TensorPool
     clients: Clients
     privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
+    system: SystemHeterogeneity | None = None  # device profiles and round policy (federation.system)
 
     @classmethod
     def build(cls, cfg: RecipeConfig, data: FederatedData | None = None,
@@ -92,6 +97,9 @@ class Federation:
         privacy = CentralDP.build(cfg, cfg.algorithm.name, algorithm.averages_updates and algorithm.dense_updates)
         federation = cls(cfg, data, algorithm, trainer, TensorPool.from_dataset(data.test, device), None, privacy)
         federation.clients = (clients or in_process)(federation)
+        check_system(cfg)
+        if cfg.federation.system.profile != "none" or algorithm.counts_local_steps or algorithm.asynchronous:
+            federation.system = SystemHeterogeneity.build(cfg, data, trainer.learner, clients_per_round(cfg.federation))
         return federation
 
     @cached_property
@@ -135,9 +143,12 @@ class Federation:
     def fit_round(self, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
         has_server_labels = len(self.data.server_labeled) > 0 and self.cfg.algorithm.ssl.server_steps > 0
         state = self.algorithm.server_round(round_index, state, self.train_on_server if has_server_labels else None)
+        if self.algorithm.asynchronous:
+            return buffered_round(self, round_index, state)
         collected = self.collect(round_index, state)
         metrics = round_metrics(collected.receipts, self.kinds) | {
-            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped}
+            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped
+        } | collected.system
         if self.privacy is None:
             return self.algorithm.aggregate(collected.updates, state), metrics
         # DP-FedAvg: the cohort's updates become one private update, which the
@@ -153,7 +164,8 @@ class Federation:
         candidates = [c for c in range(fed.clients) if c not in failed and c not in self.held_out]
         if self.privacy is not None:
             return poisson_sample(candidates, self.privacy.sampling_rate, self.cfg.seed, round_index, attempt)
-        count = min(clients_per_round(fed), len(candidates))
+        count = clients_per_round(fed)
+        count = min(self.system.sample_count(count) if self.system else count, len(candidates))
         return [candidates[i] for i in sample_clients(len(candidates), count, self.cfg.seed, round_index, attempt)]
 
     @property
@@ -180,15 +192,20 @@ class Federation:
         failed: dict[int, str] = {}
         raised: list[Exception] = []
         bytes_down, bytes_up = 0, 0
+        plans, received = [], {}  # the system's plan of every draw, and the bytes each client sent
         for attempt in range(fed.round_retries + 1):
             sampled = self.sample(round_index, attempt, set(failed))
             payloads = {c: self.algorithm.payload(round_index, state, c) for c in sampled}
+            if self.system is not None:  # who is online, late or partial (federation.system.policy)
+                plan, payloads = self.system.plan(round_index, attempt, payloads)
+                plans.append((plan, payloads))
             updates = []
             running = RunningAverage() if self.averages_as_they_come else None
             for client_id, update, problem in self.clients.fit(round_index, payloads):
                 bytes_down += payloads[client_id].num_bytes
                 if isinstance(update, Update):  # it came, usable or not
                     bytes_up += update.num_bytes
+                    received[client_id] = update.num_bytes
                     problem = problem or self.check(client_id, update, payloads[client_id])
                 if problem:
                     log.warning("round %d: dropped the update of client %d: %s", round_index, client_id, problem)
@@ -196,6 +213,8 @@ class Federation:
                     if isinstance(update, Exception):
                         raised.append(update)
                     continue
+                if self.system is not None:
+                    update = self.system.annotate(plan, update)
                 if running is not None:
                     running.add(update)
                     update = replace(update, arrays={})  # folded in: only its counts and metrics stay
@@ -207,6 +226,8 @@ class Federation:
                             "(retry %d of %d)", round_index, len(updates), len(sampled), needed, attempt + 1, fed.round_retries)
         else:
             reasons = "; ".join(f"client {c}: {why}" for c, why in failed.items()) or "no client failed"
+            if plans:  # clients the round policy left out
+                reasons += "; " + self.system.left_out(plans)
             retried = f" after {fed.round_retries} retries" if fed.round_retries else ""
             # chained to a client's exception, so that a bug in a learner keeps its traceback in Python
             raise UserError(f"federation.min_clients: round {round_index} got {len(updates)} usable updates of "
@@ -216,11 +237,13 @@ class Federation:
         aggregated = updates
         if running is not None:  # the average as one update, weighted by the examples it stands for
             aggregated = [Update(SERVER_ID, running.average(), running.total)] if running.total else []
-        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed))
+        system = self.system.finish(plans, received) if self.system is not None else {}
+        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), system)
 
     def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The global model on the server test set, and each client's row
-        (`Clients.score`). The metrics include what the evaluation cost and dropped
+        """The global model on the server test set (accuracy, loss, macro-F1, per-class
+        recall and the confusion matrix `global_confusion`, all from one pass), and
+        each client's row (`Clients.score`). The metrics include what the evaluation cost and dropped
         (`bytes_down`, `bytes_up`, `dropped_clients`), for the round to add to its own."""
         weights = self.algorithm.global_weights(state)
         self.trainer.learner.load_arrays(weights)
@@ -230,7 +253,9 @@ class Federation:
         # Held-out clients never trained: they are reported apart, as unseen people.
         unseen = unseen_metrics(scored.rows, self.held_out)
         rows = [row for row in scored.rows if row["client"] not in self.held_out]
-        metrics = {"global_acc": server.accuracy, "global_loss": server.loss, "client_acc_mean": mean_acc(rows)}
+        metrics = {"global_acc": server.accuracy, "global_loss": server.loss,
+                   **global_class_metrics(server.confusion, self.data.class_names),
+                   "global_confusion": server.confusion.tolist(), "client_acc_mean": mean_acc(rows)}
         kinds = sorted({row["kind"] for row in rows})
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}

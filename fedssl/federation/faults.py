@@ -23,8 +23,8 @@ from fedssl.messages import Arrays, Update
 
 SPARSE = ("/index", "/value")  # an array sent as a sparse delta: NAME/index + NAME/value (FedMatch)
 # Every key of an evaluation row, and nothing else: per-client scores, never per-sample values.
-ROW_KEYS = ("client", "kind", "test_samples", "acc", "loss", "personal_acc", "personal_loss")
-SCORE_KEYS = ("acc", "personal_acc")  # in [0, 1]
+ROW_KEYS = ("client", "kind", "test_samples", "acc", "loss", "personal_acc", "personal_loss", "personal_f1")
+SCORE_KEYS = ("acc", "personal_acc", "personal_f1")  # in [0, 1] (personal_f1: the personal model's macro-F1)
 LOSS_KEYS = ("loss", "personal_loss")  # finite, >= 0
 PSEUDO_LABEL_COUNTS = ("pl_correct", "pl_masked", "pl_seen")  # each at most the next
 
@@ -175,7 +175,7 @@ def check_row(row: Mapping[str, Any], asked: Collection[int], holdings: Mapping[
     """Why an evaluation row a node sent cannot be used, or None if it can: it must
     be about one of the clients the node was `asked` to score, hold exactly
     `ROW_KEYS`, the client's kind and test size as the server knows them
-    (`holdings`), accuracies in [0, 1] and losses finite and >= 0 (NaN where the
+    (`holdings`), accuracies and F1 in [0, 1] and losses finite and >= 0 (NaN where the
     client has no local test split, as an honest node reports)."""
     client = row.get("client")
     if not is_count(client) or client not in asked:

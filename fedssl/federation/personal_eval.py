@@ -6,7 +6,9 @@ personal model, Per-FedAvg's global model after a few adaptation steps on the
 client's training data. Each is scored on that client's local test split only,
 never on another client's or on the server's test set. The mean over clients
 (`personal_acc`) hides the clients a method fails, so the mean of the worst 10%
-(`personal_acc_p10`) is reported beside it.
+(`personal_acc_p10`) is reported beside it, and so is the mean over clients of
+the personalized model's macro-F1 (`personal_f1_macro`), which a personal model
+that ignores a client's rare classes lowers where accuracy hides it.
 """
 
 from __future__ import annotations
@@ -47,17 +49,22 @@ def worst_share_mean(values: Sequence[float], share: float = WORST_SHARE) -> flo
 
 def personal_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """`personal_acc` (mean over clients of their personalized model's accuracy on
-    their own local test split) and `personal_acc_p10` (the mean over the worst 10%
-    of clients), from per-client rows with `personal_acc` and `test_samples`.
-    Clients without a local test split do not count."""
-    accs = [row["personal_acc"] for row in rows if row["test_samples"]]
-    return {"personal_acc": float(np.mean(accs)) if accs else float("nan"), "personal_acc_p10": worst_share_mean(accs)}
+    their own local test split), `personal_acc_p10` (the mean over the worst 10%
+    of clients) and `personal_f1_macro` (mean over clients of the personalized
+    model's macro-F1 on the client's split), from per-client rows with
+    `personal_acc`, `personal_f1` and `test_samples`. Clients without a local test
+    split do not count."""
+    tested = [row for row in rows if row["test_samples"]]
+    accs = [row["personal_acc"] for row in tested]
+    f1s = [row["personal_f1"] for row in tested]
+    return {"personal_acc": float(np.mean(accs)) if accs else float("nan"), "personal_acc_p10": worst_share_mean(accs),
+            "personal_f1_macro": float(np.mean(f1s)) if f1s else float("nan")}
 
 
 def personal_summary(final: dict[str, Any], history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The final round's personalized metrics, and beside them, labelled as such,
     the best evaluated round's `personal_acc` and which round that was."""
-    summary = {key: final[key] for key in ("personal_acc", "personal_acc_p10") if key in final}
+    summary = {key: final[key] for key in ("personal_acc", "personal_acc_p10", "personal_f1_macro") if key in final}
     scored = [m for m in history if isinstance(m.get("personal_acc"), (int, float)) and math.isfinite(m["personal_acc"])]
     if scored:
         best = max(scored, key=lambda m: m["personal_acc"])

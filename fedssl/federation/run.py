@@ -4,6 +4,7 @@ engine's (`fedssl.federation.engine`); where clients run is the clients'."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from fedssl.federation.engine import ClientsFactory, Federation
 from fedssl.federation.personal_eval import personal_summary
 from fedssl.io import atomic_write_text
 from fedssl.privacy.mechanism import CentralDP
-from fedssl.run_dir import CHECKPOINT, CONFIG
+from fedssl.run_dir import BEST_CHECKPOINT, CHECKPOINT, CONFIG, PARTITION
 from fedssl.tracking.run_logger import RunLogger, read_metrics
 
 # What a round sent, received and dropped, training and evaluation together; summed over the run.
@@ -62,6 +63,17 @@ def privacy_summary(privacy: CentralDP | None, rounds: int) -> dict[str, Any]:
     return {"epsilon": privacy.epsilon(rounds), "delta": privacy.cfg.delta, "noise_multiplier": privacy.noise_multiplier}
 
 
+def best_round(history: list[dict[str, Any]], metric: str = "global_acc") -> tuple[float, int] | None:
+    """The best finite value of `metric` over the evaluated rounds, and its round
+    (the first where rounds tie); None before any."""
+    scored = [(m[metric], -m["round"]) for m in history
+              if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    if not scored:
+        return None
+    value, round_index = max(scored)
+    return value, -round_index
+
+
 def add_evaluation(metrics: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
     """A round's metrics with its evaluation's: the traffic and drops add up."""
     return metrics | evaluated | {key: metrics[key] + evaluated[key] for key in TRAFFIC}
@@ -81,7 +93,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
         check_privacy_resumable(checkpoint["config"], cfg)
     atomic_write_text(run_dir / CONFIG, to_yaml(cfg))
     federation = Federation.build(cfg, clients=clients)
-    federation.data.save(run_dir / "partition.npz")
+    federation.data.save(run_dir / PARTITION)
     state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
     totals = dict.fromkeys(TRAFFIC, 0)
     if checkpoint:
@@ -98,6 +110,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
     progress = tqdm(range(start, fed.rounds + 1), desc=cfg.name, unit="round", disable=not cfg.logging.progress,
                     initial=start - 1, total=fed.rounds)
     metrics, rows = {}, []
+    best = best_round(read_metrics(logger.metrics_path))  # of the rounds kept on resume, as best.pt holds
     try:
         for round_index in progress:
             began = time.perf_counter()
@@ -108,10 +121,12 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                 progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
             for key in TRAFFIC:
                 totals[key] += metrics[key]
+            if "sim_seconds" in metrics:  # simulated time (federation.system), summed as the run goes
+                totals["sim_time"] = metrics["sim_time"] = totals.get("sim_time", 0.0) + metrics["sim_seconds"]
             elapsed += time.perf_counter() - began
             metrics["seconds"] = elapsed
             logger.log_round(round_index, metrics)
-            save_checkpoint(run_dir / CHECKPOINT, {
+            saved = {
                 "round": round_index,
                 "config": config_dict,
                 "class_names": list(federation.data.class_names),
@@ -121,7 +136,12 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                 "totals": totals,
                 "wandb_id": logger.wandb_id,
                 "privacy": federation.privacy.state_dict() if federation.privacy else None,
-            })
+            }
+            # best.pt before checkpoint.pt: killed between the two, the round is run again, identically.
+            if math.isfinite(metrics.get("global_acc", math.nan)) and (best is None or metrics["global_acc"] > best[0]):
+                save_checkpoint(run_dir / BEST_CHECKPOINT, saved)
+                best = metrics["global_acc"], round_index
+            save_checkpoint(run_dir / CHECKPOINT, saved)
     except BaseException:
         logger.abort()
         raise
@@ -134,12 +154,16 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
         "rounds": fed.rounds,
         "global_acc": metrics["global_acc"],
         "global_loss": metrics["global_loss"],
+        **{k: v for k, v in metrics.items() if k.startswith(("global_f1_macro", "global_recall/"))},
+        **({"global_acc_best": best[0], "global_acc_best_round": best[1]} if best else {}),
         "client_acc_mean": metrics["client_acc_mean"],
         **{k: v for k, v in metrics.items() if k.startswith(("client_acc_mean/", "pl_", "unseen_", "linear_acc"))},
         **personal_summary(metrics, read_metrics(logger.metrics_path)),
         **totals,
         **privacy_summary(federation.privacy, fed.rounds),
         "seconds": elapsed,
+        "class_names": list(federation.data.class_names),
+        "global_confusion": metrics["global_confusion"],
     }
     logger.finish(summary, rows, last_round=fed.rounds)
     return summary

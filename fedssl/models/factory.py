@@ -20,6 +20,7 @@ import torch
 from timm.models import get_pretrained_cfg, load_state_dict
 
 import fedssl.models.cnn as _cnn  # registers fedssl's CNNs with timm
+import fedssl.models.vgg  # noqa: F401 - registers vgg9_cnn (FedMA's VGG-9) with timm
 from fedssl.config.schema import ModelConfig
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean

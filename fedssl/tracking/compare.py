@@ -2,7 +2,8 @@
 
 Runs are variants of one another when their resolved configs agree on everything
 but the seed and the bookkeeping (name, output directory, logging). A variant is
-labelled by its algorithm and the keys on which the variants differ.
+labelled by its algorithm and the keys on which the variants differ. The table
+ranks the variants by the mean over seeds of one final metric, best first.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fedssl.errors import UserError
 from fedssl.io import atomic_write
 from fedssl.tracking.runs import RunRecord
 
 # Final metrics a table shows, in this order, where any run has them.
-METRICS = ("global_acc", "personal_acc", "personal_acc_p10", "client_acc_mean", "bytes_up", "bytes_down", "epsilon", "seconds")
+METRICS = ("global_acc", "global_f1_macro", "personal_acc", "personal_acc_p10", "personal_f1_macro", "client_acc_mean",
+           "bytes_up", "bytes_down", "epsilon", "seconds")
+# Final metrics where lower is better; every other metric ranks highest first.
+LOWER_IS_BETTER = ("loss", "bytes", "seconds", "epsilon", "dropped")
 IGNORED = ("seed", "name", "output_dir", "logging")
 
 
@@ -73,12 +78,38 @@ def format_cell(metric: str, values: Sequence[float]) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def comparison_table(variants: dict[str, list[RunRecord]]) -> str:
-    """Markdown: one row per variant, mean ± std over its seeds of each final metric."""
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def rank_variants(variants: dict[str, list[RunRecord]], metric: str) -> dict[str, list[RunRecord]]:
+    """`variants` ordered by the mean over their seeds of the final `metric`, best first
+    (highest, or lowest for losses, bytes, seconds and epsilon); variants without it
+    last. A metric only the rounds record (`train_loss`) leaves the order as it is.
+
+    Raises:
+        UserError: no run has `metric`, in its summary or its rounds (naming the
+            summary's metrics).
+    """
+    runs = [r for members in variants.values() for r in members]
+    means = {label: mean_std(values)[0] for label, members in variants.items()
+             if (values := [r.summary[metric] for r in members if _finite(r.summary.get(metric))])}
+    if not means and not any(_finite(row.get(metric)) for r in runs for row in r.history):
+        known = sorted({k for r in runs for k, v in r.summary.items() if _finite(v)})
+        raise UserError(f"--metric: no run has {metric!r} in its summary or rounds; "
+                        f"their summaries have {', '.join(known)}")
+    sign = 1 if lower_is_better(metric) else -1
+    order = sorted(variants, key=lambda label: (label not in means, sign * means.get(label, 0.0)))
+    return {label: variants[label] for label in order}
+
+
+def comparison_table(variants: dict[str, list[RunRecord]], ranked_by: str | None = None) -> str:
+    """Markdown: one row per variant, mean ± std over its seeds of each final metric
+    (and of `ranked_by`, the metric the rows are ordered by, which comes first)."""
     def present(metric: str) -> bool:
         return any(_finite(r.summary.get(metric)) for runs in variants.values() for r in runs)
 
-    metrics = [m for m in METRICS if present(m)]
+    metrics = [m for m in ([ranked_by] if ranked_by else []) + [m for m in METRICS if m != ranked_by] if present(m)]
     lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "| --- | --- |" + " --- |" * len(metrics)]
     for label, runs in variants.items():
         cells = []
@@ -93,17 +124,21 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def curve(runs: Sequence[RunRecord], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rounds every run evaluated, with the mean and std over runs of `metric` there."""
-    per_run = [{row["round"]: row[metric] for row in r.history if _finite(row.get(metric))} for r in runs]
+def curve(runs: Sequence[RunRecord], metric: str, x: str = "round") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds every run evaluated, with the mean and std over runs of `metric` there;
+    with `x` other than round (e.g. sim_time, simulated seconds), its mean over runs
+    at those rounds stands for the round."""
+    per_run = [{row["round"]: (row.get(x), row[metric]) for row in r.history
+                if _finite(row.get(metric)) and _finite(row.get(x))} for r in runs]
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
-    values = np.array([[p[t] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
+    values = np.array([[p[t][1] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
+    xs = np.array([[p[t][0] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
     std = values.std(axis=0, ddof=1) if len(runs) > 1 else np.zeros(len(rounds))
-    return np.array(rounds), values.mean(axis=0), std
+    return xs.mean(axis=0), values.mean(axis=0), std
 
 
-def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = "global_acc") -> None:
-    """PNG: `metric` against round, one line per variant, a band of ± one std over seeds."""
+def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = "global_acc", x: str = "round") -> None:
+    """PNG: `metric` against round (or `x`, e.g. sim_time), one line per variant, a band of ± one std over seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -112,11 +147,12 @@ def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = 
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for label, runs in variants.items():
-        rounds, mean, std = curve(runs, metric)
+        rounds, mean, std = curve(runs, metric, x)
         line, = axes.plot(rounds, mean, label=f"{label} (n={len(runs)})")
         axes.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("round")
+    if x == "round":
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("simulated seconds" if x == "sim_time" else x)
     axes.set_ylabel(metric)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)

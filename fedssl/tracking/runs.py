@@ -57,6 +57,12 @@ def find_group(root: Path, group: str) -> list[Path]:
     return found
 
 
+def last_value(value: Any) -> Any:
+    """A summary value as the run ended: W&B keeps {"max": ..., "last": ...} for the
+    metrics fedssl asks it to keep the best of (`wandb_run.define_best_metrics`)."""
+    return value["last"] if isinstance(value, dict) and "last" in value else value
+
+
 def read_wandb_group(project: str, group: str) -> list[RunRecord]:
     """The finished runs of `group` in the W&B project `ENTITY/PROJECT` (needs network and login)."""
     import wandb
@@ -66,7 +72,7 @@ def read_wandb_group(project: str, group: str) -> list[RunRecord]:
         RunRecord(
             source=f"{project}/{run.id}",
             config=dict(run.config),
-            summary={k: v for k, v in run.summary.items() if not k.startswith("_")},
+            summary={k: last_value(v) for k, v in run.summary_metrics.items() if not k.startswith("_")},
             history=[{"round": row["_step"], **row} for row in run.scan_history()],
         )
         for run in runs

@@ -54,6 +54,7 @@ def assert_two_rounds(run_dir: Path, algorithm: str) -> None:
     assert summary["algorithm"] == algorithm and summary["rounds"] == 2
     assert 0.0 <= summary["global_acc"] <= 1.0 and summary["dropped_clients"] == 0
     assert 0.0 <= summary["client_acc_mean"] <= 1.0  # scored by the nodes, on their own local test splits
+    assert 0.0 <= summary["personal_f1_macro"] <= 1.0 and 0.0 <= summary["global_f1_macro"] <= 1.0
     assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 

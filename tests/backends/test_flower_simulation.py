@@ -16,7 +16,8 @@ from fedssl.federation.checkpoint import load_checkpoint
 from fedssl.federation.engine import Federation
 from fedssl.launch import launch
 
-SCORES = ("global_acc", "client_acc_mean", "personal_acc", "personal_acc_p10", "bytes_up", "bytes_down")
+SCORES = ("global_acc", "global_f1_macro", "client_acc_mean", "personal_acc", "personal_acc_p10", "personal_f1_macro",
+          "bytes_up", "bytes_down")
 
 
 def same_run(tiny_recipe, overrides):
@@ -47,23 +48,29 @@ def test_flower_simulation_aggregates_as_the_inprocess_loop(tiny_recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["fedper", "fedmatch"])
+@pytest.mark.parametrize("algorithm", ["fedper", "fedmatch", "mocha"])
 def test_flower_simulation_runs_personal_and_fedmatch_as_the_inprocess_loop(tiny_recipe, algorithm):
-    """FedPer's heads stay on the nodes and are scored there; FedMatch's helpers and
-    decomposed weights travel as records. Both end where the in-process loop ends."""
+    """FedPer's heads and MOCHA's per-client models stay on the nodes and are scored
+    there (MOCHA's anchors and per-client work travel in each client's payload);
+    FedMatch's helpers and decomposed weights travel as records. Each ends where the
+    in-process loop ends."""
     overrides = ["federation.rounds=2", f"algorithm.name={algorithm}"]
     if algorithm == "fedmatch":  # labels at the server, helpers sent from round 2 on
         overrides += ["data.labels.mode=server", "data.labels.server_per_class=5", "algorithm.ssl.server_steps=5",
                       "algorithm.fedmatch.helper_every=1", "train.lr=0.001", "train.momentum=0"]
+    if algorithm == "mocha":  # Omega learned before round 2; clients draw their share of the steps
+        overrides += ["algorithm.mocha.work_min=0.5", "algorithm.mocha.lam=0.01"]
     _, flower, _, local = same_run(tiny_recipe, overrides)
     assert flower["personal_acc"] == pytest.approx(local["personal_acc"], abs=1e-6)
     assert flower["global_acc"] == pytest.approx(local["global_acc"], abs=1e-6)
     assert flower["client_acc_mean"] == pytest.approx(local["client_acc_mean"], abs=1e-6)
-    if algorithm == "fedper":
-        assert flower["personal_acc"] != flower["client_acc_mean"]  # the heads were personal
+    assert flower["personal_f1_macro"] == pytest.approx(local["personal_f1_macro"], abs=1e-6)  # from the nodes' rows
+    if algorithm in ("fedper", "mocha"):
+        assert flower["personal_acc"] != flower["client_acc_mean"]  # the heads (models) were personal
 
 
-@pytest.mark.parametrize("overrides", [["algorithm.name=fedper"], ["algorithm.name=fixmatch", "algorithm.ssl.threshold=flexmatch"],
+@pytest.mark.parametrize("overrides", [["algorithm.name=fedper"], ["algorithm.name=mocha"],
+                                       ["algorithm.name=fixmatch", "algorithm.ssl.threshold=flexmatch"],
                                        ["algorithm.name=fixmatch", "algorithm.ssl.distribution_alignment=true"]])
 def test_resuming_a_flower_run_whose_clients_keep_state_is_refused_before_the_engine_starts(tiny_recipe, overrides):
     cfg = load_recipe(tiny_recipe, [*overrides, "federation.backend=flower"])

@@ -104,7 +104,8 @@ HOLDINGS = {0: Holding(examples=40, test_samples=10, kind="labeled"), 1: Holding
 
 def row(client=0, **values):
     return {"client": client, "kind": HOLDINGS[client].kind, "test_samples": HOLDINGS[client].test_samples,
-            "acc": 0.5, "loss": 1.2, "personal_acc": 0.6, "personal_loss": 1.1} | values
+            "acc": 0.5, "loss": 1.2, "personal_acc": 0.6, "personal_loss": 1.1,
+            "personal_f1": 0.55} | values
 
 
 @pytest.mark.parametrize("bad, problem", [
@@ -116,6 +117,8 @@ def row(client=0, **values):
     (row(test_samples=11), "the row of client 0 says test_samples 11, the client holds 10"),
     (row(acc=1.5), "the row of client 0: acc must be in [0, 1], got 1.5"),
     (row(personal_acc=float("nan")), "personal_acc must be in [0, 1], got nan"),
+    (row(personal_f1=1.01), "personal_f1 must be in [0, 1], got 1.01"),
+    ({k: v for k, v in row().items() if k != "personal_f1"}, "the row of client 0 lacks personal_f1"),
     (row(loss=-0.1), "loss must be finite and >= 0, got -0.1"),
     (row(personal_loss=float("inf")), "personal_loss must be finite and >= 0, got inf"),
     (row(acc="1.0"), "acc must be a number, got '1.0'"),
@@ -127,7 +130,8 @@ def test_an_evaluation_row_is_refused_unless_complete_in_range_and_about_a_clien
 
 
 def test_a_client_without_a_test_split_reports_nan_scores():
-    assert check_row(row(1, acc=float("nan"), loss=float("nan"), personal_acc=float("nan"), personal_loss=float("nan")),
+    assert check_row(row(1, acc=float("nan"), loss=float("nan"), personal_acc=float("nan"), personal_loss=float("nan"),
+                         personal_f1=float("nan")),
                      [1], HOLDINGS) is None
 
 

@@ -5,8 +5,9 @@ sends back from an evaluation is one row of per-client scores per client it was
 asked about: never images, labels or per-sample values.
 
 Down: a node receives only what its own clients need. A train message carries the
-client's payload: the model's shared arrays and, for FedMatch, the helper models
-the server chose for that client. An evaluate message carries the global model.
+client's payload: the model's shared arrays (MOCHA: under its coupled arrays' names,
+the client's anchor, one combination of the other tasks' weights, never one
+client's) and, for FedMatch, the helper models the server chose for that client. An evaluate message carries the global model.
 No message carries the server's private state (`ServerState.extras`, FedMatch's:
 every client's latest model, embeddings, snapshots, the helper map) or another client's
 arrays (what it sent up, what it keeps), except a client's declared helpers.
@@ -54,6 +55,9 @@ SETTINGS = {
     "fedbn": ["model.name=fedavg_cnn_bn"],
     # both stages, with BYOL's target network and FedEMA's last online network kept per client
     "fedaffect": [*MIXED_CLIENTS, "algorithm.selfsup.pretrain_rounds=1", "algorithm.selfsup.update=fedema"],
+    "fedma": ["algorithm.fedma.iterations=1"],  # round 2 sends the matched conv1 as extras, each client its own layers
+    "fedbuff": ["algorithm.fedbuff.buffer_size=6"],  # every client in flight arrives each round: 12 trainings
+    "mocha": ["algorithm.mocha.work_min=0.5"],  # each client is sent its own anchor (from round 2) and share of the steps
 }
 NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients each
 
@@ -182,6 +186,12 @@ def declared_helpers(state: ServerState, client_id: int) -> set[tuple]:
                          for h in helpers.tolist()))
 
 
+def own_layers(state: ServerState, client_id: int) -> set[tuple]:
+    """The contents of the layers the server keeps for `client_id` (FedMA: its own
+    later layers, inputs moved to the matched units), which go back to it alone."""
+    return fingerprints({k: v for k, v in state.extras.items() if k.startswith(f"client/{client_id}/")})
+
+
 @pytest.mark.parametrize("backend", ["inprocess", "flower"])
 @pytest.mark.parametrize("algorithm", registered_algorithms())
 def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_and_scores(
@@ -201,6 +211,9 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
         private = set().union(*(s.extras for s in traffic.states.values()))
         assert not names & private, f"server-private arrays sent to {sent.clients}"
         if sent.kind == "train":
+            if algorithm == "fedma":  # the layers to train as arrays, the matched (frozen) ones as extras
+                assert set(sent.arrays) | set(sent.extras) == set(shared) and not set(sent.arrays) & set(sent.extras)
+                continue
             assert set(sent.arrays) == set(shared)
             for name in sent.extras:  # FedMatch's helpers: whole models, named helper<j>/<state_dict name>
                 match = re.fullmatch(r"helper\d+/(.+)", name)
@@ -224,12 +237,18 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
         own[client_id] |= fingerprints(kept)
     for sent in traffic.down:
         others = set().union(*(own[c] for c in clients if c not in sent.clients))
-        allowed = declared_helpers(traffic.states[sent.round], sent.clients[0]) if sent.kind == "train" else set()
+        allowed = set()
+        if sent.kind == "train":
+            state = traffic.states[sent.round]
+            allowed = declared_helpers(state, sent.clients[0]) | own_layers(state, sent.clients[0])
         leaked = (fingerprints(sent.arrays | sent.extras) & (server_private | others)) - public - allowed
         assert not leaked, f"{sent.kind} message to clients {sent.clients} in round {sent.round} carries private arrays"
 
-    # -- up: updates hold the model's shared arrays (or FedMatch's sparse deltas of them) and scalar metrics
-    for update in traffic.updates:
+    # -- up: updates hold the model's shared arrays (or FedMatch's sparse deltas of them) and scalar metrics,
+    # at the shapes they were sent (FedMA's matched layers grow from round to round)
+    sent_to = [sent for sent in traffic.down if sent.kind == "train"]
+    for update, sent in zip(traffic.updates, sent_to, strict=True):
+        assert sent.clients == [update.client_id]
         assert {f.name for f in dataclasses.fields(update)} == {"client_id", "arrays", "num_examples", "metrics"}
         assert isinstance(update.num_examples, int) and isinstance(update.client_id, int)
         for name, value in update.metrics.items():
@@ -241,7 +260,7 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
             # a self-supervised learner's projection or prediction head (fedaffect)
             assert base in model_names or base.startswith(HEADS) or base.split("/", 1)[1] in model_names
             if base == name:
-                assert array.shape == shared[name]
+                assert array.shape == sent.arrays[name].shape
             else:  # a sparse delta: at most one entry per weight of that array
                 assert array.dim() == 1 and len(array) <= torch.Size(shared[base]).numel()
         # no more numbers than the model holds (a sparse delta: an index and a value per entry)

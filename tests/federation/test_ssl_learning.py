@@ -441,6 +441,7 @@ ALGORITHM_SETTINGS = {
     "fedmatch": MIXED_CLIENTS,
     "fedbn": ["model.name=fedavg_cnn_bn"],  # FedBN keeps normalization layers local: it needs a model with some
     "fedaffect": [*MIXED_CLIENTS, "algorithm.selfsup.pretrain_rounds=1"],  # a BYOL round, then a few-shot one
+    "mocha": ["algorithm.mocha.work_min=0.5"],  # each client runs its own share of the steps
 }
 # Further settings worth a run, for algorithms that are registered.
 EXTRA_CASES = [
@@ -455,6 +456,8 @@ EXTRA_CASES = [
     ("fedaffect", "simclr-fedema-interleaved", [*MIXED_CLIENTS, "algorithm.selfsup.method=simclr",
                                                 "algorithm.selfsup.update=fedema", "algorithm.selfsup.pretrain_rounds=0",
                                                 "algorithm.selfsup.schedule=interleaved"]),
+    # MOCHA's coupling on the classifier alone, over a body shared and averaged by all
+    ("mocha", "coupled-head", ["algorithm.mocha.patterns=[fc.*]"]),
 ]
 
 

@@ -11,9 +11,11 @@ from fedssl.federation.engine import Federation
 from fedssl.federation.personal_eval import labeled_batches, personal_metrics, personal_summary, worst_share_mean
 
 
-def rows(accs, samples=None):
+def rows(accs, samples=None, f1s=None):
     samples = samples or [10] * len(accs)
-    return [{"client": i, "personal_acc": a, "test_samples": n} for i, (a, n) in enumerate(zip(accs, samples))]
+    f1s = f1s or [a / 2 for a in accs]
+    return [{"client": i, "personal_acc": a, "personal_f1": f, "test_samples": n}
+            for i, (a, f, n) in enumerate(zip(accs, f1s, samples))]
 
 
 def test_personal_acc_is_the_mean_and_p10_the_mean_of_the_worst_tenth():
@@ -24,8 +26,9 @@ def test_personal_acc_is_the_mean_and_p10_the_mean_of_the_worst_tenth():
 
 
 def test_clients_without_a_local_test_split_do_not_count():
-    metrics = personal_metrics(rows([0.5, float("nan"), 1.0], samples=[4, 0, 4]))
+    metrics = personal_metrics(rows([0.5, float("nan"), 1.0], samples=[4, 0, 4], f1s=[0.2, float("nan"), 0.6]))
     assert metrics["personal_acc"] == pytest.approx(0.75)
+    assert metrics["personal_f1_macro"] == pytest.approx(0.4)
     assert metrics["personal_acc_p10"] == pytest.approx(0.5)  # ceil(10% of 2) = 1 client
 
 

@@ -10,7 +10,7 @@ from fedssl.federation.engine import Federation
 from fedssl.federation.run import run_federation
 from fedssl.tracking.run_logger import read_metrics
 
-PERSONAL_ALGORITHMS = {"fedper", "fedrep", "fedbn", "ditto", "perfedavg", "reptile"}
+PERSONAL_ALGORITHMS = {"fedper", "fedrep", "fedbn", "ditto", "perfedavg", "reptile", "mocha"}
 
 
 def personal_recipes(dataset: str):

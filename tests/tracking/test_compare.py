@@ -11,7 +11,8 @@ from PIL import Image
 
 from fedssl.errors import UserError
 from fedssl.sweep import Param, grid, parse_param, run_name, wandb_sweep_config
-from fedssl.tracking.compare import comparison_table, group_variants, mean_std
+from fedssl.cli import main
+from fedssl.tracking.compare import comparison_table, group_variants, mean_std, rank_variants
 from fedssl.tracking.runs import RunRecord
 
 
@@ -39,6 +40,14 @@ def test_local_sweep_then_compare(tiny_recipe, tmp_path):
         assert f"{mean:.4f} ± {std:.4f}" in row
         assert np.isclose(std, np.std([s["global_acc"] for s in summaries], ddof=1))
         assert "| 2 |" in row
+    # ranked by macro-F1: the best variant's row first, the PNG named after the metric
+    assert main(["compare", *map(str, run_dirs), "--out", str(out), "--metric", "global_f1_macro"]) == 0
+    ranked = (out / "comparison.md").read_text().splitlines()
+    assert ranked[0].startswith("| variant | seeds | global_f1_macro | global_acc |")
+    f1 = {lr: np.mean([json.loads((runs / f"tiny-lr={lr}-seed={s}" / "summary.json").read_text())["global_f1_macro"]
+                       for s in (0, 1)]) for lr in ("0.01", "0.1")}
+    assert ranked[2].startswith(f"| fedavg lr={max(f1, key=f1.get)} |")
+    assert (out / "global_f1_macro.png").is_file()
     with Image.open(out / "global_acc.png") as image:
         image.verify()
         assert image.format == "PNG"
@@ -65,6 +74,51 @@ def test_table_shows_only_metrics_some_run_has():
     header = table.splitlines()[0]
     assert "epsilon" in header and "bytes_up" not in header and "personal_acc" not in header
     assert "0.6000 ± 0.1414" in table and "4.0000 ± 1.4142" in table
+
+
+def test_variants_rank_by_any_metric_best_first():
+    records = [record(0, 0.1, 0.5, global_f1_macro=0.2, global_loss=1.0), record(0, 0.2, 0.4, global_f1_macro=0.3, global_loss=0.8),
+               record(0, 0.3, 0.9)]
+    variants = group_variants(records)
+    assert list(rank_variants(variants, "global_acc")) == ["fedavg lr=0.3", "fedavg lr=0.1", "fedavg lr=0.2"]
+    assert list(rank_variants(variants, "global_f1_macro")) == ["fedavg lr=0.2", "fedavg lr=0.1", "fedavg lr=0.3"]  # without it: last
+    assert list(rank_variants(variants, "global_loss"))[:2] == ["fedavg lr=0.2", "fedavg lr=0.1"]  # lower is better
+    table = comparison_table(rank_variants(variants, "global_loss"), "global_loss")
+    assert table.splitlines()[0].startswith("| variant | seeds | global_loss | global_acc | global_f1_macro |")
+    with pytest.raises(UserError, match="no run has 'global_recall/disgust'.*global_acc"):
+        rank_variants(variants, "global_recall/disgust")
+    variants["fedavg lr=0.3"][0].history[0]["train_loss"] = 1.5  # only the rounds record it: plotted, not ranked
+    assert list(rank_variants(variants, "train_loss")) == list(variants)
+
+
+def test_random_and_bayes_sweeps_draw_from_values_and_ranges():
+    params = [parse_param("train.lr=log:0.001..0.1"), parse_param("train.local_epochs=1..4"),
+              parse_param("train.momentum=0.0..0.9"), parse_param("algorithm.name=fedavg,fedprox")]
+    config = wandb_sweep_config("quickstart", "qs", params, [0, 1], method="bayes", run_cap=20)
+    assert config["method"] == "bayes" and config["run_cap"] == 20
+    assert config["metric"] == {"name": "global_acc", "goal": "maximize"}
+    assert config["parameters"] == {
+        "train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
+        "train.local_epochs": {"distribution": "int_uniform", "min": 1, "max": 4},
+        "train.momentum": {"distribution": "uniform", "min": 0.0, "max": 0.9},
+        "algorithm.name": {"values": ["fedavg", "fedprox"]}, "seed": {"values": [0, 1]}}
+    assert wandb_sweep_config("quickstart", "qs", params[3:], [0], method="random")["method"] == "random"
+    with pytest.raises(UserError, match="--method random or bayes"):
+        wandb_sweep_config("quickstart", "qs", params, [0])  # a grid cannot hold a range
+    with pytest.raises(UserError, match="MIN < MAX"):
+        parse_param("train.lr=0.1..0.01")
+    with pytest.raises(UserError, match="MIN > 0"):
+        parse_param("train.lr=log:0..0.1")
+
+
+def test_sweep_cli_writes_a_bayes_sweep_and_refuses_to_run_it_locally(tiny_recipe, tmp_path, capsys):
+    assert main(["sweep", str(tiny_recipe), "--param", "train.lr=log:0.001..0.1", "--method", "bayes", "--runs", "8"]) == 0
+    config = yaml.safe_load((tmp_path / "runs" / "tiny-sweep.sweep.yaml").read_text())
+    assert config["method"] == "bayes" and config["run_cap"] == 8
+    assert main(["sweep", str(tiny_recipe), "--param", "train.lr=0.01,0.1", "--method", "random", "--local"]) == 2
+    assert main(["sweep", str(tiny_recipe), "--param", "train.lr=0.001..0.1", "--local"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert "--local runs a grid" in errors[0] and "use --method random or bayes" in errors[1]
 
 
 def test_grid_and_names():
