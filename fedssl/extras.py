@@ -21,6 +21,7 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "privacy": ("differential privacy (privacy.mechanism=central)", ("dp_accounting",)),
     "flower": ("the Flower backend (federation.backend=flower)", ("flwr",)),
     "onnx": ("ONNX export and prediction (--format onnx)", ("onnx", "onnxscript", "onnxruntime")),
+    "ssl": ("self-supervised learning (algorithm.name=fedaffect)", ("lightly",)),
 }
 
 

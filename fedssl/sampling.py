@@ -29,3 +29,14 @@ def poisson_sample(candidates: list[int], rate: float, seed: int, round_index: i
     differential privacy's accountant assumes), drawn from (seed, round, attempt)."""
     rng = np.random.default_rng([seed, round_index, 0x9015, attempt])
     return [c for c, u in zip(candidates, rng.random(len(candidates))) if u < rate]
+
+
+def held_out_clients(cfg: FederationConfig, seed: int) -> frozenset[int]:
+    """The clients that never train (`federation.holdout_clients`: a share of the
+    clients if below 1, else a count), drawn from the seed alone, so the server and
+    every node agree on them without being told."""
+    count = round(cfg.holdout_clients * cfg.clients) if cfg.holdout_clients < 1 else int(cfg.holdout_clients)
+    if count <= 0:
+        return frozenset()
+    rng = np.random.default_rng([seed, 0x401D])
+    return frozenset(rng.choice(cfg.clients, size=min(count, cfg.clients), replace=False).tolist())

@@ -76,6 +76,7 @@ features = {
     "privacy": error_line("run", "quickstart", "privacy.mechanism=central", *quiet),
     "plots": error_line("data", "quickstart", "data.num_samples=200", "--out", OUT),
     "flower": error_line("run", "quickstart", "federation.backend=flower", *quiet),
+    "ssl": error_line("run", "ssl_fedaffect_faces", *quiet),
     "none": error_line("config", "quickstart"),  # a command that needs no extra
 }
 print(json.dumps({"imported": imported, "refused": refused, "features": features}))
@@ -93,7 +94,7 @@ def test_every_extra_is_declared_and_the_test_extra_installs_them():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     assert set(EXTRAS) <= set(extras)
-    assert "fedssl[plots,privacy,flower,onnx]" in extras["test"]
+    assert "fedssl[plots,privacy,flower,onnx,ssl]" in extras["test"]
     base = " ".join(project["dependencies"])
     for heavy in ("matplotlib", "dp-accounting", "flwr", "onnx", "torchvision"):
         assert heavy not in base
@@ -117,4 +118,6 @@ def test_a_base_install_imports_every_module_and_names_each_missing_extra(tmp_pa
     assert features["plots"] == [2, ["fedssl: error: PNG plots (fedssl data, fedssl compare) needs matplotlib, "
                                      "which is not installed: pip install 'fedssl[plots]'"]]
     assert features["flower"] == [2, [f"fedssl: error: {flower}"]]
+    assert features["ssl"] == [2, ["fedssl: error: self-supervised learning (algorithm.name=fedaffect) needs lightly, "
+                                   "which is not installed: pip install 'fedssl[ssl]'"]]
     assert features["none"] == [0, []]

@@ -110,6 +110,15 @@ class Algorithm:
         its clients: never the server's state."""
         return global_weights
 
+    def unseen_weights(self, global_weights: Arrays, client: LocalClient,
+                       fine_tune_head: Callable[[Arrays], Arrays]) -> Arrays:
+        """The model of a held-out client (`federation.holdout_clients`), which never
+        trained and adapts with its labeled images alone (`client.batches`; its state
+        is empty): by default the global model with its classifier fine-tuned on
+        them (`fine_tune_head`); an algorithm with an adaptation of its own
+        (Per-FedAvg's step) uses that instead."""
+        return fine_tune_head(self.personal_weights(global_weights, client))
+
 
 # Every module of fedssl.algorithms, and any module another package declares in the
 # `fedssl.algorithms` entry point group, is imported when an algorithm is looked up.

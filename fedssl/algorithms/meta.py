@@ -60,6 +60,10 @@ class MetaLearned(FedAvg):
         steps = self.cfg.algorithm.meta.adapt_steps
         return adapt_arrays(self.model, global_weights, client.batches(steps), self.adapt_lr)
 
+    def unseen_weights(self, global_weights: Arrays, client: LocalClient, fine_tune_head) -> Arrays:
+        """A new person adapts as every client is personalized: the meta-learned step."""
+        return self.personal_weights(global_weights, client)
+
 
 @ALGORITHMS.register("perfedavg")
 class PerFedAvg(MetaLearned):

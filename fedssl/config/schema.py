@@ -175,6 +175,9 @@ class FederationConfig:
     krum_select: int = 0  # multi_krum: m, how many best-scored updates are averaged (0: n - f)
     min_clients: int = 1  # a round needs this many usable updates, else it is retried (round_retries) or the run stops
     round_retries: int = 0  # times a round with too few usable updates is redrawn from the clients that did not fail
+    holdout_clients: float = 0.0  # clients that never train, scored at evaluation as unseen people (unseen_acc): a share of federation.clients if < 1, else a count; drawn from the seed
+    holdout_steps: int = 20  # steps each held-out client adapts on its labeled images (head fine-tune, or the algorithm's own adaptation) before it is scored on the rest of its data
+    linear_probe: bool = False  # evaluate: linear_acc, a logistic-regression probe on the global model's frozen features of the training clients' labeled split, scored on the server test set
     max_update_ratio: float = 1000.0  # an update whose distance from the weights it was sent exceeds this x max(their norm, 1) is dropped and counted (e.g. a rogue x1e30 update)
     flower: FlowerConfig = field(default_factory=FlowerConfig)  # backend=flower: client resources and timeouts
     system: SystemConfig = field(default_factory=SystemConfig)  # device profiles, simulated time and round policies

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 from fedssl.choices import ACCOUNTANTS, AGGREGATORS, CODECS, OPTIMIZERS
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.sampling import clients_per_round
+from fedssl.sampling import clients_per_round, held_out_clients
 from fedssl.registry import did_you_mean
 from fedssl.ssl.thresholds import THRESHOLDS
 
@@ -162,6 +162,13 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     else:
         require(0 < fed.client_fraction <= 1, "federation.client_fraction", f"must be in (0, 1], got {fed.client_fraction}")
     require(fed.eval_every >= 1, "federation.eval_every", f"must be >= 1, got {fed.eval_every}")
+    held = fed.holdout_clients
+    require(held >= 0 and (held < 1 or held == int(held)), "federation.holdout_clients",
+            f"must be a share in [0, 1) or a whole count, got {held}")
+    require(len(held_out_clients(fed, cfg.seed)) + clients_per_round(fed) <= fed.clients, "federation.holdout_clients",
+            f"holding out {len(held_out_clients(fed, cfg.seed))} of {fed.clients} clients leaves fewer than the "
+            f"{clients_per_round(fed)} a round samples")
+    require(fed.holdout_steps >= 0, "federation.holdout_steps", f"must be >= 0, got {fed.holdout_steps}")
     check_choice(fed.backend, BACKENDS, "federation.backend")
     require(fed.flower.num_cpus > 0, "federation.flower.num_cpus", f"must be > 0, got {fed.flower.num_cpus}")
     require(fed.flower.num_gpus >= 0, "federation.flower.num_gpus", f"must be >= 0, got {fed.flower.num_gpus}")

@@ -151,7 +151,10 @@ class ClientDataModule(pl.LightningDataModule):
         seed = self.seed
         torch.manual_seed(seed)
         self.source.augmentations.reseed(seed)
-        if not learner.uses_unlabeled:
+        labels, unlabeled = learner.inputs(self.payload)
+        if not labels:  # a self-supervised round: the learner gets the images, never their labels
+            self.labeled, self.unlabeled = self.labeled[:0], np.sort(np.concatenate([self.labeled, self.unlabeled]))
+        if not unlabeled:
             self.unlabeled = self.unlabeled[:0]
         learner.load_arrays(self.payload.arrays)
         learner.start_round(self.payload, ClientContext(self.client_id, len(self.labeled), len(self.unlabeled), self.state))

@@ -31,9 +31,11 @@ from fedssl.federation.links import Links, split_state
 from fedssl.federation.metrics import client_kind
 from fedssl.federation.personal_eval import labeled_batches
 from fedssl.federation.state import ClientStateStore
+from fedssl.federation.unseen import fine_tune_head, scored_indices
 from fedssl.federation.tensors import TensorPool
 from fedssl.messages import Arrays, Payload, Update, array_bytes
 from fedssl.models.factory import build_model, input_normalization
+from fedssl.sampling import held_out_clients
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +108,13 @@ def build_trainer(cfg: RecipeConfig, data: FederatedData, device: torch.device) 
     return algorithm, trainer
 
 
-def data_holdings(data: FederatedData) -> dict[int, Holding]:
-    """What each client of `data` holds: its training examples, local test samples and kind."""
-    return {c.client_id: Holding(len(c.labeled) + len(c.unlabeled), len(c.test), client_kind(c)) for c in data.clients}
+def data_holdings(data: FederatedData, held_out: Collection[int] = ()) -> dict[int, Holding]:
+    """What each client of `data` holds: its training examples, the samples it is
+    scored on (its local test split; a held-out client's, all but its labeled ones)
+    and kind."""
+    return {c.client_id: Holding(len(c.labeled) + len(c.unlabeled),
+                                 len(scored_indices(c.labeled, c.unlabeled, c.test, c.client_id in held_out)),
+                                 client_kind(c)) for c in data.clients}
 
 
 @dataclass
@@ -136,8 +142,13 @@ class InProcessClients:
         return cls(cfg, data, algorithm, trainer, store, Links.build(cfg, algorithm), cohort_trainer(cfg, trainer, device))
 
     @cached_property
+    def held_out(self) -> frozenset[int]:
+        """Clients that never train, scored as unseen people (`federation.holdout_clients`)."""
+        return held_out_clients(self.cfg.federation, self.cfg.seed)
+
+    @cached_property
     def holdings(self) -> dict[int, Holding]:
-        return data_holdings(self.data)
+        return data_holdings(self.data, self.held_out)
 
     @property
     def pool(self) -> TensorPool:
@@ -239,23 +250,35 @@ class InProcessClients:
         return rows
 
     def score_local(self, client_id: int) -> Score:
-        """The live model on the client's own local test split."""
-        index = torch.from_numpy(self.data.clients[client_id].test).to(self.pool.labels.device)
+        """The live model on the client's own local test split (a held-out client's:
+        all but its labeled samples)."""
+        client = self.data.clients[client_id]
+        scored = scored_indices(client.labeled, client.unlabeled, client.test, client_id in self.held_out)
+        index = torch.from_numpy(scored).to(self.pool.labels.device)
         return score(self.model, self.pool.images[index], self.pool.labels[index])
 
-    def local_client(self, client_id: int) -> LocalClient:
-        """What the client's personalization may use: its kept state and its labeled training data."""
+    def local_client(self, client_id: int, kept: bool = True) -> LocalClient:
+        """What the client's personalization may use: its kept state (none, `kept`
+        False) and its labeled training data."""
         labeled = self.data.clients[client_id].labeled
         batches = lambda steps: labeled_batches(self.pool.images, self.pool.labels, labeled, self.cfg.train.batch_size,
                                                 self.cfg.seed, client_id, steps)
-        return LocalClient(client_id, self.store.peek(client_id), batches)
+        return LocalClient(client_id, self.store.peek(client_id) if kept else {}, batches)
 
     def score_personal(self, weights: Arrays, rows: list[dict[str, Any]], scores: list[Score]) -> None:
         """Add each client's personalized model's scores on its own local test split to
         its row: accuracy, loss and macro-F1 (without personalization that model is the
-        global one, whose `scores` are those of the rows)."""
+        global one, whose `scores` are those of the rows); a held-out client's model is
+        the one it adapts with its labeled images (`Algorithm.unseen_weights`), scored
+        on the rest of its data."""
         for row, local in zip(rows, scores):
-            if self.algorithm.personalized:
+            if row["client"] in self.held_out:
+                client = self.local_client(row["client"], kept=False)  # it never trained: it kept nothing
+                steps = self.cfg.federation.holdout_steps
+                tune = lambda arrays: fine_tune_head(self.model, arrays, client.batches(steps), self.cfg.train.lr)
+                self.trainer.learner.load_arrays(self.algorithm.unseen_weights(weights, client, tune))
+                local = self.score_local(row["client"])
+            elif self.algorithm.personalized:
                 client = self.local_client(row["client"])
                 self.trainer.learner.load_arrays(self.algorithm.personal_weights(weights, client))
                 local = self.score_local(row["client"])

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from fedssl.algorithms.aggregate import RunningAverage, ServerState
@@ -34,10 +36,11 @@ from fedssl.federation.metrics import mean_acc, round_metrics
 from fedssl.federation.personal_eval import personal_metrics
 from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
+from fedssl.federation.unseen import linear_acc, unseen_metrics
 from fedssl.messages import Payload, Update
 from fedssl.models.factory import input_normalization
 from fedssl.privacy.mechanism import CentralDP
-from fedssl.sampling import clients_per_round, poisson_sample, sample_clients
+from fedssl.sampling import clients_per_round, held_out_clients, poisson_sample, sample_clients
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,11 @@ class Federation:
             federation.system = SystemHeterogeneity.build(cfg, data, trainer.learner, clients_per_round(cfg.federation))
         return federation
 
+    @cached_property
+    def held_out(self) -> frozenset[int]:
+        """Clients that never train (`federation.holdout_clients`): scored as unseen people."""
+        return held_out_clients(self.cfg.federation, self.cfg.seed)
+
     @property
     def pool(self) -> TensorPool:
         return self.trainer.pool
@@ -175,7 +183,7 @@ class Federation:
         Poisson draw (each client independently, at the rate the accountant assumes).
         A retried round (attempt > 0) draws afresh from the clients that have not failed."""
         fed = self.cfg.federation
-        candidates = [c for c in range(fed.clients) if c not in failed]
+        candidates = [c for c in range(fed.clients) if c not in failed and c not in self.held_out]
         if self.privacy is not None:
             return poisson_sample(candidates, self.privacy.sampling_rate, self.cfg.seed, round_index, attempt)
         count = clients_per_round(fed)
@@ -304,8 +312,11 @@ class Federation:
         weights = self.algorithm.global_weights(state)
         self.trainer.learner.load_arrays(weights)
         server = score(self.model, self.test.images, self.test.labels)
+        probe = {"linear_acc": self.linear_acc()} if self.cfg.federation.linear_probe else {}
         scored = self.clients.score(weights, sorted(self.clients.holdings))
-        rows = scored.rows
+        # Held-out clients never trained: they are reported apart, as unseen people.
+        unseen = unseen_metrics(scored.rows, self.held_out)
+        rows = [row for row in scored.rows if row["client"] not in self.held_out]
         metrics = {"global_acc": server.accuracy, "global_loss": server.loss,
                    **global_class_metrics(server.confusion, self.data.class_names),
                    "global_confusion": server.confusion.tolist(), "client_acc_mean": mean_acc(rows)}
@@ -313,7 +324,18 @@ class Federation:
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}
         traffic = {"bytes_down": scored.bytes_down, "bytes_up": 0, "dropped_clients": scored.dropped}
-        return metrics | personal_metrics(rows) | traffic, rows
+        metrics |= personal_metrics(rows) | unseen | probe | traffic
+        if self.held_out:  # every client's row, each saying whether it was held out
+            rows = [row | {"held_out": row["client"] in self.held_out} for row in scored.rows]
+        return metrics, rows
+
+    def linear_acc(self) -> float:
+        """The linear probe on the live model's features (`fedssl.federation.unseen`):
+        fitted on the training clients' labeled split, scored on the server test set."""
+        labeled = [c.labeled for c in self.data.clients if c.client_id not in self.held_out]
+        index = torch.from_numpy(np.concatenate(labeled) if labeled else np.empty(0, np.int64)).to(self.pool.labels.device)
+        return linear_acc(self.model, self.pool.images[index], self.pool.labels[index], self.test.images,
+                          self.test.labels, self.data.num_classes)
 
 
 def in_process(federation: Federation) -> InProcessClients:

@@ -91,6 +91,13 @@ class FederatedLearner(pl.LightningModule):
     def start_round(self, payload: Payload, context: ClientContext) -> None:
         """Called after the round's weights are loaded, before the first step."""
 
+    def inputs(self, payload: Payload) -> tuple[bool, bool]:
+        """Whether this round trains on the client's labels and on its unlabeled
+        images. Without labels, the labeled images count as unlabeled and their labels
+        stay in the loop (a self-supervised round); without unlabeled images, the
+        round is cut from the labeled ones alone."""
+        return True, self.uses_unlabeled
+
     def round_steps(self, steps: int) -> int:
         """How many steps to run this round, given the recipe's budget `steps`
         (called after `start_round`; FedRep adds its head-only phase)."""

@@ -41,6 +41,7 @@ from fedssl.algorithms.base import ALGORITHMS
 from fedssl.federation.faults import ROW_KEYS
 from fedssl.federation.engine import Federation
 from fedssl.federation.run import add_evaluation
+from fedssl.learners.selfsup import HEADS
 from fedssl.messages import Arrays, Update, array_bytes
 
 MIXED_CLIENTS = ["data.labels.mode=client", "data.labels.per_class=2", "algorithm.ssl.unlabeled_ratio=2"]
@@ -52,6 +53,8 @@ SETTINGS = {
     "semifl": ["data.labels.mode=server", "data.labels.server_per_class=3", "algorithm.ssl.server_steps=3"],
     "fedmatch": [*MIXED_CLIENTS, "algorithm.fedmatch.helper_every=1"],  # helpers chosen before round 2
     "fedbn": ["model.name=fedavg_cnn_bn"],
+    # both stages, with BYOL's target network and FedEMA's last online network kept per client
+    "fedaffect": [*MIXED_CLIENTS, "algorithm.selfsup.pretrain_rounds=1", "algorithm.selfsup.update=fedema"],
     "fedma": ["algorithm.fedma.iterations=1"],  # round 2 sends the matched conv1 as extras, each client its own layers
     "fedbuff": ["algorithm.fedbuff.buffer_size=6"],  # every client in flight arrives each round: 12 trainings
     "mocha": ["algorithm.mocha.work_min=0.5"],  # each client is sent its own anchor (from round 2) and share of the steps
@@ -253,8 +256,9 @@ def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_
         for name, array in update.arrays.items():
             base = name.rsplit("/", 1)[0] if name.endswith(("/index", "/value")) else name
             assert base in shared, f"{algorithm}: {name!r} is not one of the model's shared arrays"
-            # a shared array is a state_dict entry, or FedMatch's sigma/psi decomposition of one
-            assert base in model_names or base.split("/", 1)[1] in model_names
+            # a shared array is a state_dict entry, FedMatch's sigma/psi decomposition of one, or
+            # a self-supervised learner's projection or prediction head (fedaffect)
+            assert base in model_names or base.startswith(HEADS) or base.split("/", 1)[1] in model_names
             if base == name:
                 assert array.shape == sent.arrays[name].shape
             else:  # a sparse delta: at most one entry per weight of that array

@@ -168,6 +168,7 @@ def test_flexmatch_client_starts_with_zero_thresholds_and_keeps_its_selections(t
 @pytest.mark.parametrize("algorithm, extra", [
     ("fixmatch", []),
     ("semifl", ["algorithm.ssl.server_steps=2"]),
+    ("fedaffect", ["algorithm.ssl.server_steps=2"]),  # a self-supervised round
 ])
 def test_an_unlabeled_client_never_hands_labels_to_the_learner(tiny_recipe, algorithm, extra):
     federation = build(tiny_recipe, f"algorithm.name={algorithm}", *UNLABELED_ONLY, *extra)
@@ -439,6 +440,7 @@ ALGORITHM_SETTINGS = {
     "semifl": [*UNLABELED_ONLY, "algorithm.ssl.server_steps=3"],
     "fedmatch": MIXED_CLIENTS,
     "fedbn": ["model.name=fedavg_cnn_bn"],  # FedBN keeps normalization layers local: it needs a model with some
+    "fedaffect": [*MIXED_CLIENTS, "algorithm.selfsup.pretrain_rounds=1"],  # a BYOL round, then a few-shot one
     "mocha": ["algorithm.mocha.work_min=0.5"],  # each client runs its own share of the steps
 }
 # Further settings worth a run, for algorithms that are registered.
@@ -451,6 +453,9 @@ EXTRA_CASES = [
                                       "algorithm.fedmatch.lambda_l1=1e-5"]),
     # the supervised-only lower bound with labels at the server: the server trains alone
     ("fedavg", "labels-at-server", [*UNLABELED_ONLY, "algorithm.ssl.server_steps=3"]),
+    ("fedaffect", "simclr-fedema-interleaved", [*MIXED_CLIENTS, "algorithm.selfsup.method=simclr",
+                                                "algorithm.selfsup.update=fedema", "algorithm.selfsup.pretrain_rounds=0",
+                                                "algorithm.selfsup.schedule=interleaved"]),
     # MOCHA's coupling on the classifier alone, over a body shared and averaged by all
     ("mocha", "coupled-head", ["algorithm.mocha.patterns=[fc.*]"]),
 ]
@@ -471,10 +476,13 @@ def test_the_smoke_cases_cover_every_registered_algorithm():
 
 @pytest.mark.parametrize("algorithm, overrides", smoke_cases())
 def test_every_algorithm_runs_two_rounds(tiny_recipe, tmp_path, algorithm, overrides):
-    cfg = load_recipe(tiny_recipe, [*SMALL, f"algorithm.name={algorithm}", *overrides, "federation.rounds=2"])
+    # one client held out: it never trains and is scored as an unseen person (unseen_acc)
+    cfg = load_recipe(tiny_recipe, [*SMALL, f"algorithm.name={algorithm}", *overrides, "federation.rounds=2",
+                                    "federation.holdout_clients=1"])
     summary = run_federation(cfg, tmp_path / "run")
     assert summary["algorithm"] == algorithm and summary["rounds"] == 2
     assert 0.0 <= summary["global_acc"] <= 1.0 and math.isfinite(summary["global_loss"])
+    assert 0.0 <= summary["unseen_acc"] <= 1.0
     assert summary["bytes_up"] > 0 and summary["bytes_down"] > 0
     assert [m["round"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 

@@ -64,7 +64,7 @@ class FlowerClients:
         cfg = federation.cfg
         run = ConfigRecord({"recipe": to_yaml(cfg), "classes": list(federation.data.class_names)})
         nodes, declared = discover_nodes(grid, cfg, run)
-        own = data_holdings(federation.data)  # the recipe's partition, which nodes without data-path rebuild
+        own = data_holdings(federation.data, federation.held_out)  # the recipe's partition, which nodes without data-path rebuild
         return cls(cfg, grid, run, nodes, {c: declared[c] or own[c] for c in nodes})
 
     def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
