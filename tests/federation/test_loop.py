@@ -44,7 +44,7 @@ def test_proximal_term_pulls_toward_the_global_weights(tiny_recipe):
     global_arrays = {n: torch.zeros_like(p) for n, p in learner.model.named_parameters()}
     learner.start_round(Payload(round=1, arrays=global_arrays), ClientContext(0, 10, 0))
     expected = 0.25 * sum(float(p.detach().pow(2).sum()) for p in learner.model.parameters())
-    assert float(learner.proximal_term()) == pytest.approx(expected, rel=1e-5)
+    assert float(learner.proximal_term().detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_fedprox_without_mu_is_refused(tiny_recipe):
