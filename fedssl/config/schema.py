@@ -28,10 +28,11 @@ ALGORITHM_SECTIONS: Registry[type] = Registry("algorithm section", entry_points=
 
 @dataclass
 class PartitionConfig:
-    scheme: str = "iid"  # how the training pool is split across clients: iid | dirichlet | shards | natural
+    scheme: str = "iid"  # how the training pool is split across clients: iid | dirichlet | shards | natural | draw (cross-device: each client draws samples_per_client samples from the pool, seeded by (seed, client); clients may share samples, and there may be more clients than samples)
     alpha: float = 0.5  # dirichlet: label-skew concentration; smaller is more skewed
     classes_per_client: int = 2  # shards: how many classes each client holds
     min_samples: int = 10  # dirichlet: redraw until every client holds at least this many samples
+    samples_per_client: int = 20  # draw: how many distinct samples each client draws from the pool (its local test split included)
     local_test_fraction: float = 0.2  # share of each client's samples kept as its local test split
 
 
