@@ -89,16 +89,14 @@ class ClientData:
 class PackedClients(Sequence):
     """Clients' index arrays packed into one flat int64 array per split, with offsets
     (compressed sparse rows): a client costs its indices and three offsets, not three
-    numpy arrays and an object. Indexing gives a `ClientData` of read-only views."""
+    numpy arrays and an object. Indexing gives a `ClientData` of views into them."""
 
     def __init__(self, clients: Sequence[ClientData], shared: bool = False):
         self.shared = shared  # whether clients may hold the same sample (a saved `draw` partition)
         self._flat, self._offsets = {}, {}
         for kind in _KINDS:
             parts = [np.asarray(getattr(c, kind), dtype=np.int64) for c in clients]
-            flat = np.concatenate(parts) if parts else _EMPTY.copy()
-            flat.flags.writeable = False
-            self._flat[kind] = flat
+            self._flat[kind] = np.concatenate(parts) if parts else _EMPTY.copy()
             self._offsets[kind] = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)])
         self._ids = [c.client_id for c in clients]
         if self._ids != list(range(len(self._ids))):

@@ -124,7 +124,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
             began = time.perf_counter()
             state, metrics = federation.fit_round(round_index, state)
             if round_index % fed.eval_every == 0 or round_index == fed.rounds:
-                evaluated, rows = federation.evaluate(state)
+                evaluated, rows = federation.evaluate(state, round_index)
                 metrics = add_evaluation(metrics, evaluated)
                 progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
             for key in TRAFFIC:
@@ -154,7 +154,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
         logger.abort()
         raise
     if not rows:  # resumed after the last round: nothing trained, evaluate what is there
-        evaluated, rows = federation.evaluate(state)  # outside any round: its traffic is in no round's total
+        evaluated, rows = federation.evaluate(state, fed.rounds)  # outside any round: its traffic is in no round's total
         metrics |= evaluated
     summary = {
         "name": cfg.name,
