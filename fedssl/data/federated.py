@@ -93,14 +93,15 @@ class PackedClients(Sequence):
 
     def __init__(self, clients: Sequence[ClientData], shared: bool = False):
         self.shared = shared  # whether clients may hold the same sample (a saved `draw` partition)
-        self._flat, self._offsets = {}, {}
-        for kind in _KINDS:
-            parts = [np.asarray(getattr(c, kind), dtype=np.int64) for c in clients]
-            self._flat[kind] = np.concatenate(parts) if parts else _EMPTY.copy()
-            self._offsets[kind] = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)])
-        self._ids = [c.client_id for c in clients]
-        if self._ids != list(range(len(self._ids))):
-            raise ValueError("client ids must be 0..num_clients-1 in order")
+        parts: dict[str, list[np.ndarray]] = {kind: [] for kind in _KINDS}
+        for position, client in enumerate(clients):  # once: a drawn client is drawn here
+            if client.client_id != position:
+                raise ValueError("client ids must be 0..num_clients-1 in order")
+            for kind in _KINDS:
+                parts[kind].append(np.asarray(getattr(client, kind), dtype=np.int64))
+        self._flat = {kind: np.concatenate(p) if p else _EMPTY.copy() for kind, p in parts.items()}
+        self._offsets = {kind: np.concatenate([[0], np.cumsum([len(a) for a in p], dtype=np.int64)])
+                         for kind, p in parts.items()}
 
     def __len__(self) -> int:
         return len(self._offsets["test"]) - 1
@@ -123,10 +124,11 @@ class PackedClients(Sequence):
 
 class DrawnClients(Sequence):
     """The clients of the cross-device `draw` scheme, computed when asked for: client
-    c's samples come from its own generator (seed, STEP_PARTITION, c), then its local
-    test split and labels exactly as for any scheme (`_client_view`). Nothing is
-    stored per client but a small cache of the last clients asked for, so the
-    population's size costs no memory and no time."""
+    c's samples come from its own generator (seed, STEP_PARTITION, c); its local test
+    split is its first draws (as many as `_local_test` takes: a uniform sample, not
+    stratified, which would cost more than the draw), and its labels are split as
+    under any scheme (`_split_labels`). Nothing is stored per client but a small cache
+    of the last clients asked for, so the population's size costs no memory and no time."""
 
     CACHE = 1024  # a round's cohort, asked for by training, checks and scoring
 
@@ -149,7 +151,9 @@ class DrawnClients(Sequence):
             return self._cache[client_id]
         rng = np.random.default_rng([self._seed, STEP_PARTITION, client_id])
         held = self._rest[draw_client(len(self._rest), self._cfg.partition.samples_per_client, rng)]
-        client = _client_view(client_id, held, self._labels, self._cfg, self._seed, client_id in self._labeled_clients)
+        count = _local_test_count(len(held), self._cfg.partition.local_test_fraction)
+        client = _split_labels(client_id, np.sort(held[:count]), np.sort(held[count:]), self._labels, self._cfg,
+                               self._seed, client_id in self._labeled_clients)
         self._cache[client_id] = client
         if len(self._cache) > self.CACHE:
             self._cache.popitem(last=False)
@@ -441,13 +445,16 @@ def _server_labeled(pool: ImageDataset, per_class: int, seed: int) -> np.ndarray
     return np.sort(np.concatenate(picked))
 
 
+def _local_test_count(n: int, fraction: float) -> int:
+    """round(fraction * n); at least one if n >= 2 and fraction > 0, and never all n."""
+    return 0 if fraction <= 0 or n < 2 else min(max(_round(fraction * n), 1), n - 1)
+
+
 def _local_test(indices: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator):
-    """(test, train) of one client: round(fraction * n) samples, stratified; at least
-    one if n >= 2 and fraction > 0, and never all of them."""
-    n = len(indices)
-    if fraction <= 0 or n < 2:
+    """(test, train) of one client: `_local_test_count` samples, stratified."""
+    count = _local_test_count(len(indices), fraction)
+    if count == 0:
         return _EMPTY.copy(), np.sort(indices)
-    count = min(max(_round(fraction * n), 1), n - 1)
     return _stratified_split(indices, labels, count, rng)
 
 
@@ -513,10 +520,17 @@ def _client_view(cid: int, held: np.ndarray, labels: np.ndarray, cfg: DataConfig
                  ) -> ClientData:
     """Client `cid`'s labeled, unlabeled and local test splits of the pool indices it
     `held`s (`labeled`: whether it is a labeled client of labels.mode mixed)."""
-    lc = cfg.labels
     test_idx, train = _local_test(
         held, labels, cfg.partition.local_test_fraction, np.random.default_rng([seed, STEP_LOCAL_TEST, cid]),
     )
+    return _split_labels(cid, test_idx, train, labels, cfg, seed, labeled)
+
+
+def _split_labels(cid: int, test_idx: np.ndarray, train: np.ndarray, labels: np.ndarray, cfg: DataConfig, seed: int,
+                  labeled: bool) -> ClientData:
+    """Client `cid` with its training samples `train` split into labeled and unlabeled
+    by labels.mode, and its local test split `test_idx`."""
+    lc = cfg.labels
     if lc.mode == "all" or (lc.mode == "mixed" and labeled):
         labeled_idx, unlabeled = train, _EMPTY.copy()
     elif lc.mode == "client":

@@ -273,10 +273,11 @@ def check_draw(samples_per_client: int, num_samples: int) -> None:
 
 def draw_client(num_samples: int, samples_per_client: int, rng: np.random.Generator) -> np.ndarray:
     """One client of the ``draw`` scheme: `samples_per_client` distinct positions of
-    range(num_samples), sorted, drawn by the client's own generator `rng`. For a
-    small client of a large pool numpy draws them in O(samples_per_client) (Floyd's
+    range(num_samples), in the (uniformly random) order drawn by the client's own
+    generator `rng`, so that any prefix is itself a uniform sample. For a small
+    client of a large pool numpy draws them in O(samples_per_client) (Floyd's
     method), never a permutation of the pool."""
-    return np.sort(rng.choice(num_samples, size=samples_per_client, replace=False).astype(np.int64))
+    return rng.choice(num_samples, size=samples_per_client, replace=False).astype(np.int64)
 
 
 def partition(

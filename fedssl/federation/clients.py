@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Protocol
 
 import numpy as np
@@ -75,11 +76,13 @@ class Clients(Protocol):
         """Per client, the global model (`weights`) and its personalized model on its own
         local test split: {client, kind, test_samples, acc, loss, personal_acc, personal_loss, personal_f1}."""
 
-    def state_dict(self) -> dict[int, Kept]:
-        """What the clients keep, for the server's checkpoint (empty where it lives elsewhere)."""
+    def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
+        """What the clients keep, for the server's checkpoint of `round_index` (empty
+        where it lives elsewhere): every client's, or once they are too many to hold,
+        a manifest of the files under `directory` that hold them (`ClientStateStore`)."""
 
-    def load_state_dict(self, states: dict[int, Kept]) -> None:
-        """Restore what `state_dict` returned."""
+    def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
+        """Restore what `state_dict` returned (its files under `directory`)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -321,8 +324,8 @@ class InProcessClients:
                 local = self.score_local(row["client"])
             row |= {"personal_acc": local.accuracy, "personal_loss": local.loss, "personal_f1": local.f1_macro}
 
-    def state_dict(self) -> dict[int, Kept]:
-        return self.store.state_dict()
+    def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
+        return self.store.state_dict(directory, round_index)
 
-    def load_state_dict(self, states: dict[int, Kept]) -> None:
-        self.store.load_state_dict(states)
+    def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
+        self.store.load_state_dict(states, directory)
