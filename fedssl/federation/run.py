@@ -18,9 +18,9 @@ from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fedssl.federation.engine import ClientsFactory, Federation
 from fedssl.federation.personal_eval import personal_summary
+from fedssl.federation.state import MANIFEST
 from fedssl.io import atomic_write_text
 from fedssl.privacy.mechanism import CentralDP
-from fedssl.federation.state import MANIFEST
 from fedssl.run_dir import BEST_CHECKPOINT, CHECKPOINT, CLIENT_STATES, CONFIG, PARTITION
 from fedssl.tracking.run_logger import RunLogger, read_metrics
 
