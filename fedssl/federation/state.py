@@ -151,15 +151,14 @@ class ClientStateStore:
         Nothing moves between memory and disk. (Spilling is lossless, so where a
         state lives never changes a run's results.)
         """
-        fits = self.max_in_memory is None or len(self) <= self.max_in_memory
-        if directory is None or (fits and not self._saved):
+        if directory is None or not (self._on_disk or self._saved):  # all in memory, never snapshotted
             return {client_id: self.peek(client_id) for client_id in self.client_ids()}
         self._snapshot_dir = Path(directory)
         self._snapshot_dir.mkdir(parents=True, exist_ok=True)
         for path in self._superseded:  # named by no checkpoint since the last one was written
             path.unlink(missing_ok=True)
         self._superseded = []
-        for client_id in sorted(self._changed | (self._ids() - set(self._saved))):
+        for client_id in sorted(self._changed):  # every state not in a snapshot file has changed since
             state = self._memory.get(client_id) or self.peek(client_id)
             atomic_write(self.snapshot_path(client_id, round_index), lambda file, s=state: torch.save(s, file))
             if client_id in self._saved and self._saved[client_id] != round_index:
