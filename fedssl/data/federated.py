@@ -32,7 +32,7 @@ import numpy as np
 
 from fedssl.config.schema import DataConfig
 from fedssl.data.dataset import ImageDataset, SourceData
-from fedssl.data.partition import SHARED_SCHEMES, check_draw, draw_client, partition
+from fedssl.data.partition import check_draw, draw_client, partition
 from fedssl.errors import UserError
 from fedssl.io import atomic_write
 from fedssl.registry import did_you_mean

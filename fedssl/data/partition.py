@@ -37,7 +37,6 @@ from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
 SCHEMES = ("iid", "dirichlet", "shards", "natural", "draw")
-SHARED_SCHEMES = ("draw",)  # schemes whose clients may hold the same sample
 
 DIRICHLET_MAX_ATTEMPTS = 1000
 
