@@ -13,6 +13,7 @@ from fedssl.io import atomic_write_text
 CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "best.pt"  # the checkpoint of the round with the best global_acc so far
 PARTITION = "partition.npz"
+CLIENT_STATES = "client_states"  # snapshot files of clients' states, named by checkpoint.pt once they spill
 CONFUSION_PNG = "confusion_matrix.png"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"

@@ -28,10 +28,11 @@ ALGORITHM_SECTIONS: Registry[type] = Registry("algorithm section", entry_points=
 
 @dataclass
 class PartitionConfig:
-    scheme: str = "iid"  # how the training pool is split across clients: iid | dirichlet | shards | natural
+    scheme: str = "iid"  # how the training pool is split across clients: iid | dirichlet | shards | natural | draw (cross-device: each client draws samples_per_client samples from the pool, seeded by (seed, client); clients may share samples, and there may be more clients than samples)
     alpha: float = 0.5  # dirichlet: label-skew concentration; smaller is more skewed
     classes_per_client: int = 2  # shards: how many classes each client holds
     min_samples: int = 10  # dirichlet: redraw until every client holds at least this many samples
+    samples_per_client: int = 20  # draw: how many distinct samples each client draws from the pool (its local test split included)
     local_test_fraction: float = 0.2  # share of each client's samples kept as its local test split
 
 
@@ -168,6 +169,7 @@ class FederationConfig:
     concurrency: str = "auto"  # how a round's clients train: sequential (one after another) | vmap (together, torch.func.vmap over stacked weights; where the algorithm or model cannot, one at a time, logged) | auto (vmap on CUDA, else sequential)
     concurrent_clients: int = 64  # vmap: at most this many clients train at once (bounds device memory)
     states_in_memory: int = 100  # clients whose kept state (personal layers, ...) stays in memory; the rest are spilled to disk
+    eval_clients: int = 0  # clients scored on their own test split at each evaluation: 0 every client; n > 0 a fresh sample of n training clients each evaluation (and every held-out client), for populations too large to score whole
     state_dir: str = ""  # where spilled client states go, one file per client (default: a temporary directory)
     aggregator: str = "mean"  # how FedAvg-family servers combine updates: mean (example-weighted) | median | trimmed_mean | krum | multi_krum
     trim_fraction: float = 0.1  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate (beta)

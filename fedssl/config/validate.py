@@ -200,6 +200,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(ssl.server_steps >= 0, "algorithm.ssl.server_steps", f"must be >= 0, got {ssl.server_steps}")
     require(cfg.federation.states_in_memory >= 0, "federation.states_in_memory",
             f"must be >= 0, got {cfg.federation.states_in_memory}")
+    require(cfg.federation.eval_clients >= 0, "federation.eval_clients",
+            f"must be >= 0 (0: every client), got {cfg.federation.eval_clients}")
     validate_sections(cfg)
     validate_robustness(cfg)
     validate_privacy(cfg)

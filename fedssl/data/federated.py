@@ -7,6 +7,11 @@ is deterministic from one seed; every step draws from its own stream
 (`np.random.default_rng([seed, STEP, ...])`), so changing, say, the labeled split
 does not move the partition.
 
+Clients are stored compactly (`PackedClients`: one flat index array per split and
+offsets) or, under the cross-device `draw` scheme, not at all (`DrawnClients`: a
+client's view is computed from (seed, client) when asked for), so that a population
+of 100,000 clients costs memory in proportion to the samples it holds, or to nothing.
+
 Saving and loading: `FederatedData.save(path)` writes only the index arrays (one
 .npz, atomically). `FederatedData.load(path, pool, test)` rebuilds the view on the
 same pool and test set (typically rebuilt with `build_federated_data`, or decoded
@@ -18,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,7 +32,7 @@ import numpy as np
 
 from fedssl.config.schema import DataConfig
 from fedssl.data.dataset import ImageDataset, SourceData
-from fedssl.data.partition import partition
+from fedssl.data.partition import check_draw, draw_client, partition
 from fedssl.errors import UserError
 from fedssl.io import atomic_write
 from fedssl.registry import did_you_mean
@@ -79,6 +86,83 @@ class ClientData:
         return len(self.labeled) + len(self.unlabeled) + len(self.test)
 
 
+class PackedClients(Sequence):
+    """Clients' index arrays packed into one flat int64 array per split, with offsets
+    (compressed sparse rows): a client costs its indices and three offsets, not three
+    numpy arrays and an object. Indexing gives a `ClientData` of views into them."""
+
+    def __init__(self, clients: Sequence[ClientData], shared: bool = False):
+        self.shared = shared  # whether clients may hold the same sample (a saved `draw` partition)
+        parts: dict[str, list[np.ndarray]] = {kind: [] for kind in _KINDS}
+        for position, client in enumerate(clients):  # once: a drawn client is drawn here
+            if client.client_id != position:
+                raise ValueError("client ids must be 0..num_clients-1 in order")
+            for kind in _KINDS:
+                parts[kind].append(np.asarray(getattr(client, kind), dtype=np.int64))
+        self._flat = {kind: np.concatenate(p) if p else _EMPTY.copy() for kind, p in parts.items()}
+        self._offsets = {kind: np.concatenate([[0], np.cumsum([len(a) for a in p], dtype=np.int64)])
+                         for kind, p in parts.items()}
+
+    def __len__(self) -> int:
+        return len(self._offsets["test"]) - 1
+
+    def __getitem__(self, client_id):
+        if isinstance(client_id, slice):
+            return [self[i] for i in range(*client_id.indices(len(self)))]
+        client_id = range(len(self))[client_id]  # IndexError beyond the population, as a tuple's
+        views = [self._flat[k][self._offsets[k][client_id]:self._offsets[k][client_id + 1]] for k in _KINDS]
+        return ClientData(client_id, *views)
+
+    def sizes(self, kind: str) -> np.ndarray:
+        """Every client's number of `kind` ("labeled", "unlabeled", "test") samples."""
+        return np.diff(self._offsets[kind])
+
+    def flat(self, kind: str) -> np.ndarray:
+        """Every client's `kind` indices, concatenated in client order."""
+        return self._flat[kind]
+
+
+class DrawnClients(Sequence):
+    """The clients of the cross-device `draw` scheme, computed when asked for: client
+    c's samples come from its own generator (seed, STEP_PARTITION, c); its local test
+    split is its first draws (as many as `_local_test` takes: a uniform sample, not
+    stratified, which would cost more than the draw), and its labels are split as
+    under any scheme (`_split_labels`). Nothing is stored per client but a small cache
+    of the last clients asked for, so the population's size costs no memory and no time."""
+
+    CACHE = 1024  # a round's cohort, asked for by training, checks and scoring
+
+    def __init__(self, num_clients: int, rest: np.ndarray, labels: np.ndarray, cfg: DataConfig, seed: int,
+                 labeled_clients: frozenset[int]):
+        check_draw(cfg.partition.samples_per_client, len(rest))
+        self._num_clients, self._rest, self._labels = num_clients, rest, labels
+        self._cfg, self._seed, self._labeled_clients = cfg, seed, labeled_clients
+        self._cache: OrderedDict[int, ClientData] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self._num_clients
+
+    def __getitem__(self, client_id):
+        if isinstance(client_id, slice):
+            return [self[i] for i in range(*client_id.indices(len(self)))]
+        client_id = range(self._num_clients)[client_id]
+        if client_id in self._cache:
+            self._cache.move_to_end(client_id)
+            return self._cache[client_id]
+        rng = np.random.default_rng([self._seed, STEP_PARTITION, client_id])
+        held = self._rest[draw_client(len(self._rest), self._cfg.partition.samples_per_client, rng)]
+        count = _local_test_count(len(held), self._cfg.partition.local_test_fraction)
+        client = _split_labels(client_id, np.sort(held[:count]), np.sort(held[count:]), self._labels, self._cfg,
+                               self._seed, client_id in self._labeled_clients)
+        self._cache[client_id] = client
+        if len(self._cache) > self.CACHE:
+            self._cache.popitem(last=False)
+        return client
+
+    def __iter__(self) -> Iterator[ClientData]:
+        return (self[i] for i in range(self._num_clients))
+
+
 @dataclass(frozen=True)
 class FederatedData:
     """The training pool, the server's test set, and who holds what.
@@ -86,19 +170,25 @@ class FederatedData:
     Attributes:
         pool: the training pool every index refers to.
         test: the server's test set (separate images, not indexed).
-        clients: one `ClientData` per client, in client-id order.
+        clients: one `ClientData` per client, in client-id order (a `PackedClients`,
+            a `DrawnClients`, or any sequence of them).
         server_labeled: indices into `pool` held, labeled, by the server; empty
             unless `data.labels.mode` is server or mixed with server_per_class > 0.
     """
 
     pool: ImageDataset
     test: ImageDataset
-    clients: tuple[ClientData, ...]
+    clients: Sequence[ClientData]
     server_labeled: np.ndarray
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
+
+    @property
+    def shares_samples(self) -> bool:
+        """Whether two clients may hold the same sample (the cross-device `draw` scheme)."""
+        return isinstance(self.clients, DrawnClients) or getattr(self.clients, "shared", False)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -120,15 +210,27 @@ class FederatedData:
         )
 
     def check(self) -> None:
-        """Raise ValueError unless every index is in range and held at most once."""
-        arrays = [self.server_labeled] + [getattr(c, k) for c in self.clients for k in _KINDS]
-        everything = np.concatenate(arrays) if arrays else _EMPTY
-        if len(everything) and (everything.min() < 0 or everything.max() >= len(self.pool)):
-            raise ValueError(f"an index is outside the pool of {len(self.pool)} samples")
-        if len(np.unique(everything)) != len(everything):
-            raise ValueError("a pool index is held twice (by two clients, two splits, or client and server)")
-        if [c.client_id for c in self.clients] != list(range(len(self.clients))):
-            raise ValueError("client ids must be 0..num_clients-1 in order")
+        """Raise ValueError unless every index is in range and held at most once (under
+        the `draw` scheme: at most once by each client, and never by a client and the
+        server; drawn clients are correct by construction and are not all drawn here)."""
+        if isinstance(self.clients, DrawnClients):
+            _check_indices([self.server_labeled], len(self.pool))
+            return
+        if isinstance(self.clients, PackedClients):
+            arrays = [self.clients.flat(k) for k in _KINDS]
+        else:
+            arrays = [getattr(c, k) for c in self.clients for k in _KINDS]
+            if [c.client_id for c in self.clients] != list(range(len(self.clients))):
+                raise ValueError("client ids must be 0..num_clients-1 in order")
+        if not self.shares_samples:
+            _check_indices([self.server_labeled] + arrays, len(self.pool))
+            return
+        _check_indices([self.server_labeled], len(self.pool))
+        server = set(self.server_labeled.tolist())
+        for c in self.clients:
+            _check_indices([c.labeled, c.unlabeled, c.test], len(self.pool))
+            if server.intersection(c.labeled.tolist() + c.unlabeled.tolist() + c.test.tolist()):
+                raise ValueError("a pool index is held twice (by two clients, two splits, or client and server)")
 
     # -- persistence -------------------------------------------------------------
 
@@ -144,18 +246,20 @@ class FederatedData:
             "pool_size": np.array(len(self.pool), dtype=np.int64),
             "test_size": np.array(len(self.test), dtype=np.int64),
             "pool_fingerprint": np.array(_fingerprint(self.pool)),
+            "shares_samples": np.array(int(self.shares_samples), dtype=np.int64),
         }
+        # Packed first: a drawn population is drawn once here, client by client, not held as objects.
+        packed = self.clients if isinstance(self.clients, PackedClients) else PackedClients(self.clients)
         for kind in _KINDS:
-            parts = [np.asarray(getattr(c, kind), dtype=np.int64) for c in self.clients]
-            arrays[kind] = np.concatenate(parts) if parts else _EMPTY
-            arrays[f"{kind}_sizes"] = np.array([len(p) for p in parts], dtype=np.int64)
+            arrays[kind] = packed.flat(kind)
+            arrays[f"{kind}_sizes"] = packed.sizes(kind)
         atomic_write(path, lambda file: np.savez(file, **arrays))
 
     @staticmethod
     def load_partition(path: str | os.PathLike) -> dict:
         """The raw contents of a saved partition: {"client_ids", "server_labeled",
         "labeled", "unlabeled", "test" (lists of arrays, one per client),
-        "pool_size", "test_size", "pool_fingerprint"}. A `UserError` naming the file
+        "pool_size", "test_size", "pool_fingerprint", "shares_samples"}. A `UserError` naming the file
         if it is missing or not a partition file."""
         path = Path(path)
         try:
@@ -168,6 +272,7 @@ class FederatedData:
                     "pool_size": int(z["pool_size"]),
                     "test_size": int(z["test_size"]),
                     "pool_fingerprint": str(z["pool_fingerprint"]),
+                    "shares_samples": bool(int(z["shares_samples"])) if "shares_samples" in z else False,
                 }
                 for kind in _KINDS:
                     sizes = z[f"{kind}_sizes"].astype(np.int64)
@@ -194,16 +299,27 @@ class FederatedData:
         if raw["test_size"] != len(test):
             raise UserError(f"{path}: the partition was made with a server test set of {raw['test_size']} "
                             f"samples, this one has {len(test)}")
-        clients = tuple(
-            ClientData(int(cid), _index_array(lab), _index_array(unl), _index_array(tst))
-            for cid, lab, unl, tst in zip(raw["client_ids"], raw["labeled"], raw["unlabeled"], raw["test"])
-        )
+        try:
+            clients = PackedClients([
+                ClientData(int(cid), _index_array(lab), _index_array(unl), _index_array(tst))
+                for cid, lab, unl, tst in zip(raw["client_ids"], raw["labeled"], raw["unlabeled"], raw["test"])
+            ], shared=raw["shares_samples"])
+        except ValueError as e:
+            raise UserError(f"{path}: inconsistent partition: {e}") from None
         fed = cls(pool=pool, test=test, clients=clients, server_labeled=_index_array(raw["server_labeled"]))
         try:
             fed.check()
         except ValueError as e:
             raise UserError(f"{path}: inconsistent partition: {e}") from None
         return fed
+
+
+def _check_indices(arrays: list[np.ndarray], pool_size: int) -> None:
+    everything = np.concatenate(arrays) if arrays else _EMPTY
+    if len(everything) and (everything.min() < 0 or everything.max() >= pool_size):
+        raise ValueError(f"an index is outside the pool of {pool_size} samples")
+    if len(np.unique(everything)) != len(everything):
+        raise ValueError("a pool index is held twice (by two clients, two splits, or client and server)")
 
 
 def _fingerprint(dataset: ImageDataset) -> str:
@@ -329,13 +445,16 @@ def _server_labeled(pool: ImageDataset, per_class: int, seed: int) -> np.ndarray
     return np.sort(np.concatenate(picked))
 
 
+def _local_test_count(n: int, fraction: float) -> int:
+    """round(fraction * n); at least one if n >= 2 and fraction > 0, and never all n."""
+    return 0 if fraction <= 0 or n < 2 else min(max(_round(fraction * n), 1), n - 1)
+
+
 def _local_test(indices: np.ndarray, labels: np.ndarray, fraction: float, rng: np.random.Generator):
-    """(test, train) of one client: round(fraction * n) samples, stratified; at least
-    one if n >= 2 and fraction > 0, and never all of them."""
-    n = len(indices)
-    if fraction <= 0 or n < 2:
+    """(test, train) of one client: `_local_test_count` samples, stratified."""
+    count = _local_test_count(len(indices), fraction)
+    if count == 0:
         return _EMPTY.copy(), np.sort(indices)
-    count = min(max(_round(fraction * n), 1), n - 1)
     return _stratified_split(indices, labels, count, rng)
 
 
@@ -362,7 +481,8 @@ def build_federated_data(source: SourceData, cfg: DataConfig, num_clients: int, 
        `source.train`; the rest is the pool.
     2. Labels at the server (labels.mode server or mixed, server_per_class > 0):
        `server_per_class` samples of every class leave the pool for the server.
-    3. The rest of the pool is partitioned by `cfg.partition.scheme`.
+    3. The rest of the pool is partitioned by `cfg.partition.scheme` (under `draw`,
+       each client draws its own samples from it when first asked for).
     4. A stratified `local_test_fraction` of each client becomes its local test split.
     5. Each client's training samples are split into labeled and unlabeled by
        `cfg.labels.mode`: all | client | server | mixed (see `LabelsConfig`).
@@ -376,36 +496,48 @@ def build_federated_data(source: SourceData, cfg: DataConfig, num_clients: int, 
     rest = np.setdiff1d(np.arange(len(pool), dtype=np.int64), server_labeled, assume_unique=True)
 
     identities = None if pool.identities is None else pool.identities[rest]
-    parts = partition(
+    parts = [] if cfg.partition.scheme == "draw" else partition(  # drawn client by client, when asked for
         cfg.partition, pool.labels[rest], identities, num_clients,
         np.random.default_rng([seed, STEP_PARTITION]), source=cfg.source,
     )
 
-    labeled_clients: set[int] = set()
+    labeled_clients: frozenset[int] = frozenset()
     if lc.mode == "mixed":
         num_labeled = _round(lc.labeled_clients * num_clients)
         rng = np.random.default_rng([seed, STEP_MIXED_CLIENTS])
-        labeled_clients = set(rng.choice(num_clients, size=num_labeled, replace=False).tolist())
-    clients = []
-    for cid, part in enumerate(parts):
-        held = rest[part]
-        test_idx, train = _local_test(
-            held, pool.labels, cfg.partition.local_test_fraction,
-            np.random.default_rng([seed, STEP_LOCAL_TEST, cid]),
-        )
-        if lc.mode == "all" or (lc.mode == "mixed" and cid in labeled_clients):
-            labeled, unlabeled = train, _EMPTY.copy()
-        elif lc.mode == "client":
-            labeled, unlabeled = _client_labels(
-                train, pool.labels, cfg, np.random.default_rng([seed, STEP_CLIENT_LABELS, cid])
-            )
-        else:  # server, or an unlabeled client of mixed
-            labeled, unlabeled = _EMPTY.copy(), train
-        clients.append(ClientData(cid, _index_array(labeled), _index_array(unlabeled), _index_array(test_idx)))
-
-    fed = FederatedData(pool=pool, test=test, clients=tuple(clients), server_labeled=server_labeled)
+        labeled_clients = frozenset(rng.choice(num_clients, size=num_labeled, replace=False).tolist())
+    if cfg.partition.scheme == "draw":
+        clients = DrawnClients(num_clients, rest, pool.labels, cfg, seed, labeled_clients)
+    else:
+        clients = PackedClients([_client_view(cid, rest[part], pool.labels, cfg, seed, cid in labeled_clients)
+                                 for cid, part in enumerate(parts)])
+    fed = FederatedData(pool=pool, test=test, clients=clients, server_labeled=server_labeled)
     fed.check()
     return fed
+
+
+def _client_view(cid: int, held: np.ndarray, labels: np.ndarray, cfg: DataConfig, seed: int, labeled: bool
+                 ) -> ClientData:
+    """Client `cid`'s labeled, unlabeled and local test splits of the pool indices it
+    `held`s (`labeled`: whether it is a labeled client of labels.mode mixed)."""
+    test_idx, train = _local_test(
+        held, labels, cfg.partition.local_test_fraction, np.random.default_rng([seed, STEP_LOCAL_TEST, cid]),
+    )
+    return _split_labels(cid, test_idx, train, labels, cfg, seed, labeled)
+
+
+def _split_labels(cid: int, test_idx: np.ndarray, train: np.ndarray, labels: np.ndarray, cfg: DataConfig, seed: int,
+                  labeled: bool) -> ClientData:
+    """Client `cid` with its training samples `train` split into labeled and unlabeled
+    by labels.mode, and its local test split `test_idx`."""
+    lc = cfg.labels
+    if lc.mode == "all" or (lc.mode == "mixed" and labeled):
+        labeled_idx, unlabeled = train, _EMPTY.copy()
+    elif lc.mode == "client":
+        labeled_idx, unlabeled = _client_labels(train, labels, cfg, np.random.default_rng([seed, STEP_CLIENT_LABELS, cid]))
+    else:  # server, or an unlabeled client of mixed
+        labeled_idx, unlabeled = _EMPTY.copy(), train
+    return ClientData(cid, _index_array(labeled_idx), _index_array(unlabeled), _index_array(test_idx))
 
 
 def node_federated_data(source: SourceData, cfg: DataConfig, num_clients: int, held: list[int], seed: int
@@ -426,4 +558,4 @@ def node_federated_data(source: SourceData, cfg: DataConfig, num_clients: int, h
     clients = [ClientData(c, _EMPTY, _EMPTY, _EMPTY) for c in range(num_clients)]
     for part, client_id in zip(built.clients, held):
         clients[client_id] = replace(part, client_id=client_id)
-    return replace(built, clients=tuple(clients))
+    return replace(built, clients=PackedClients(clients, shared=built.shares_samples))

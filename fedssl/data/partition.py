@@ -1,9 +1,10 @@
 """Pure partitioners: split a training pool of N samples across clients.
 
-Every function returns a list of `num_clients` sorted int64 arrays of indices into
-the pool it was given (positions 0..N-1). Together they cover every index exactly
-once: no sample is in two clients and none is lost. Each is deterministic given the
-numpy `Generator` passed in; none keeps state or touches global randomness.
+Every function but `draw_client` returns a list of `num_clients` sorted int64 arrays
+of indices into the pool it was given (positions 0..N-1). Together they cover every
+index exactly once: no sample is in two clients and none is lost. Each is
+deterministic given the numpy `Generator` passed in; none keeps state or touches
+global randomness.
 
 Schemes (chosen by `data.partition.scheme`):
 
@@ -16,6 +17,13 @@ Schemes (chosen by `data.partition.scheme`):
   ``num_clients * classes_per_client`` shards, deal ``classes_per_client`` to each.
 - ``natural``: feature skew by identity; a client is one person (or a group of
   whole persons).
+- ``draw``: a cross-device population, possibly larger than the pool (100,000 phones
+  over Fashion-MNIST's 60,000 images): each client holds ``samples_per_client``
+  distinct samples drawn uniformly from the pool by its own generator, seeded from
+  (seed, client). Clients may share samples (the draw is with replacement across
+  clients), so the partition covers the pool only in expectation; in exchange a
+  client's samples are computed when it is first needed, in time and memory
+  independent of the population size (`draw_client`).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from fedssl.config.schema import PartitionConfig
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
-SCHEMES = ("iid", "dirichlet", "shards", "natural")
+SCHEMES = ("iid", "dirichlet", "shards", "natural", "draw")
 
 DIRICHLET_MAX_ATTEMPTS = 1000
 
@@ -254,6 +262,23 @@ def partition_natural(identities: np.ndarray, num_clients: int, rng: np.random.G
     return _finish([np.flatnonzero(owner == c) for c in range(num_clients)])
 
 
+def check_draw(samples_per_client: int, num_samples: int) -> None:
+    """A `UserError` naming data.partition.samples_per_client unless a `draw` client
+    can hold that many distinct samples of a pool of `num_samples`."""
+    if int(samples_per_client) != samples_per_client or not 1 <= samples_per_client <= num_samples:
+        raise UserError(f"data.partition.samples_per_client: scheme draw needs between 1 and the {num_samples} "
+                        f"samples of the training pool per client, got {samples_per_client!r}")
+
+
+def draw_client(num_samples: int, samples_per_client: int, rng: np.random.Generator) -> np.ndarray:
+    """One client of the ``draw`` scheme: `samples_per_client` distinct positions of
+    range(num_samples), in the (uniformly random) order drawn by the client's own
+    generator `rng`, so that any prefix is itself a uniform sample. For a small
+    client of a large pool numpy draws them in O(samples_per_client) (Floyd's
+    method), never a permutation of the pool."""
+    return rng.choice(num_samples, size=samples_per_client, replace=False).astype(np.int64)
+
+
 def partition(
     scheme_cfg: PartitionConfig,
     labels: np.ndarray,
@@ -272,6 +297,8 @@ def partition(
         return partition_dirichlet(labels, num_clients, scheme_cfg.alpha, rng, scheme_cfg.min_samples)
     if scheme == "shards":
         return partition_shards(labels, num_clients, scheme_cfg.classes_per_client, rng)
+    if scheme == "draw":  # a client's draw is seeded by (seed, client), which `rng` is not
+        raise ValueError("scheme draw is drawn client by client (draw_client), not partitioned at once")
     if identities is None:  # natural
         where = f"data.source {source}" if source else "the data source"
         raise UserError(f"data.partition.scheme: natural needs identities; {where} has none")

@@ -30,6 +30,7 @@ from fedssl.errors import UserError
 from fedssl.federation.metrics import round_metrics
 from fedssl.federation.profiles import is_online
 from fedssl.messages import Arrays, Update
+from fedssl.sampling import nth_remaining
 
 if TYPE_CHECKING:  # the engine imports this module
     from fedssl.federation.engine import Federation
@@ -106,12 +107,13 @@ def buffered_round(federation: Federation, round_index: int, state: ServerState)
 
     def start_clients() -> None:
         while len(buffer.flying) < concurrency:
-            busy = {slot.client for slot in buffer.flying.values()} | started_now
-            candidates = [c for c in range(cfg.federation.clients) if c not in busy]
-            if not candidates:
+            busy = np.unique(np.fromiter({slot.client for slot in buffer.flying.values()} | started_now, np.int64))
+            idle = cfg.federation.clients - len(busy)
+            if not idle:
                 return
             rng = np.random.default_rng([cfg.seed, round_index, 0xFB0F, buffer.started])
-            client = candidates[int(rng.integers(len(candidates)))]
+            # the k-th idle client, found without listing the population
+            client = int(nth_remaining(np.array([rng.integers(idle)]), busy)[0])
             order, buffer.started = buffer.started, buffer.started + 1
             started_now.add(client)
             if system.timed and not is_online(system.profiles[client], cfg.seed, round_index, client, order):

@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Protocol
 
+import numpy as np
 import torch
 
 from fedssl.algorithms.base import Algorithm, LocalClient, build_algorithm
@@ -74,11 +76,13 @@ class Clients(Protocol):
         """Per client, the global model (`weights`) and its personalized model on its own
         local test split: {client, kind, test_samples, acc, loss, personal_acc, personal_loss, personal_f1}."""
 
-    def state_dict(self) -> dict[int, Kept]:
-        """What the clients keep, for the server's checkpoint (empty where it lives elsewhere)."""
+    def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
+        """What the clients keep, for the server's checkpoint of `round_index` (empty
+        where it lives elsewhere): every client's, or once they are too many to hold,
+        a manifest of the files under `directory` that hold them (`ClientStateStore`)."""
 
-    def load_state_dict(self, states: dict[int, Kept]) -> None:
-        """Restore what `state_dict` returned."""
+    def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
+        """Restore what `state_dict` returned (its files under `directory`)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,13 +112,49 @@ def build_trainer(cfg: RecipeConfig, data: FederatedData, device: torch.device) 
     return algorithm, trainer
 
 
-def data_holdings(data: FederatedData, held_out: Collection[int] = ()) -> dict[int, Holding]:
+class DataHoldings(Mapping[int, Holding]):
     """What each client of `data` holds: its training examples, the samples it is
     scored on (its local test split; a held-out client's, all but its labeled ones)
-    and kind."""
-    return {c.client_id: Holding(len(c.labeled) + len(c.unlabeled),
-                                 len(scored_indices(c.labeled, c.unlabeled, c.test, c.client_id in held_out)),
-                                 client_kind(c)) for c in data.clients}
+    and kind. Worked out for a client when it is asked for, so that a population of
+    100,000 costs nothing until its clients are sampled."""
+
+    def __init__(self, data: FederatedData, held_out: Collection[int] = ()):
+        self.data, self.held_out = data, held_out
+
+    def __getitem__(self, client_id: int) -> Holding:
+        if isinstance(client_id, bool) or not isinstance(client_id, (int, np.integer)) \
+                or not 0 <= client_id < len(self.data.clients):
+            raise KeyError(client_id)
+        c = self.data.clients[client_id]
+        return Holding(len(c.labeled) + len(c.unlabeled),
+                       len(scored_indices(c.labeled, c.unlabeled, c.test, c.client_id in self.held_out)), client_kind(c))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.data.clients)))
+
+    def __len__(self) -> int:
+        return len(self.data.clients)
+
+
+class Kinds(Mapping[int, str]):
+    """Each client's kind (labeled, unlabeled, mixed), read from `holdings` when asked for."""
+
+    def __init__(self, holdings: Mapping[int, Holding]):
+        self.holdings = holdings
+
+    def __getitem__(self, client_id: int) -> str:
+        return self.holdings[client_id].kind
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.holdings)
+
+    def __len__(self) -> int:
+        return len(self.holdings)
+
+
+def data_holdings(data: FederatedData, held_out: Collection[int] = ()) -> DataHoldings:
+    """What each client of `data` holds (`DataHoldings`)."""
+    return DataHoldings(data, held_out)
 
 
 @dataclass
@@ -147,7 +187,7 @@ class InProcessClients:
         return held_out_clients(self.cfg.federation, self.cfg.seed)
 
     @cached_property
-    def holdings(self) -> dict[int, Holding]:
+    def holdings(self) -> Mapping[int, Holding]:
         return data_holdings(self.data, self.held_out)
 
     @property
@@ -284,8 +324,8 @@ class InProcessClients:
                 local = self.score_local(row["client"])
             row |= {"personal_acc": local.accuracy, "personal_loss": local.loss, "personal_f1": local.f1_macro}
 
-    def state_dict(self) -> dict[int, Kept]:
-        return self.store.state_dict()
+    def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
+        return self.store.state_dict(directory, round_index)
 
-    def load_state_dict(self, states: dict[int, Kept]) -> None:
-        self.store.load_state_dict(states)
+    def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
+        self.store.load_state_dict(states, directory)

@@ -28,7 +28,7 @@ from fedssl.federation.class_metrics import global_class_metrics
 from fedssl.federation.buffered import buffered_round
 from fedssl.federation.channel import Delivery, MaskedAverage, Tally, arrived, fill, transmit
 from fedssl.federation.client import ClientTrainer
-from fedssl.federation.clients import Clients, InProcessClients, build_trainer, resolve_device
+from fedssl.federation.clients import Clients, InProcessClients, Kinds, build_trainer, resolve_device
 from fedssl.federation.evaluate import score
 from fedssl.federation.faults import Holding, check_update
 from fedssl.federation.links import Links
@@ -40,7 +40,7 @@ from fedssl.federation.unseen import linear_acc, unseen_metrics
 from fedssl.messages import Payload, Update
 from fedssl.models.factory import input_normalization
 from fedssl.privacy.mechanism import CentralDP
-from fedssl.sampling import clients_per_round, held_out_clients, poisson_sample, sample_clients
+from fedssl.sampling import clients_per_round, evaluation_cohort, held_out_clients, poisson_sample, sample_cohort
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class Federation:
         return self.clients.holdings
 
     @property
-    def kinds(self) -> dict[int, str]:
-        return {c: holding.kind for c, holding in self.clients.holdings.items()}
+    def kinds(self) -> Mapping[int, str]:
+        return Kinds(self.clients.holdings)
 
     def check(self, client_id: int, update: Update, payload: Payload) -> str | None:
         """Why the server cannot use client `client_id`'s `update` (decoded) to `payload`
@@ -183,12 +183,12 @@ class Federation:
         Poisson draw (each client independently, at the rate the accountant assumes).
         A retried round (attempt > 0) draws afresh from the clients that have not failed."""
         fed = self.cfg.federation
-        candidates = [c for c in range(fed.clients) if c not in failed and c not in self.held_out]
-        if self.privacy is not None:
+        if self.privacy is not None:  # a draw per client: Poisson sampling is O(population) by nature
+            candidates = [c for c in range(fed.clients) if c not in failed and c not in self.held_out]
             return poisson_sample(candidates, self.privacy.sampling_rate, self.cfg.seed, round_index, attempt)
         count = clients_per_round(fed)
-        count = min(self.system.sample_count(count) if self.system else count, len(candidates))
-        return [candidates[i] for i in sample_clients(len(candidates), count, self.cfg.seed, round_index, attempt)]
+        count = self.system.sample_count(count) if self.system else count
+        return sample_cohort(fed.clients, count, self.cfg.seed, round_index, attempt, self.held_out | failed)
 
     def receive(self, round_index: int, client_id: int, update: Update, payload: Payload
                 ) -> tuple[Update, str | None, Delivery | None, dict | None]:
@@ -304,16 +304,21 @@ class Federation:
         return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), system,
                          tally.metrics() if channel else {})
 
-    def evaluate(self, state: ServerState) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def evaluate(self, state: ServerState, round_index: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """The global model on the server test set (accuracy, loss, macro-F1, per-class
         recall and the confusion matrix `global_confusion`, all from one pass), and
-        each client's row (`Clients.score`). The metrics include what the evaluation cost and dropped
+        each client's row (`Clients.score`): every client's, or with
+        `federation.eval_clients` a sample of the training clients drawn for
+        `round_index` (and every held-out client). The metrics include what the evaluation cost and dropped
         (`bytes_down`, `bytes_up`, `dropped_clients`), for the round to add to its own."""
         weights = self.algorithm.global_weights(state)
         self.trainer.learner.load_arrays(weights)
         server = score(self.model, self.test.images, self.test.labels)
         probe = {"linear_acc": self.linear_acc()} if self.cfg.federation.linear_probe else {}
-        scored = self.clients.score(weights, sorted(self.clients.holdings))
+        fed = self.cfg.federation
+        scored = self.clients.score(weights, sorted(
+            evaluation_cohort(fed.clients, fed.eval_clients, self.cfg.seed, round_index, self.held_out)
+            + sorted(self.held_out)))
         # Held-out clients never trained: they are reported apart, as unseen people.
         unseen = unseen_metrics(scored.rows, self.held_out)
         rows = [row for row in scored.rows if row["client"] not in self.held_out]

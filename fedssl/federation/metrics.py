@@ -3,7 +3,7 @@ kind of client (labeled, unlabeled, mixed)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -20,12 +20,13 @@ def client_kind(client: ClientData) -> str:
     return "labeled" if len(client.labeled) else "unlabeled"
 
 
-def round_metrics(updates: list[Update], kinds: dict[int, str]) -> dict[str, float]:
+def round_metrics(updates: list[Update], kinds: Mapping[int, str]) -> dict[str, float]:
     """Training metrics of a round: mean loss and pseudo-label quality pooled over
-    clients, overall and per kind of client, and the mean of what learners logged."""
+    clients, overall and per kind of client, and the mean of what learners logged.
+    `kinds` is read for the updates' clients only (a population's may be lazy)."""
     losses = [u.metrics["train_loss"] for u in updates if "train_loss" in u.metrics]
     metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "clients": len(updates)}
-    groups = {"": updates} | {f"/{kind}": [u for u in updates if kinds[u.client_id] == kind] for kind in sorted(set(kinds.values()))}
+    groups = {"": updates} | {f"/{kind}": [u for u in updates if kinds[u.client_id] == kind] for kind in sorted({kinds[u.client_id] for u in updates})}
     for suffix, members in groups.items():
         seen = sum(u.metrics.get("pl_seen", 0) for u in members)
         masked = sum(u.metrics.get("pl_masked", 0) for u in members)

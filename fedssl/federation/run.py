@@ -18,9 +18,10 @@ from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
 from fedssl.federation.engine import ClientsFactory, Federation
 from fedssl.federation.personal_eval import personal_summary
+from fedssl.federation.state import MANIFEST
 from fedssl.io import atomic_write_text
 from fedssl.privacy.mechanism import CentralDP
-from fedssl.run_dir import BEST_CHECKPOINT, CHECKPOINT, CONFIG, PARTITION
+from fedssl.run_dir import BEST_CHECKPOINT, CHECKPOINT, CLIENT_STATES, CONFIG, PARTITION
 from fedssl.tracking.run_logger import RunLogger, read_metrics
 
 # What a round sent, received and dropped, training and evaluation together; summed over the run.
@@ -106,7 +107,10 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
     totals = dict.fromkeys(TRAFFIC, 0)
     if checkpoint:
         state = ServerState(**checkpoint["server_state"])
-        federation.clients.load_state_dict(checkpoint["client_states"])
+        try:
+            federation.clients.load_state_dict(checkpoint["client_states"], run_dir / CLIENT_STATES)
+        except ValueError as error:
+            raise UserError(f"{run_dir / CHECKPOINT}: cannot resume: client_states: {error}") from None
         restore_rng_states(checkpoint["rng"])
         start, elapsed, wandb_id = checkpoint["round"] + 1, checkpoint["seconds"], checkpoint["wandb_id"]
         totals = {"dropped_clients": 0, **checkpoint["totals"]}
@@ -124,7 +128,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
             began = time.perf_counter()
             state, metrics = federation.fit_round(round_index, state)
             if round_index % fed.eval_every == 0 or round_index == fed.rounds:
-                evaluated, rows = federation.evaluate(state)
+                evaluated, rows = federation.evaluate(state, round_index)
                 metrics = add_evaluation(metrics, evaluated)
                 progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
             for key in TRAFFIC:
@@ -139,7 +143,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                 "config": config_dict,
                 "class_names": list(federation.data.class_names),
                 "server_state": {"params": state.params, "momentum": state.momentum, "extras": state.extras},
-                "client_states": federation.clients.state_dict(),
+                "client_states": federation.clients.state_dict(run_dir / CLIENT_STATES, round_index),
                 "seconds": elapsed,
                 "totals": totals,
                 "wandb_id": logger.wandb_id,
@@ -147,14 +151,16 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
             }
             # best.pt before checkpoint.pt: killed between the two, the round is run again, identically.
             if math.isfinite(metrics.get("global_acc", math.nan)) and (best is None or metrics["global_acc"] > best[0]):
-                save_checkpoint(run_dir / BEST_CHECKPOINT, saved)
+                # clients' states held in snapshot files are checkpoint.pt's: later rounds replace those files
+                spilled = MANIFEST in saved["client_states"]
+                save_checkpoint(run_dir / BEST_CHECKPOINT, saved | {"client_states": {}} if spilled else saved)
                 best = metrics["global_acc"], round_index
             save_checkpoint(run_dir / CHECKPOINT, saved)
     except BaseException:
         logger.abort()
         raise
     if not rows:  # resumed after the last round: nothing trained, evaluate what is there
-        evaluated, rows = federation.evaluate(state)  # outside any round: its traffic is in no round's total
+        evaluated, rows = federation.evaluate(state, fed.rounds)  # outside any round: its traffic is in no round's total
         metrics |= evaluated
     summary = {
         "name": cfg.name,

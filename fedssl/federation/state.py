@@ -5,6 +5,16 @@ model, FlexMatch's per-sample predictions: whatever a client keeps lives here,
 keyed by client id. A population of thousands of clients does not fit in memory
 once each keeps a model, so beyond `max_in_memory` clients the least recently used
 states are spilled to disk, one file per client, each written atomically.
+
+Checkpoints: while every state fits in memory, a checkpoint holds them all
+(`state_dict`). Beyond that, gathering them would bring the spilled population back
+into memory at every round, so a checkpoint holds a manifest instead: which
+snapshot file, under the run's folder of client states, holds each client's state.
+Each checkpoint writes only the states that changed since the one before (a round's
+cohort), each to a new file named by client and round, never over a file an earlier
+checkpoint names; a file replaced by a newer one is removed only at the next
+checkpoint, once the checkpoint naming its successor has been written. A run killed
+anywhere resumes from its last checkpoint's files, bit for bit.
 """
 
 from __future__ import annotations
@@ -12,12 +22,14 @@ from __future__ import annotations
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedssl.io import atomic_write
 
 State = dict[str, torch.Tensor]
+MANIFEST = "snapshots"  # the key of a checkpoint's client states that are held in snapshot files
 
 
 class ClientStateStore:
@@ -42,6 +54,10 @@ class ClientStateStore:
         self._temporary: tempfile.TemporaryDirectory | None = None
         self._memory: OrderedDict[int, State] = OrderedDict()
         self._on_disk: set[int] = set()
+        self._snapshot_dir: Path | None = None  # the run's snapshot files, once a checkpoint wrote or named them
+        self._saved: dict[int, int] = {}  # client -> round of the snapshot file holding its last checkpointed state
+        self._changed: set[int] = set()  # clients whose state changed since the last snapshot
+        self._superseded: list[Path] = []  # snapshot files the next checkpoint no longer names
 
     @property
     def directory(self) -> Path:
@@ -53,6 +69,9 @@ class ClientStateStore:
 
     def path(self, client_id: int) -> Path:
         return self.directory / f"client{client_id}.pt"
+
+    def snapshot_path(self, client_id: int, round_index: int) -> Path:
+        return self._snapshot_dir / f"client{int(client_id)}-r{int(round_index)}.pt"
 
     def get(self, client_id: int) -> State:
         """The client's state ({} if it has kept nothing yet)."""
@@ -66,6 +85,10 @@ class ClientStateStore:
             self.path(client_id).unlink(missing_ok=True)
             self._hold(client_id, state)
             return state
+        if client_id in self._saved:  # as the last checkpoint left it (a resumed run)
+            state = self._read_snapshot(client_id)
+            self._hold(client_id, state)
+            return state
         return {}
 
     def peek(self, client_id: int) -> State:
@@ -73,13 +96,24 @@ class ClientStateStore:
         evaluation, which reads every client's state once)."""
         if client_id in self._on_disk:
             return torch.load(self.path(client_id), weights_only=True)
+        if client_id not in self._memory and client_id in self._saved:
+            return self._read_snapshot(client_id)
         return self._memory.get(client_id, {})
+
+    def _read_snapshot(self, client_id: int) -> State:
+        # weights_only: a snapshot, like a checkpoint, may come from elsewhere; it holds tensors only
+        state = torch.load(self.snapshot_path(client_id, self._saved[client_id]), weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise ValueError(f"{self.snapshot_path(client_id, self._saved[client_id])}: not a client state")
+        return state
 
     def put(self, client_id: int, state: State) -> None:
         if client_id in self._on_disk:
             self._on_disk.discard(client_id)
             self.path(client_id).unlink(missing_ok=True)
         self._memory.pop(client_id, None)
+        self._changed.add(client_id)
         self._hold(client_id, state)
 
     def _hold(self, client_id: int, state: State) -> None:
@@ -96,27 +130,79 @@ class ClientStateStore:
         return len(self._memory)
 
     def __len__(self) -> int:
-        return len(self._memory) + len(self._on_disk)
+        return len(self._ids())
 
     def __contains__(self, client_id: int) -> bool:
-        return client_id in self._memory or client_id in self._on_disk
+        return client_id in self._memory or client_id in self._on_disk or client_id in self._saved
+
+    def _ids(self) -> set[int]:
+        return set(self._memory) | self._on_disk | set(self._saved)
 
     def client_ids(self) -> list[int]:
-        return sorted(set(self._memory) | self._on_disk)
+        return sorted(self._ids())
 
-    def state_dict(self) -> dict[int, State]:
-        """Every client's state, read back from disk where spilled (for checkpoints).
+    def state_dict(self, directory: str | Path | None = None, round_index: int = 0) -> dict[Any, Any]:
+        """What a checkpoint holds of the clients' states: every state, while they all
+        fit in memory (or without a `directory`, read back from disk where spilled);
+        beyond that, a manifest {MANIFEST: {"clients", "rounds"}} of the snapshot files
+        under `directory` that hold them, writing only the states that changed since
+        the last call (see the module's docstring), for the checkpoint of `round_index`.
 
-        Reading does not move anything between memory and disk. (Spilling is
-        lossless, so where a state lives never changes a run's results.)
+        Nothing moves between memory and disk. (Spilling is lossless, so where a
+        state lives never changes a run's results.)
         """
-        return {client_id: self.peek(client_id) for client_id in self.client_ids()}
+        if directory is None or not (self._on_disk or self._saved):  # all in memory, never snapshotted
+            return {client_id: self.peek(client_id) for client_id in self.client_ids()}
+        self._snapshot_dir = Path(directory)
+        self._snapshot_dir.mkdir(parents=True, exist_ok=True)
+        for path in self._superseded:  # named by no checkpoint since the last one was written
+            path.unlink(missing_ok=True)
+        self._superseded = []
+        for client_id in sorted(self._changed):  # every state not in a snapshot file has changed since
+            state = self._memory.get(client_id) or self.peek(client_id)
+            atomic_write(self.snapshot_path(client_id, round_index), lambda file, s=state: torch.save(s, file))
+            if client_id in self._saved and self._saved[client_id] != round_index:
+                self._superseded.append(self.snapshot_path(client_id, self._saved[client_id]))
+            self._saved[client_id] = round_index
+        self._changed = set()
+        ids = sorted(self._saved)
+        return {MANIFEST: {"clients": torch.tensor(ids, dtype=torch.int64),
+                           "rounds": torch.tensor([self._saved[c] for c in ids], dtype=torch.int64)}}
 
-    def load_state_dict(self, states: dict[int, State]) -> None:
-        """Replace everything with `states` (from a checkpoint), spilling beyond the limit."""
+    def load_state_dict(self, states: dict[Any, Any], directory: str | Path | None = None) -> None:
+        """Replace everything with `states` (from a checkpoint): every state, spilled
+        beyond the limit, or a manifest of snapshot files under `directory`, read
+        when each client is next asked for. A `ValueError` if the manifest is malformed."""
         for client_id in list(self._on_disk):
             self.path(client_id).unlink(missing_ok=True)
         self._memory.clear()
         self._on_disk.clear()
+        self._saved, self._changed, self._superseded = {}, set(), []
+        if MANIFEST in states:
+            self._load_manifest(states[MANIFEST], directory)
+            return
         for client_id in sorted(states):
             self._hold(int(client_id), states[client_id])
+            self._changed.add(int(client_id))
+
+    def _load_manifest(self, manifest: Any, directory: str | Path | None) -> None:
+        clients, rounds = (manifest.get("clients"), manifest.get("rounds")) if isinstance(manifest, dict) else (None, None)
+        if directory is None or not all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.ndim == 1
+                                        for t in (clients, rounds)) or len(clients) != len(rounds):
+            raise ValueError("the client states' manifest must be two int64 vectors of one length, "
+                             "and the folder of their snapshot files must be known")
+        self._snapshot_dir = Path(directory)
+        self._saved = dict(zip(clients.tolist(), rounds.tolist()))
+        named = {self.snapshot_path(c, r).name for c, r in self._saved.items()}
+        for path in self._snapshot_dir.glob("client*-r*.pt"):  # written after the checkpoint, or superseded
+            if path.name not in named:
+                path.unlink(missing_ok=True)
+
+
+def checkpointed_states(states: dict[Any, Any], directory: str | Path) -> dict[int, State]:
+    """Every client's state a checkpoint holds (its `client_states`), read from its
+    snapshot files under `directory` where it names them (for tools and tests: a run
+    reads them one client at a time)."""
+    store = ClientStateStore()
+    store.load_state_dict(states, directory)
+    return {client_id: store.peek(client_id) for client_id in store.client_ids()}

@@ -1,10 +1,11 @@
 from itertools import islice
 
 import numpy as np
+import pytest
 
 from fedssl.config.schema import FederationConfig, TrainConfig
 from fedssl.federation.client import round_steps
-from fedssl.sampling import clients_per_round, sample_clients
+from fedssl.sampling import clients_per_round, evaluation_cohort, nth_remaining, sample_clients, sample_cohort
 from fedssl.federation.tensors import cycle_batches
 
 
@@ -37,3 +38,34 @@ def test_steps_follow_the_larger_of_labeled_and_unlabeled():
     assert round_steps(25, 700, cfg, 70) == 10  # 700 unlabeled in batches of 7 x 10
     assert round_steps(0, 700, cfg, 70) == 10
     assert round_steps(25, 700, TrainConfig(local_steps=4), 70) == 4
+
+
+def listed_draw(num_clients, count, seed, round_index, attempt, excluded):
+    """The draw as it was made before populations grew: from the list of every client that may train."""
+    candidates = [c for c in range(num_clients) if c not in excluded]
+    return [candidates[i] for i in sample_clients(len(candidates), min(count, len(candidates)), seed, round_index, attempt)]
+
+
+@pytest.mark.parametrize("num_clients,count,excluded", [
+    (20, 5, set()), (20, 5, {0, 3, 4, 19}), (50, 45, set(range(0, 50, 3))), (12, 12, {5}),
+    (100_000, 100, set(range(10, 100_000, 997)) | {0, 1, 2}),
+])
+def test_a_cohort_is_drawn_without_listing_the_population_yet_is_the_listed_draw(num_clients, count, excluded):
+    for round_index, attempt in [(1, 0), (7, 2)]:
+        cohort = sample_cohort(num_clients, count, 5, round_index, attempt, excluded)
+        assert cohort == listed_draw(num_clients, count, 5, round_index, attempt, excluded)
+        assert not set(cohort) & excluded and len(cohort) == min(count, num_clients - len(excluded))
+
+
+def test_nth_remaining_skips_the_ids_left_out():
+    assert nth_remaining(np.arange(5), np.array([0, 2, 3])).tolist() == [1, 4, 5, 6, 7]
+    assert nth_remaining(np.array([0, 1]), np.empty(0, np.int64)).tolist() == [0, 1]
+
+
+def test_an_evaluation_cohort_is_every_client_or_a_seeded_sample_of_those_that_train():
+    assert evaluation_cohort(6, 0, 0, 3, {1}) == [0, 2, 3, 4, 5]
+    assert evaluation_cohort(6, 9, 0, 3, {1}) == [0, 2, 3, 4, 5]
+    sampled = evaluation_cohort(100_000, 50, 0, 3, {7})
+    assert len(sampled) == 50 and 7 not in sampled and sampled == sorted(sampled)
+    assert sampled == evaluation_cohort(100_000, 50, 0, 3, {7}) != evaluation_cohort(100_000, 50, 0, 4, {7})
+    assert sampled != sample_cohort(100_000, 50, 0, 3, 0, {7})  # a stream of its own: evaluating moves no training draw

@@ -143,10 +143,10 @@ class FlowerClients:
         return Scored(sorted(rows, key=lambda row: row["client"]), bytes_down=len(messages) * array_bytes(weights),
                       dropped=dropped)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
         return {}  # what clients keep lives on their nodes (resuming such a run is refused: `check_resumable`)
 
-    def load_state_dict(self, states: dict) -> None:
+    def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
         pass
 
 
