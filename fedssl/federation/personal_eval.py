@@ -26,14 +26,16 @@ WORST_SHARE = 0.1  # personal_acc_p10: the worst 10% of clients
 
 
 def labeled_batches(images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray, batch_size: int,
-                    seed: int, client_id: int, steps: int) -> Iterator[LabeledBatch]:
+                    seed: int, client_id: int, steps: int, *, drop_last: bool) -> Iterator[LabeledBatch]:
     """`steps` shuffled mini-batches of the pooled `indices` (none if there are none),
-    drawn from (seed, client) alone, so every evaluation adapts on the same batches
-    and a resumed run scores exactly as an uninterrupted one. Round 0 never trains,
-    so its seed stream is free for this."""
+    cut as training cuts them (`drop_last`: `train.drop_last`), drawn from (seed,
+    client) alone, so every evaluation adapts on the same batches and a resumed run
+    scores exactly as an uninterrupted one. Round 0 never trains, so its seed
+    stream is free for this."""
     if len(indices) == 0:
         return
-    stream = cycle_batches(indices, batch_size, np.random.default_rng(client_seed(seed, 0, client_id)))
+    rng = np.random.default_rng(client_seed(seed, 0, client_id))
+    stream = cycle_batches(indices, batch_size, rng, drop_last=drop_last)
     for _ in range(steps):
         index = torch.from_numpy(next(stream)).to(labels.device)
         yield images[index], labels[index]

@@ -49,11 +49,15 @@ def test_adaptation_batches_come_from_the_given_training_indices_only():
     images = torch.arange(20, dtype=torch.float32).reshape(20, 1)
     labels = torch.arange(20)
     train = np.array([3, 5, 8])
-    seen = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4)]
+    seen = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4, drop_last=False)]
     assert len(seen) == 4 and set(torch.cat(seen).flatten().long().tolist()) <= {3, 5, 8}
-    again = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4)]
+    assert [len(x) for x in seen] == [2, 1, 2, 1]
+    again = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4, drop_last=False)]
     assert all(torch.equal(a, b) for a, b in zip(seen, again)), "the same batches at every evaluation"
-    assert list(labeled_batches(images, labels, train[:0], 2, seed=0, client_id=1, steps=4)) == []
+    assert list(labeled_batches(images, labels, train[:0], 2, seed=0, client_id=1, steps=4, drop_last=False)) == []
+    # train.drop_last: adaptation never steps on the one image a pass leaves over
+    dropped = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4, drop_last=True)]
+    assert [len(x) for x in dropped] == [2, 2, 2, 2]
 
 
 def test_each_client_is_scored_with_its_own_head_on_its_own_test_split(tiny_recipe):
