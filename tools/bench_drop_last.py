@@ -5,10 +5,10 @@ both ways, every client's personalized accuracy at every round.
                                     [--drop-last false true] [--out runs/bench-drop-last]
     python tools/bench_drop_last.py --report [--out ...]   # the table of what the runs wrote
 
-On fedssl's Dir(0.1) Fashion-MNIST partition at seed 4242, clients 6 (1,101 training
-images) and 10 (2,561) end every pass of batch 10 with a one-image step, and Ditto's
-personal accuracy of client 10 swung from 0.96 to 0.40 in rounds where that image
-was of a class it rarely sees (issue 20). Each variant appends one JSON line per
+On fedssl's Dir(0.1) Fashion-MNIST partition at seed 4242, clients 3, 6, 10 and 14
+(561, 1,101, 2,561 and 811 training images) end every pass of batch 10 with a
+one-image step, and Ditto's personal accuracy of client 10 swung from 0.96 to 0.40
+in rounds where that image was of a class it rarely sees (issue 20). Each variant appends one JSON line per
 round to OUT/drop_last-VALUE.jsonl (`personal_acc`, `personal_acc_pooled` and each
 client's `personal_acc`), so two variants can run as two processes side by side,
 and a killed one keeps the rounds it finished. The report names the clients whose
