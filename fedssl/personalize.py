@@ -260,11 +260,14 @@ def finetune(
         before = score(model, x_held, y_held)
 
     batch_size = min(options.batch_size, len(train))
-    # A last batch of one image would break BatchNorm in training mode; with more
-    # images than a batch, the shuffle lets every image take part over the epochs.
+    # Each epoch's short last batch is dropped as the federation drops it
+    # (train.drop_last), and always where it would be one image, which BatchNorm
+    # cannot train on; with more images than a batch, the shuffle lets every image
+    # take part over the epochs.
+    drop_last = len(train) > batch_size and (train_cfg.drop_last or len(train) % batch_size == 1)
     data = FineTuneData(_Images(train.images, train.labels, options.augment, options.seed, normalization),
                         _Images(heldout.images, heldout.labels, normalization=normalization), batch_size, options.seed,
-                        drop_last=len(train) > batch_size)
+                        drop_last=drop_last)
 
     if options.mode == "head":
         trainable = head_parameter_names(model)

@@ -106,7 +106,7 @@ def round_batches(federation: Federation) -> tuple[list[int], list[torch.Tensor]
     steps = [round_steps(len(c.labeled), 0, cfg.train, 0) for c in clients]
     device = federation.pool.images.device
     return steps, [torch.from_numpy(indices).to(device) for c, n in zip(clients, steps)
-                   for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id)), n)]
+                   for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id), drop_last=cfg.train.drop_last), n)]
 
 
 def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int, precision: str = "32") -> dict:
@@ -168,7 +168,7 @@ def step_overhead(device: str, precision: str, repeats: int) -> dict:
         return client_data.finish(learner, tally.metrics(), trainer.shared_names)[0].num_examples
 
     steps = round_steps(len(client.labeled), 0, cfg.train, 0)
-    batches = [torch.from_numpy(b).to(dev) for b in islice(cycle_batches(client.labeled, BATCH, np.random.default_rng(0)), steps)]
+    batches = [torch.from_numpy(b).to(dev) for b in islice(cycle_batches(client.labeled, BATCH, np.random.default_rng(0), drop_last=cfg.train.drop_last), steps)]
     ideal = lambda: ideal_loop(cfg, federation.pool.images, federation.pool.labels, batches)  # noqa: E731
     wall, cpu = {"plain": [], "fabric": [], "ideal": []}, {"plain": [], "fabric": [], "ideal": []}
     for repeat in range(repeats):

@@ -184,6 +184,27 @@ def recipe_defaults() -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(recipe_schema()))
 
 
+# Keys added with a default other than what fedssl did before they existed: a
+# config written before holds no value for them, and its run behaved as this one.
+BEHAVIOUR_BEFORE_THE_KEY = {
+    "train.drop_last": False,  # every pass trained on its last, short batch
+}
+
+
+def saved_defaults() -> dict[str, Any]:
+    """What a saved config (a run directory's, a checkpoint's) means by a key it
+    lacks: the schema's default, or for a key of `BEHAVIOUR_BEFORE_THE_KEY`, what
+    fedssl did before the key existed."""
+    defaults = recipe_defaults()
+    for dotted, value in BEHAVIOUR_BEFORE_THE_KEY.items():
+        *sections, key = dotted.split(".")
+        node = defaults
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    return defaults
+
+
 def to_yaml(cfg: RecipeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

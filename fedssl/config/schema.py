@@ -77,6 +77,7 @@ class TrainConfig:
     momentum: float = 0.0  # sgd momentum
     weight_decay: float = 0.0  # L2 penalty of the client optimizer
     batch_size: int = 32  # client mini-batch size
+    drop_last: bool = True  # end each pass over a client's data at its last full batch (as PFLlib and DataLoader(drop_last=True)): the short remainder waits for the next pass's shuffle, and a client smaller than one batch still trains on it; false: the short batch is a step, and a one-image step can swing a personal model (docs/personalization.md)
     local_epochs: int = 1  # passes over the client's labeled data per round
     local_steps: int = 0  # if > 0, a fixed number of SGD steps per round instead of epochs
     precision: str = "32"  # client training precision, set by Lightning: 32 | bf16-mixed (CPU or CUDA autocast) | 16-mixed (CUDA only; float16 autocast with loss scaling)

@@ -28,7 +28,7 @@ import torch
 from fedssl.config.schema import TrainConfig
 from fedssl.data.transforms import augment_batch, reseed
 from fedssl.messages import Payload, Update
-from fedssl.federation.tensors import TensorPool, client_seed, cycle_batches
+from fedssl.federation.tensors import TensorPool, batches_per_pass, client_seed, cycle_batches
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
 # Payload config key: at most this many local steps this round (a round policy's
@@ -53,12 +53,13 @@ class Augmentations:
 
 def epoch_steps(num_labeled: int, num_unlabeled: int, cfg: TrainConfig, unlabeled_batch: int) -> int:
     """SGD steps in one local epoch: one pass over whichever of the labeled and
-    unlabeled sets takes more batches; with `local_steps` set, the whole budget."""
+    unlabeled sets takes more batches (`batches_per_pass`, whose last short batch
+    `train.drop_last` drops); with `local_steps` set, the whole budget."""
     if cfg.local_steps > 0:
         return cfg.local_steps
-    per_epoch = math.ceil(num_labeled / cfg.batch_size)
+    per_epoch = batches_per_pass(num_labeled, cfg.batch_size, cfg.drop_last)
     if unlabeled_batch:
-        per_epoch = max(per_epoch, math.ceil(num_unlabeled / unlabeled_batch))
+        per_epoch = max(per_epoch, batches_per_pass(num_unlabeled, unlabeled_batch, cfg.drop_last))
     return per_epoch
 
 
@@ -210,9 +211,10 @@ class ClientDataModule(pl.LightningDataModule):
         cfg, aug, pool = self.source.train, self.source.augmentations, self.source.pool
         device = pool.labels.device
         labeled, unlabeled = self.labeled, self.unlabeled
-        labeled_stream = cycle_batches(labeled, cfg.batch_size, rng) if len(labeled) else None
+        labeled_stream = cycle_batches(labeled, cfg.batch_size, rng, drop_last=cfg.drop_last) if len(labeled) else None
         positions = np.arange(len(unlabeled))
-        unlabeled_stream = cycle_batches(positions, self.unlabeled_batch, rng) if self.unlabeled_batch and len(unlabeled) else None
+        unlabeled_stream = (cycle_batches(positions, self.unlabeled_batch, rng, drop_last=cfg.drop_last)
+                            if self.unlabeled_batch and len(unlabeled) else None)
         for _ in range(steps):
             batch: Batch = {}
             if labeled_stream is not None:

@@ -301,8 +301,9 @@ class InProcessClients:
         """What the client's personalization may use: its kept state (none, `kept`
         False) and its labeled training data."""
         labeled = self.data.clients[client_id].labeled
-        batches = lambda steps: labeled_batches(self.pool.images, self.pool.labels, labeled, self.cfg.train.batch_size,
-                                                self.cfg.seed, client_id, steps)
+        train = self.cfg.train
+        batches = lambda steps: labeled_batches(self.pool.images, self.pool.labels, labeled, train.batch_size,
+                                                self.cfg.seed, client_id, steps, drop_last=train.drop_last)
         return LocalClient(client_id, self.store.peek(client_id) if kept else {}, batches)
 
     def score_personal(self, weights: Arrays, rows: list[dict[str, Any]], scores: list[Score]) -> None:

@@ -177,7 +177,8 @@ class CohortTrainer:
             if not steps[k]:
                 continue
             index[k] = labeled[0]
-            for t, drawn in enumerate(islice(cycle_batches(labeled, batch, np.random.default_rng(seed)), steps[k])):
+            stream = cycle_batches(labeled, batch, np.random.default_rng(seed), drop_last=self.cfg.train.drop_last)
+            for t, drawn in enumerate(islice(stream, steps[k])):
                 index[k, t, : len(drawn)] = drawn
                 weight[k, t, len(drawn) :] = 0.0
                 real[k, t] = len(drawn)

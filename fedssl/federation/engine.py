@@ -32,7 +32,7 @@ from fedssl.federation.clients import Clients, InProcessClients, Kinds, build_tr
 from fedssl.federation.evaluate import score
 from fedssl.federation.faults import Holding, check_update
 from fedssl.federation.links import Links
-from fedssl.federation.metrics import mean_acc, round_metrics
+from fedssl.federation.metrics import mean_acc, pooled_acc, round_metrics
 from fedssl.federation.personal_eval import personal_metrics
 from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
@@ -324,7 +324,8 @@ class Federation:
         rows = [row for row in scored.rows if row["client"] not in self.held_out]
         metrics = {"global_acc": server.accuracy, "global_loss": server.loss,
                    **global_class_metrics(server.confusion, self.data.class_names),
-                   "global_confusion": server.confusion.tolist(), "client_acc_mean": mean_acc(rows)}
+                   "global_confusion": server.confusion.tolist(), "client_acc_mean": mean_acc(rows),
+                   "client_acc_pooled": pooled_acc(rows)}
         kinds = sorted({row["kind"] for row in rows})
         if len(kinds) > 1:
             metrics |= {f"client_acc_mean/{kind}": mean_acc([r for r in rows if r["kind"] == kind]) for kind in kinds}

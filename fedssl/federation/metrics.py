@@ -41,6 +41,21 @@ def round_metrics(updates: list[Update], kinds: Mapping[int, str]) -> dict[str, 
     return metrics
 
 
-def mean_acc(rows: list[dict[str, Any]]) -> float:
-    accs = [r["acc"] for r in rows if r["test_samples"]]
+def mean_acc(rows: list[dict[str, Any]], key: str = "acc") -> float:
+    """The mean over clients with a local test split of their accuracy `key`: each
+    client counts alike, whatever its split's size."""
+    accs = [r[key] for r in rows if r["test_samples"]]
     return float(np.mean(accs)) if accs else float("nan")
+
+
+def pooled_acc(rows: list[dict[str, Any]], key: str = "acc") -> float:
+    """The accuracy `key` over every client's local test samples pooled: correct
+    predictions summed over clients / test samples summed over clients, so a large
+    split weighs more than a small one (PFLlib's definition, where `mean_acc` is
+    the mean over clients). NaN without any test sample."""
+    tested = [r for r in rows if r["test_samples"]]
+    total = sum(r["test_samples"] for r in tested)
+    if not total:
+        return float("nan")
+    # accuracy x samples is each client's count of correct predictions, a whole number
+    return float(sum(round(r[key] * r["test_samples"]) for r in tested) / total)

@@ -12,7 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fedssl.algorithms.aggregate import ServerState
-from fedssl.config.load import recipe_defaults, to_dict, to_yaml
+from fedssl.config.load import BEHAVIOUR_BEFORE_THE_KEY, saved_defaults, to_dict, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
@@ -36,11 +36,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], defaults: di
     """Refuse to resume a run under a recipe that would change its results.
 
     A key the killed run's config lacks was added to fedssl since it started; the
-    run behaved as its default (`defaults`, the schema's values), so only a
-    value other than that default is a change. Privacy settings other than the
+    run behaved as its default (`defaults`, the schema's values) or, for a key
+    whose default differs from what fedssl did before (`saved_defaults`), as
+    that, so only another value is a change. Privacy settings other than the
     mechanism change nothing while it is `none`."""
     if defaults is None:
-        saved, current, defaults = without_inert_privacy(saved), without_inert_privacy(current), recipe_defaults()
+        saved, current, defaults = without_inert_privacy(saved), without_inert_privacy(current), saved_defaults()
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
         old, new = saved.get(key, defaults.get(key)), current.get(key)
@@ -48,7 +49,9 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], defaults: di
             nested = defaults.get(key)
             check_resumable(old, new, nested if isinstance(nested, dict) else {}, f"{dotted}.")
         elif old != new and not dotted.startswith(RESUMABLE_CHANGES):
-            raise UserError(f"cannot resume: {dotted} was {old!r} in the killed run and is {new!r} now")
+            before = (f" (it started before fedssl had {dotted}, and trained as {old!r}: resume it with "
+                      f"{dotted}={str(old).lower()})" if key not in saved and dotted in BEHAVIOUR_BEFORE_THE_KEY else "")
+            raise UserError(f"cannot resume: {dotted} was {old!r} in the killed run and is {new!r} now{before}")
 
 
 def without_inert_privacy(config: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +174,8 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
         **{k: v for k, v in metrics.items() if k.startswith(("global_f1_macro", "global_recall/"))},
         **({"global_acc_best": best[0], "global_acc_best_round": best[1]} if best else {}),
         "client_acc_mean": metrics["client_acc_mean"],
-        **{k: v for k, v in metrics.items() if k.startswith(("client_acc_mean/", "pl_", "unseen_", "linear_acc"))},
+        **{k: v for k, v in metrics.items()
+           if k.startswith(("client_acc_pooled", "client_acc_mean/", "pl_", "unseen_", "linear_acc"))},
         **personal_summary(metrics, read_metrics(logger.metrics_path)),
         **totals,
         **privacy_summary(federation.privacy, fed.rounds),

@@ -43,12 +43,26 @@ class TensorPool:
         return len(self.labels)
 
 
-def cycle_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Endless shuffled mini-batches of `indices`, reshuffled at every pass; the last
-    batch of a pass may be short."""
+def batches_per_pass(count: int, batch_size: int, drop_last: bool) -> int:
+    """Mini-batches in one pass over `count` samples. With `drop_last` a pass ends at
+    its last full batch (`train.drop_last`): a short remainder is never a step of
+    its own. A set smaller than one batch is still one (short) batch, so that every
+    client trains."""
+    if drop_last and count >= batch_size:
+        return count // batch_size
+    return -(-count // batch_size)
+
+
+def cycle_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator, *,
+                  drop_last: bool) -> Iterator[np.ndarray]:
+    """Endless shuffled mini-batches of `indices`, reshuffled at every pass: the
+    `batches_per_pass` batches of each pass. Without `drop_last` the last batch of a
+    pass may be short; with it, the samples left over wait for a later pass's
+    shuffle (as torch's `DataLoader(drop_last=True)` leaves them)."""
+    per_pass = batches_per_pass(len(indices), batch_size, drop_last)
     while True:
         order = rng.permutation(indices)
-        for start in range(0, len(order), batch_size):
+        for start in range(0, per_pass * batch_size, batch_size):
             yield order[start : start + batch_size]
 
 

@@ -21,8 +21,8 @@ from fedssl.io import atomic_write
 from fedssl.tracking.runs import RunRecord
 
 # Final metrics a table shows, in this order, where any run has them.
-METRICS = ("global_acc", "global_f1_macro", "personal_acc", "personal_acc_p10", "personal_f1_macro", "client_acc_mean",
-           "bytes_up", "bytes_down", "epsilon", "seconds")
+METRICS = ("global_acc", "global_f1_macro", "personal_acc", "personal_acc_pooled", "personal_acc_p10", "personal_f1_macro",
+           "client_acc_mean", "client_acc_pooled", "bytes_up", "bytes_down", "epsilon", "seconds")
 # Final metrics where lower is better; every other metric ranks highest first.
 LOWER_IS_BETTER = ("loss", "bytes", "seconds", "epsilon", "dropped")
 IGNORED = ("seed", "name", "output_dir", "logging")

@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence
 from fedssl.config.schema import WandbConfig
 
 # Metrics whose best value is worth keeping: W&B's summary holds their max and their last value.
-BEST_IS_MAX = ("global_acc", "global_f1_macro", "global_recall/*", "client_acc_mean", "personal_acc",
-               "personal_acc_p10", "personal_f1_macro")
+BEST_IS_MAX = ("global_acc", "global_f1_macro", "global_recall/*", "client_acc_mean", "client_acc_pooled",
+               "personal_acc", "personal_acc_pooled", "personal_acc_p10", "personal_f1_macro")
 
 
 def start(wcfg: WandbConfig, *, name: str, group: str, job_type: str, directory: Path,

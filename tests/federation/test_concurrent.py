@@ -37,13 +37,17 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
     # More steps than one pass: the stream reshuffles mid-round. (At the tiny recipe's
     # lr 0.05 with momentum 0.9, float rounding differences grow past 1e-5 after ~7 steps.)
     ["train.local_steps=9", "train.lr=0.01"],
-], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "local_steps"])
+    # Short last batches, padded in the cohort: kept (drop_last false), or a client's
+    # only batch when it holds fewer images than one (batch 100).
+    ["train.drop_last=false"],
+    ["train.batch_size=100", "train.local_epochs=2"],
+], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "local_steps", "short_batches", "one_short_batch"])
 def test_vectorized_training_equals_sequential_training(tiny_recipe, overrides):
     federation = build(tiny_recipe, *VMAP, *overrides)
     assert federation.clients.cohort is not None
     assert federation.trainer.fabric.strategy.precision.precision == "32-true"  # the path compared against
     sizes = [len(federation.data.clients[c].labeled) for c in range(4)]
-    assert len(set(sizes)) > 1 and any(n % 16 for n in sizes)  # unequal clients, short last batches
+    assert len(set(sizes)) > 1 and any(n % 16 for n in sizes)  # unequal clients, short remainders
     together, one_by_one = train_both_ways(federation)
     for vectorized, sequential in zip(together, one_by_one):
         assert vectorized.client_id == sequential.client_id
@@ -54,9 +58,10 @@ def test_vectorized_training_equals_sequential_training(tiny_recipe, overrides):
 
 
 def test_clients_with_different_step_counts_stop_at_their_own(tiny_recipe):
-    # batch 32: the clients' ~95 samples take 3 or 4 steps; one with 4 must not move a 3-step one further
+    # batch 32: the clients' 61 to 67 samples take 1 or 2 full batches (train.drop_last);
+    # one with 2 must not move a 1-step one further
     federation = build(tiny_recipe, *VMAP, "train.batch_size=32")
-    steps = {(len(federation.data.clients[c].labeled) + 31) // 32 for c in range(6)}
+    steps = {len(federation.data.clients[c].labeled) // 32 for c in range(6)}
     assert len(steps) > 1, steps
     together, one_by_one = train_both_ways(federation, clients=tuple(range(6)))
     for vectorized, sequential in zip(together, one_by_one):

@@ -15,7 +15,9 @@ from fedssl.learners.base import ClientContext
 
 
 def test_federated_training_beats_chance(tiny_recipe, tmp_path):
-    cfg = load_recipe(tiny_recipe, ["federation.rounds=12", "federation.clients_per_round=6"])
+    # Short batches kept: the tiny clients' 61 to 67 images then take 4 or 5 steps an
+    # epoch (3 or 4 with train.drop_last), the budget this margin over chance was set for.
+    cfg = load_recipe(tiny_recipe, ["federation.rounds=12", "federation.clients_per_round=6", "train.drop_last=false"])
     summary = run_federation(cfg, tmp_path / "run")
     assert summary["rounds"] == 12
     assert summary["global_acc"] > 1 / 7 + 0.05, summary

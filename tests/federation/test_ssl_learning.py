@@ -129,7 +129,8 @@ def test_tau_one_masks_every_pseudo_label_out(tiny_recipe):
     _, update, _ = fit_first_round(federation, client)
     assert calls and all(not out["mask"].any() and out["loss"].item() == 0.0 for _, out in calls)
     assert update.metrics["pl_masked"] == 0 and update.metrics["pl_correct"] == 0
-    assert update.metrics["pl_seen"] == len(client.unlabeled)
+    unlabeled_batch = 16 * 2  # batch_size x unlabeled_ratio; one epoch of full batches (train.drop_last)
+    assert update.metrics["pl_seen"] == len(client.unlabeled) // unlabeled_batch * unlabeled_batch > 0
     assert not changed(before, learner.model)  # no labels and no pseudo-labels: nothing to learn
     metrics = round_metrics([update], federation.kinds)
     assert metrics["pl_mask_rate"] == 0.0 and metrics["pl_mask_rate/unlabeled"] == 0.0
@@ -355,14 +356,18 @@ def test_pseudo_label_accuracy_equals_a_hand_count(tiny_recipe):
     assert 0.0 <= metrics["pl_acc"] <= 1.0
 
 
-def test_one_local_epoch_pseudo_labels_every_unlabeled_sample_once(tiny_recipe):
-    federation = build(tiny_recipe, "algorithm.name=fixmatch", *MIXED_CLIENTS)
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_one_local_epoch_pseudo_labels_every_unlabeled_sample_once(tiny_recipe, drop_last):
+    federation = build(tiny_recipe, "algorithm.name=fixmatch", *MIXED_CLIENTS, f"train.drop_last={drop_last}")
     client = federation.data.clients[0]
     calls = record_steps(federation.trainer.learner)
     _, update, _ = fit_first_round(federation, client)
     drawn = np.concatenate([batch["u_index"].numpy() for batch, _ in calls])
-    assert update.metrics["pl_seen"] == len(drawn) == len(client.unlabeled)
-    assert sorted(drawn.tolist()) == list(range(len(client.unlabeled)))
+    assert update.metrics["pl_seen"] == len(drawn) == len(set(drawn.tolist()))  # none twice
+    if drop_last:  # the full unlabeled batches of 16 x 2; the rest wait for the next epoch's shuffle
+        assert len(drawn) == len(client.unlabeled) // 32 * 32 and len(client.unlabeled) % 32
+    else:
+        assert sorted(drawn.tolist()) == list(range(len(client.unlabeled)))
     assert 0 <= update.metrics["pl_correct"] <= update.metrics["pl_masked"] <= update.metrics["pl_seen"]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.federation.engine import Federation
+from fedssl.federation.metrics import mean_acc, pooled_acc
 from fedssl.federation.personal_eval import labeled_batches, personal_metrics, personal_summary, worst_share_mean
 
 
@@ -23,6 +24,18 @@ def test_personal_acc_is_the_mean_and_p10_the_mean_of_the_worst_tenth():
     metrics = personal_metrics(rows(accs))
     assert metrics["personal_acc"] == pytest.approx(sum(accs) / 20)
     assert metrics["personal_acc_p10"] == pytest.approx((0.1 + 0.2) / 2)  # the worst 2 of 20
+
+
+def test_pooled_accuracy_weighs_each_test_sample_alike_and_the_mean_each_client():
+    # 9 of 10 right on a small split, 45 of 90 on a large one: mean over clients
+    # (0.9 + 0.5) / 2 = 0.7, pooled (9 + 45) / (10 + 90) = 0.54 (PFLlib's figure)
+    metrics = personal_metrics(rows([0.9, 0.5, float("nan")], samples=[10, 90, 0]))
+    assert metrics["personal_acc"] == pytest.approx(0.7)
+    assert metrics["personal_acc_pooled"] == pytest.approx(0.54)
+    global_rows = [{"acc": 0.9, "test_samples": 10}, {"acc": 0.5, "test_samples": 90}, {"acc": 0.0, "test_samples": 0}]
+    assert mean_acc(global_rows) == pytest.approx(0.7) and pooled_acc(global_rows) == pytest.approx(0.54)
+    assert pooled_acc([{"acc": 2 / 3, "test_samples": 3}, {"acc": 1 / 7, "test_samples": 7}]) == 0.3  # exact counts
+    assert math.isnan(pooled_acc([{"acc": float("nan"), "test_samples": 0}]))
 
 
 def test_clients_without_a_local_test_split_do_not_count():
@@ -49,11 +62,15 @@ def test_adaptation_batches_come_from_the_given_training_indices_only():
     images = torch.arange(20, dtype=torch.float32).reshape(20, 1)
     labels = torch.arange(20)
     train = np.array([3, 5, 8])
-    seen = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4)]
+    seen = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4, drop_last=False)]
     assert len(seen) == 4 and set(torch.cat(seen).flatten().long().tolist()) <= {3, 5, 8}
-    again = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4)]
+    assert [len(x) for x in seen] == [2, 1, 2, 1]
+    again = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4, drop_last=False)]
     assert all(torch.equal(a, b) for a, b in zip(seen, again)), "the same batches at every evaluation"
-    assert list(labeled_batches(images, labels, train[:0], 2, seed=0, client_id=1, steps=4)) == []
+    assert list(labeled_batches(images, labels, train[:0], 2, seed=0, client_id=1, steps=4, drop_last=False)) == []
+    # train.drop_last: adaptation never steps on the one image a pass leaves over
+    dropped = [x for x, _ in labeled_batches(images, labels, train, 2, seed=0, client_id=1, steps=4, drop_last=True)]
+    assert [len(x) for x in dropped] == [2, 2, 2, 2]
 
 
 def test_each_client_is_scored_with_its_own_head_on_its_own_test_split(tiny_recipe):
@@ -74,6 +91,10 @@ def test_each_client_is_scored_with_its_own_head_on_its_own_test_split(tiny_reci
     for old, new in zip(before[1:], after[1:]):
         assert new["personal_acc"] == old["personal_acc"]
     assert metrics["personal_acc"] == pytest.approx(np.mean([r["personal_acc"] for r in after if r["test_samples"]]))
+    correct = sum(round(r["personal_acc"] * r["test_samples"]) for r in after)
+    assert metrics["personal_acc_pooled"] == pytest.approx(correct / sum(r["test_samples"] for r in after))
+    assert metrics["client_acc_pooled"] == pytest.approx(sum(round(r["acc"] * r["test_samples"]) for r in after)
+                                                         / sum(r["test_samples"] for r in after))
 
 
 def test_without_personalization_the_personal_score_is_the_global_models(tiny_recipe):

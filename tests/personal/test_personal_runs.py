@@ -45,9 +45,10 @@ def test_a_faces_recipe_runs_shrunk_with_one_client_per_person(recipe, tmp_path)
     assert summary["personal_acc_p10"] <= summary["personal_acc"]
     assert summary["personal_acc_best_round"] in (1, 2)
     history = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert all("personal_acc" in m and "personal_acc_p10" in m for m in history)
+    assert all("personal_acc" in m and "personal_acc_p10" in m and "personal_acc_pooled" in m for m in history)
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert written["personal_acc"] == pytest.approx(summary["personal_acc"])
+    for key in ("personal_acc", "personal_acc_pooled", "client_acc_pooled"):
+        assert written[key] == pytest.approx(summary[key]) and written[key] == pytest.approx(history[-1][key]), key
 
 
 def test_fedper_with_fixmatch_personalizes_labeled_and_unlabeled_clients_together(tiny_recipe, tmp_path):

@@ -91,6 +91,17 @@ def test_variants_rank_by_any_metric_best_first():
     assert list(rank_variants(variants, "train_loss")) == list(variants)
 
 
+def test_pooled_and_mean_personal_accuracy_are_columns_of_their_own_and_may_rank_apart():
+    # lr 0.1 wins on the mean over clients, lr 0.2 on the test samples pooled (PFLlib's figure)
+    records = [record(0, 0.1, 0.5, personal_acc=0.9, personal_acc_pooled=0.6),
+               record(0, 0.2, 0.5, personal_acc=0.8, personal_acc_pooled=0.7)]
+    variants = group_variants(records)
+    assert list(rank_variants(variants, "personal_acc")) == ["fedavg lr=0.1", "fedavg lr=0.2"]
+    assert list(rank_variants(variants, "personal_acc_pooled")) == ["fedavg lr=0.2", "fedavg lr=0.1"]
+    header = comparison_table(variants).splitlines()[0]
+    assert "| personal_acc | personal_acc_pooled |" in header
+
+
 def test_random_and_bayes_sweeps_draw_from_values_and_ranges():
     params = [parse_param("train.lr=log:0.001..0.1"), parse_param("train.local_epochs=1..4"),
               parse_param("train.momentum=0.0..0.9"), parse_param("algorithm.name=fedavg,fedprox")]

@@ -54,7 +54,8 @@ def test_seeds_launched_with_name_from_share_the_recipes_group(runs, wandb_recor
 def test_accuracy_and_f1_keep_their_max_in_the_summary(runs, wandb_records):
     records = wandb_records(runs[0][0])
     defined = {m.name or m.glob_name: m.summary for m in records["metric"]}
-    for name in ("global_acc", "global_f1_macro", "global_recall/*", "personal_acc", "personal_f1_macro"):
+    for name in ("global_acc", "global_f1_macro", "global_recall/*", "personal_acc", "personal_acc_pooled",
+                 "client_acc_pooled", "personal_f1_macro"):
         assert defined[name].max and defined[name].last, name
     summaries = [json.loads(u.value_json) for s in records["summary"] for u in s.update if list(u.nested_key) == ["global_acc"]]
     history = [json.loads(line)["global_acc"] for line in (runs[0][0] / "metrics.jsonl").read_text().splitlines()]
