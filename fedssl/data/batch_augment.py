@@ -17,7 +17,8 @@ colour, so that they act alike on grayscale): identity, autocontrast, brightness
 (factor 1 +- 0.45), contrast (1 +- 0.45, blended with the image's mean), equalize,
 posterize (4-8 bits), solarize (threshold 0-255), sharpness (PIL's smoothing kernel,
 blend 0.05-0.95 toward the sharpened image), rotate (+-30 degrees), shear x/y (+-0.3),
-translate x/y (+-30%). Geometric ones sample bilinearly with reflected borders. The
+translate x/y (+-30%). Geometric ones sample bilinearly, the border mirrored with
+its edge pixel repeated (`grid_sample`'s reflection). The
 pixels differ from albumentations' (another library's kernels and draws), not the
 distribution of views in kind; BENCHMARKS.md compares the accuracy both give.
 

@@ -123,3 +123,31 @@ def test_an_unknown_kind_and_a_wrong_batch_are_refused():
         TorchAugment("medium")
     with pytest.raises(ValueError, match="uint8"):
         TorchAugment("weak", 0)(torch.zeros(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "albumentations"])
+def test_a_clients_views_come_from_seed_round_and_client_with_either_backend(tiny_recipe, backend):
+    """The unlabeled views of a client's round: the same when the round is drawn
+    again (a resumed run, another order of clients), different for another client."""
+    from fedssl.config.load import load_recipe
+    from fedssl.federation.engine import Federation
+
+    cfg = load_recipe(tiny_recipe, ["algorithm.name=fixmatch", "data.labels.mode=client", "data.labels.per_class=2",
+                                    f"data.augment_backend={backend}", "data.augment=strong"])
+    federation = Federation.build(cfg)
+    learner = federation.trainer.learner
+
+    def first_batch(client_id: int):
+        client = federation.data.clients[client_id]
+        payload = federation.algorithm.payload(1, federation.initial_state(), client_id)
+        data = federation.trainer.client_data(client_id, client.labeled, client.unlabeled, payload)
+        data.begin(learner)
+        return next(iter(data.train_dataloader()))
+
+    first, again, other = first_batch(0), first_batch(0), first_batch(1)
+    assert set(first) == {"x", "y", "u_weak", "u_strong", "u_index"}
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    assert first["u_weak"].dtype == torch.float32 and -1 <= float(first["u_weak"].min()) < float(first["u_weak"].max()) <= 1
+    assert not torch.equal(first["u_weak"], first["u_strong"])
+    assert not torch.equal(first["u_strong"][: len(other["u_strong"])], other["u_strong"][: len(first["u_strong"])])
