@@ -1,6 +1,7 @@
 """Where a semi-supervised round's time goes: one round of a recipe, by phase.
 
     OMP_NUM_THREADS=1 python tools/profile_ssl.py [RECIPE ...] [--set KEY=VALUE ...] [--top 15] [--out FILE.json]
+    OMP_NUM_THREADS=1 python tools/profile_ssl.py --augment cpu    # augmentation images/s, both backends
 
 Default recipes: the Fashion-MNIST Table 2 set (FedMatch labels-at-client,
 labels-at-server, FedProx-FixMatch). For each, the federation is built, `--warmup`
@@ -161,6 +162,35 @@ def profile_round(recipe: str, overrides: list[str], warmup: int, top: int) -> d
             "top": stream.getvalue()}
 
 
+def augment_throughput(device: str, batch: int = 448, side: int = 28, repeats: int = 10) -> list[dict]:
+    """Images per CPU second (GPU: per wall second, synchronized) of each backend's
+    weak and strong views of uint8 `side`-pixel grayscale batches."""
+    from fedssl.data.batch_augment import TorchAugment
+    from fedssl.data.transforms import augment_batch, build_transform
+
+    images = torch.randint(0, 256, (batch, 1, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    on_device, raw = images.to(device), images.permute(0, 2, 3, 1).numpy().copy()
+    cuda = device.startswith("cuda")
+    clock = time.perf_counter if cuda else time.process_time
+    rows = []
+    for kind in ("weak", "strong"):
+        runs = {"torch": lambda a=TorchAugment(kind, 0): a(on_device)}
+        if not cuda:
+            runs["albumentations"] = lambda t=build_transform(kind, side, seed=0): augment_batch(t, raw)
+        for backend, run in runs.items():
+            run()  # warm-up
+            if cuda:
+                torch.cuda.synchronize()
+            began = clock()
+            for _ in range(repeats):
+                run()
+            if cuda:
+                torch.cuda.synchronize()
+            rows.append({"backend": backend, "kind": kind, "device": device,
+                         "images_per_s": batch * repeats / (clock() - began)})
+    return rows
+
+
 def report(result: dict) -> str:
     lines = [f"## {result['recipe']}: round {result['round']}, {result['cpu_s']:.1f} CPU s, {result['wall_s']:.1f} wall s "
              f"({result['threads']} torch threads), global_acc {result['global_acc']:.4f}",
@@ -178,7 +208,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (FedMatch needs 1 for helpers)")
     parser.add_argument("--top", type=int, default=0, help="also print cProfile's top N functions by own time")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--augment", metavar="DEVICE",
+                        help="only measure augmentation throughput on DEVICE (cpu, cuda), both backends")
     args = parser.parse_args()
+    if args.augment:
+        for row in augment_throughput(args.augment):
+            print(f"{row['backend']:>14} {row['kind']:>6} on {row['device']}: {row['images_per_s']:,.0f} images/s")
+        return
     results = []
     for recipe in args.recipes:
         results.append(profile_round(recipe, args.overrides, args.warmup, args.top))

@@ -41,10 +41,6 @@ OPS = ("identity", "autocontrast", "brightness", "contrast", "equalize", "poster
 OPS_PER_IMAGE = 2
 
 
-def _uniform(generator: torch.Generator, n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
-    return (torch.rand(n, generator=generator) * (high - low) + low).to(device)
-
-
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     """Indices reflected into [0, size) without repeating the edge (OpenCV's REFLECT_101)."""
     period = 2 * (size - 1) if size > 1 else 1
@@ -131,11 +127,10 @@ def equalize(x: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
     hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))
     cdf = hist.cumsum(1)
     lowest = cdf.gather(1, levels.amin(1, keepdim=True))  # count at the darkest level present
-    span = (cdf[:, -1:] - lowest).clamp(min=1)
-    lut = ((cdf - lowest) / span * 255).clamp_(0, 255)
-    flat = torch.where(span > 0, lut.gather(1, levels), levels.float())
-    same = (cdf[:, -1:] == lowest)  # one level only: PIL leaves the image as it is
-    return torch.where(same, levels.float(), flat).view(n, c, h, w)
+    span = cdf[:, -1:] - lowest
+    lut = ((cdf - lowest) / span.clamp(min=1) * 255).clamp_(0, 255)
+    # one level only (nothing to spread): PIL leaves the image as it is
+    return torch.where(span > 0, lut.gather(1, levels), levels.float()).view(n, c, h, w)
 
 
 def posterize(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

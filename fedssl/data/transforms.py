@@ -1,5 +1,8 @@
 """Image augmentation pipelines (albumentations) and the uint8 -> tensor conversion.
 
+(`fedssl.data.batch_augment` draws the same three strengths a batch at a time in
+torch, on the training device: `data.augment_backend`.)
+
 Three strengths, as semi-supervised methods use them:
 
 - ``eval`` (alias ``none``): identity.
@@ -38,14 +41,11 @@ import cv2
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
-__all__ = ["AUGMENTATIONS", "AUGMENT_BACKENDS", "KINDS", "build_transform", "check_augmentation", "reseed",
+__all__ = ["AUGMENTATIONS", "KINDS", "build_transform", "check_augmentation", "reseed",
            "augment_batch", "to_tensor", "normalize", "is_default_normalization"]
 
 AUGMENTATIONS = ("none", "weak", "strong")  # what data.augment (and personalize --augment) may name
 KINDS = ("eval", *AUGMENTATIONS)
-# data.augment_backend: who draws the views of training batches, albumentations per image
-# (this module) or torch a batch at a time on the training device (fedssl.data.batch_augment)
-AUGMENT_BACKENDS = ("albumentations", "torch")
 
 _BORDER = cv2.BORDER_REFLECT_101
 _GRAY = 127  # Cutout fill, mid-gray on 8-bit images
