@@ -34,10 +34,11 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
     ["train.momentum=0.9", "train.weight_decay=0.001"],
     ["algorithm.name=fedprox", "algorithm.proximal_mu=0.5"],
     ["data.augment=weak"],
+    ["data.augment=weak", "data.augment_backend=torch"],
     # More steps than one pass: the stream reshuffles mid-round. (At the tiny recipe's
     # lr 0.05 with momentum 0.9, float rounding differences grow past 1e-5 after ~7 steps.)
     ["train.local_steps=9", "train.lr=0.01"],
-], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "local_steps"])
+], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "augmented-torch", "local_steps"])
 def test_vectorized_training_equals_sequential_training(tiny_recipe, overrides):
     federation = build(tiny_recipe, *VMAP, *overrides)
     assert federation.clients.cohort is not None
