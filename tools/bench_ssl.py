@@ -1,11 +1,12 @@
 """Run a named set of semi-supervised recipes on one partition and budget, then
 write a markdown table and accuracy curves (one line per recipe).
 
-    python tools/bench_ssl.py faces [--budget cpu|full] [--seeds 1] [--out runs/bench-faces]
+    python tools/bench_ssl.py faces [--budget cpu|full] [--seeds 1] [--set KEY=VALUE ...] [--out runs/bench-faces]
 
 `--budget full` runs the recipes as written (meant for a GPU); `cpu` applies the
-reduced budget below, which fits a 2-core CPU. Finished runs are kept, so a killed
-benchmark continues where it stopped. The table is written to OUT/table.md and the
+reduced budget below, which fits a 2-core CPU. `--set` adds recipe overrides to
+every run, after the budget (`--set federation.rounds=3 data.augment_backend=albumentations`).
+Finished runs are kept, so a killed benchmark continues where it stopped. The table is written to OUT/table.md and the
 curves to OUT/global_acc.png; BENCHMARKS.md records them with the command and machine.
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--budget", choices=("cpu", "full"), default="cpu")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="run only these entries (labels) of the set")
+    parser.add_argument("--set", nargs="*", default=[], dest="overrides", help="recipe overrides for every run")
     parser.add_argument("--out", help="default: runs/bench-SET-BUDGET")
     args = parser.parse_args()
 
@@ -60,7 +62,7 @@ def main() -> None:
             continue
         runs = []
         for seed in range(args.seeds):
-            overrides = [*budget, *extra, f"seed={seed}", f"name={label}-seed{seed}", f"output_dir={out}",
+            overrides = [*budget, *args.overrides, *extra, f"seed={seed}", f"name={label}-seed{seed}", f"output_dir={out}",
                          f"logging.wandb.group=bench-{args.set}-{args.budget}", "logging.progress=false"]
             run_dir, _ = complete(recipe, overrides)
             runs.append(read_run_dir(run_dir))

@@ -56,6 +56,7 @@ class DataConfig:
     test_fraction: float = 0.2  # share of the pool held out as the server test set when the source has no test split
     skip_bad: bool = False  # skip (and count) malformed rows/images instead of stopping with an error
     augment: str = "none"  # augmentation of supervised training batches: none | weak | strong
+    augment_backend: str = "albumentations"  # who draws augmented views: albumentations (per image, on the CPU) | torch (a batch at a time, on the training device; about 10x faster, accuracy not yet shown equal: BENCHMARKS.md)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
 

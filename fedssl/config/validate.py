@@ -191,6 +191,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(cfg.algorithm.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {cfg.algorithm.server_lr}")
     # data.source, data.partition.scheme, data.labels.mode and data.augment are
     # checked by the data package, before it decodes anything (`load_source`).
+    require(cfg.data.augment_backend in ("albumentations", "torch"), "data.augment_backend",
+            f"must be albumentations or torch, got {cfg.data.augment_backend!r}")
     require(cfg.data.channels in (1, 3), "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
     require(cfg.data.image_size >= 1, "data.image_size", f"must be >= 1, got {cfg.data.image_size}")
     ssl = cfg.algorithm.ssl

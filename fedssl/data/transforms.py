@@ -1,5 +1,8 @@
 """Image augmentation pipelines (albumentations) and the uint8 -> tensor conversion.
 
+(`fedssl.data.batch_augment` draws the same three strengths a batch at a time in
+torch, on the training device: `data.augment_backend`.)
+
 Three strengths, as semi-supervised methods use them:
 
 - ``eval`` (alias ``none``): identity.
@@ -38,8 +41,8 @@ import cv2
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
-__all__ = ["AUGMENTATIONS", "KINDS", "build_transform", "check_augmentation", "reseed", "augment_batch", "to_tensor",
-           "is_default_normalization"]
+__all__ = ["AUGMENTATIONS", "KINDS", "build_transform", "check_augmentation", "reseed",
+           "augment_batch", "to_tensor", "normalize", "is_default_normalization"]
 
 AUGMENTATIONS = ("none", "weak", "strong")  # what data.augment (and personalize --augment) may name
 KINDS = ("eval", *AUGMENTATIONS)
@@ -167,14 +170,19 @@ def to_tensor(images: np.ndarray, mean: Sequence[float] | None = None, std: Sequ
     """
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    return normalize(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), mean, std)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) on any device -> float32 there, scaled as `to_tensor` scales."""
+    x = images.to(torch.float32, memory_format=torch.contiguous_format)
     if is_default_normalization(mean, std):
         return x.div_(127.5).sub_(1.0)
     channels = x.shape[1]
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"mean and std need one value per channel ({channels}), got {list(mean)} and {list(std)}")
-    return x.div_(255.0).sub_(torch.tensor(mean).view(1, -1, 1, 1)).div_(torch.tensor(std).view(1, -1, 1, 1))
+    mean, std = torch.tensor(mean, device=x.device).view(1, -1, 1, 1), torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.div_(255.0).sub_(mean).div_(std)
 
 
 def is_default_normalization(mean: Sequence[float] | None, std: Sequence[float] | None) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator
 
 import albumentations as A
@@ -25,8 +26,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from fedssl.config.schema import TrainConfig
-from fedssl.data.transforms import augment_batch, reseed
+from fedssl.config.schema import DataConfig, TrainConfig
+from fedssl.data.batch_augment import TorchAugment
+from fedssl.data.transforms import augment_batch, build_transform, normalize, reseed
 from fedssl.messages import Payload, Update
 from fedssl.federation.tensors import TensorPool, batches_per_pass, client_seed, cycle_batches
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
@@ -36,18 +38,35 @@ from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 STEP_BUDGET = "step_budget"
 
 
+# An augmentation: albumentations per uint8 (H, W, C) image on the CPU, or torch a
+# uint8 (N, C, H, W) batch at a time on the pool's device (`data.augment_backend`).
+Transform = A.Compose | TorchAugment
+
+
 @dataclass(frozen=True)
 class Augmentations:
     """The pipelines a client applies: to labeled images (None: none), and the weak
     and strong views of unlabeled images for pseudo-labeling learners."""
 
-    labeled: A.Compose | None
-    weak: A.Compose
-    strong: A.Compose
+    labeled: Transform | None
+    weak: Transform
+    strong: Transform
+
+    @classmethod
+    def build(cls, cfg: DataConfig) -> Augmentations:
+        """The recipe's augmentations, by `data.augment_backend`."""
+        if cfg.augment_backend == "torch":
+            return cls(None if cfg.augment == "none" else TorchAugment(cfg.augment), TorchAugment("weak"),
+                       TorchAugment("strong"))
+        size = cfg.image_size
+        return cls(None if cfg.augment == "none" else build_transform(cfg.augment, size), build_transform("weak", size),
+                   build_transform("strong", size))
 
     def reseed(self, seed: int) -> None:
         for offset, transform in enumerate((self.labeled, self.weak, self.strong)):
-            if transform is not None:
+            if isinstance(transform, TorchAugment):
+                transform.reseed(seed + offset)
+            elif transform is not None:
                 reseed(transform, seed + offset)
 
 
@@ -93,6 +112,20 @@ class BatchSource:
 
     def unlabeled_batch(self, learner: FederatedLearner) -> int:
         return self.train.batch_size * self.unlabeled_ratio if learner.uses_unlabeled else 0
+
+    @cached_property
+    def raw(self) -> torch.Tensor:
+        """The pool's uint8 images as (N, C, H, W) on its device, for the torch augmentations
+        (made on first use: a run that augments with albumentations never holds it)."""
+        return torch.from_numpy(self.pool.raw).permute(0, 3, 1, 2).contiguous().to(self.pool.labels.device)
+
+    def augmented(self, transform: Transform, indices: np.ndarray, index: torch.Tensor) -> torch.Tensor:
+        """The pooled images at `indices` (`index`: the same on the pool's device) through
+        `transform`, normalized as the pool is, on the pool's device."""
+        pool = self.pool
+        if isinstance(transform, TorchAugment):  # the whole batch at once, where the pool lives
+            return normalize(transform(self.raw[index]), pool.mean, pool.std)
+        return pool.tensor(augment_batch(transform, pool.raw[indices])).to(index.device)
 
 
 class RoundBatches:
@@ -197,12 +230,11 @@ class ClientDataModule(pl.LightningDataModule):
         )
         return update, learner.end_round()
 
-    def images(self, indices: np.ndarray, index: torch.Tensor, transform: A.Compose | None) -> torch.Tensor:
+    def images(self, indices: np.ndarray, index: torch.Tensor, transform: Transform | None) -> torch.Tensor:
         """The pooled images at `indices` (`index`: the same on the device), augmented."""
-        pool = self.source.pool
         if transform is None:
-            return pool.images[index]
-        return pool.tensor(augment_batch(transform, pool.raw[indices])).to(index.device)
+            return self.source.pool.images[index]
+        return self.source.augmented(transform, indices, index)
 
     def batches(self, rng: np.random.Generator, steps: int) -> Iterator[Batch]:
         """The round's `steps` batches: labeled ("x", "y") and unlabeled ("u_weak",

@@ -23,7 +23,6 @@ import torch
 from fedssl.algorithms.base import Algorithm, LocalClient, build_algorithm
 from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData
-from fedssl.data.transforms import build_transform
 from fedssl.errors import UserError
 from fedssl.federation.client import Augmentations, ClientTrainer
 from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
@@ -100,12 +99,7 @@ def build_trainer(cfg: RecipeConfig, data: FederatedData, device: torch.device) 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.pool.num_classes, data.pool.channels, cfg.data.image_size)
     learner = algorithm.make_learner(model).to(device)
-    size = cfg.data.image_size
-    augmentations = Augmentations(
-        labeled=None if cfg.data.augment == "none" else build_transform(cfg.data.augment, size),
-        weak=build_transform("weak", size),
-        strong=build_transform("strong", size),
-    )
+    augmentations = Augmentations.build(cfg.data)
     normalization = input_normalization(cfg.model, cfg.data.channels)
     trainer = ClientTrainer(learner, TensorPool.from_dataset(data.pool, device, normalization), cfg.train, cfg.algorithm.ssl,
                             algorithm.shared_names(learner), cfg.seed, augmentations)

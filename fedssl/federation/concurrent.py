@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedssl.config.schema import RecipeConfig
-from fedssl.data.transforms import augment_batch
 from fedssl.federation.client import ClientTrainer, round_steps
 from fedssl.federation.client_data import capped
 from fedssl.messages import Payload, Update
@@ -196,14 +195,13 @@ class CohortTrainer:
 
     def images(self, index: torch.Tensor, rows: np.ndarray, real: np.ndarray, augment: list | None) -> torch.Tensor:
         """The stacked batch (clients, batch, C, H, W) at `index` (`rows`: the same on the
-        host, `real`: each client's batch size before padding), augmented per client on
-        the CPU, image by image as in the sequential path (padding is left as is)."""
-        pool = self.trainer.pool
-        x = pool.images[index]  # a gather: a new tensor
+        host, `real`: each client's batch size before padding), augmented per client as
+        in the sequential path (padding is left as is)."""
+        x = self.trainer.pool.images[index]  # a gather: a new tensor
         if augment is None:
             return x
         for k, size in enumerate(real):
-            x[k, :size] = pool.tensor(augment_batch(augment[k], pool.raw[rows[k, :size]])).to(x.device)
+            x[k, :size] = self.trainer.source.augmented(augment[k], rows[k, :size], index[k, :size])
         return x
 
 

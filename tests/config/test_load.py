@@ -93,6 +93,7 @@ def test_required_value_left_out(tmp_path):
         ("logging.wandb.mode=offlin", "logging.wandb.mode"),
         ("train.lr=0", "train.lr"),
         ("data.channels=2", "data.channels"),
+        ("data.augment_backend=kornia", "data.augment_backend"),
         ("federation.concurrency=parallel", "federation.concurrency"),
         ("federation.concurrent_clients=0", "federation.concurrent_clients"),
         ("federation.max_update_ratio=0", "federation.max_update_ratio"),

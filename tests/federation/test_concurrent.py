@@ -34,6 +34,7 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
     ["train.momentum=0.9", "train.weight_decay=0.001"],
     ["algorithm.name=fedprox", "algorithm.proximal_mu=0.5"],
     ["data.augment=weak"],
+    ["data.augment=weak", "data.augment_backend=torch"],
     # More steps than one pass: the stream reshuffles mid-round. (At the tiny recipe's
     # lr 0.05 with momentum 0.9, float rounding differences grow past 1e-5 after ~7 steps.)
     ["train.local_steps=9", "train.lr=0.01"],
@@ -41,7 +42,7 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
     # only batch when it holds fewer images than one (batch 100).
     ["train.drop_last=false"],
     ["train.batch_size=100", "train.local_epochs=2"],
-], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "local_steps", "short_batches", "one_short_batch"])
+], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "augmented-torch", "local_steps", "short_batches", "one_short_batch"])
 def test_vectorized_training_equals_sequential_training(tiny_recipe, overrides):
     federation = build(tiny_recipe, *VMAP, *overrides)
     assert federation.clients.cohort is not None
