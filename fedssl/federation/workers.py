@@ -199,7 +199,10 @@ def serve(train: Train, conn: Connection, inherited: list[Connection]) -> None:
             client_id, payload, state = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the server closed the pipe (end of run) or is gone
-        conn.send_bytes(reply_bytes(train, client_id, payload, state))
+        try:
+            conn.send_bytes(reply_bytes(train, client_id, payload, state))
+        except OSError:
+            return  # the server is gone (killed): nobody waits for the reply
 
 
 def reply_bytes(train: Train, client_id: int, payload: Payload, state: Kept) -> bytes:
