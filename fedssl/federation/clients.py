@@ -13,6 +13,7 @@ nothing of the server's.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Collection, Iterator, Mapping, Protocol
@@ -161,6 +162,11 @@ class InProcessClients:
         if count > 1 and device.type != "cpu":
             raise UserError(f"federation.workers: {count} worker processes train on the CPU, and federation.device is "
                             f"{device.type}; there, federation.concurrency: vmap trains clients together (or set workers: 0)")
+        if count > 1 and multiprocessing.current_process().daemon:  # which multiprocessing forbids children
+            if fed.workers == "auto":
+                return 0
+            raise UserError(f"federation.workers: {count} worker processes cannot be started from a daemonic process "
+                            f"(a multiprocessing pool's worker); set workers: 0 there")
         if count > 1 and self.cohort is not None:
             raise UserError(f"federation.workers: {count} worker processes train clients one at a time, and "
                             f"federation.concurrency is {fed.concurrency}, which trains them together; set one of the two")
