@@ -305,7 +305,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--populations", default="20,100,1000", help="client counts; each holds 60,000 images in all")
-    parser.add_argument("--concurrency", default="sequential,vmap", help="comma-separated: sequential, vmap")
+    parser.add_argument("--concurrency", default="sequential,vmap",
+                        help="comma-separated: sequential, vmap; none: only the --workers row")
     parser.add_argument("--concurrent-clients", type=int, default=0,
                         help="vmap: federation.concurrent_clients (0: the recipe default)")
     parser.add_argument("--workers", type=int, default=-1,
@@ -376,12 +377,12 @@ def main() -> None:
         print("flower rounds: " + ", ".join(f"{s:.2f} s" for s in row["flower_rounds"]))
         return
 
-    modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]
-    if not modes or set(modes) - {"sequential", "vmap"}:
-        parser.error(f"--concurrency: give sequential, vmap or both, got {args.concurrency!r}")
+    modes = [m.strip() for m in args.concurrency.split(",") if m.strip() and m.strip() != "none"]
     workers = args.workers if args.workers >= 0 else (usable_cores() if device.type == "cpu" else 0)
     if workers == 1 or (workers and device.type != "cpu"):
         parser.error("--workers: 0 (no row) or 2+ worker processes, on a CPU (federation.workers)")
+    if set(modes) - {"sequential", "vmap"} or not (modes or workers):
+        parser.error(f"--concurrency: give sequential, vmap, both or none (with --workers), got {args.concurrency!r}")
     if workers:
         modes.append("workers")
     print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD, train.precision={args.precision}; "
