@@ -11,13 +11,17 @@ process, so its peak memory is its own.
 
     python tools/bench.py                                   # device auto, 20,100,1000 clients, sequential and vmap
     python tools/bench.py --device cpu --populations 20 --concurrency sequential --repeats 3
+    python tools/bench.py --device cpu --populations 20 --workers 2    # sequential, vmap and 2 worker processes
     python tools/bench.py --personal                        # 1,000 FedPer clients: peak host memory under 2 GB?
     python tools/bench.py --flower --device cpu             # the 20-client workload on Flower's simulation engine
     python tools/bench.py --overhead --device cpu           # per-step cost of the Lightning Fabric client path
     python tools/bench.py --device cpu --populations 20 --concurrency sequential --precision bf16-mixed
 
 `--concurrency vmap` trains a round's clients together (fedssl.federation.concurrent);
-`sequential` one after another. Also printed: the albumentations pipelines' images/s
+`sequential` one after another; `workers` in `--workers` forked worker processes of
+one torch thread each (fedssl.federation.workers; on a CPU the default run adds
+this row with one worker per core). The ideal loop runs in the row's own process
+on torch's default threads. Also printed: the albumentations pipelines' images/s
 (data.augment weak/strong), to compare with the loop's training images/s.
 """
 
@@ -30,6 +34,7 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
 
@@ -46,6 +51,7 @@ from fedssl.federation.client import Tally, round_steps
 from fedssl.federation.clients import resolve_device
 from fedssl.federation.engine import Federation
 from fedssl.federation.tensors import cycle_batches
+from fedssl.federation.workers import usable_cores
 from fedssl.models.factory import build_model
 from fedssl.tracking.run_logger import read_metrics
 
@@ -64,13 +70,14 @@ def random_source(num_samples: int, seed: int = 0, num_test: int = 100) -> Sourc
     return SourceData(train=ImageDataset(images[num_test:], labels[num_test:], names), test=test)
 
 
-def workload(clients: int, device: str, concurrency: str, precision: str = "32", **federation) -> dict:
-    """The standard workload's recipe, as a config layer."""
+def workload(clients: int, device: str, concurrency: str, precision: str = "32", workers: int = 0, **federation) -> dict:
+    """The standard workload's recipe, as a config layer (`workers`: federation.workers;
+    0, in process, unless a row asks for worker processes)."""
     return {
         "data": {"image_size": 28, "partition": {"scheme": "iid", "local_test_fraction": 0.0}},
         "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1, "precision": precision},
         "federation": {"clients": clients, "clients_per_round": clients, "device": device,
-                       "concurrency": concurrency, **federation},
+                       "concurrency": concurrency, "workers": str(workers), **federation},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
     }
 
@@ -109,10 +116,12 @@ def round_batches(federation: Federation) -> tuple[list[int], list[torch.Tensor]
                    for indices in islice(cycle_batches(c.labeled, BATCH, np.random.default_rng(c.client_id), drop_last=cfg.train.drop_last), n)]
 
 
-def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int, precision: str = "32") -> dict:
+def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int, precision: str = "32",
+            workers: int = 0) -> dict:
     """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated);
-    `chunk`: federation.concurrent_clients (0: the recipe default)."""
-    cfg = merge_config([workload(clients, device, concurrency, precision,
+    `chunk`: federation.concurrent_clients (0: the recipe default); `workers`:
+    federation.workers (the first round also forks them)."""
+    cfg = merge_config([workload(clients, device, concurrency, precision, workers,
                                  **({"concurrent_clients": chunk} if chunk else {}))])
     data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
     federation = Federation.build(cfg, data)
@@ -129,9 +138,12 @@ def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: in
         synchronize(dev)
         fl_times.append(time.perf_counter() - began)
         ideal_times.append(ideal_loop(cfg, pool.images, pool.labels, batches))
+    federation.close()
+    pool_size = federation.clients.workers.size if federation.clients.workers else 0
     return {
         "clients": clients, "samples": TOTAL_IMAGES // clients, "steps": sum(steps),
-        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if federation.clients.cohort else "sequential",
+        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if federation.clients.cohort
+        else f"workers ({pool_size} processes)" if pool_size else "sequential",
         "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
         "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
     }
@@ -265,9 +277,10 @@ def flower_cost(rounds: int, device: str, num_cpus: float) -> dict:
 
 
 def in_child(function, *args):
-    """Run `function(*args)` in a fresh process (its peak memory is then its own)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    """Run `function(*args)` in a fresh process (its peak memory is then its own), not
+    a daemon, so that it may fork worker processes of its own (federation.workers)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def augmentation_rates(count: int = 2000) -> dict[str, float]:
@@ -292,9 +305,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--populations", default="20,100,1000", help="client counts; each holds 60,000 images in all")
-    parser.add_argument("--concurrency", default="sequential,vmap", help="comma-separated: sequential, vmap")
+    parser.add_argument("--concurrency", default="sequential,vmap",
+                        help="comma-separated: sequential, vmap; none: only the --workers row")
     parser.add_argument("--concurrent-clients", type=int, default=0,
                         help="vmap: federation.concurrent_clients (0: the recipe default)")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="a row of this many worker processes (federation.workers); default: one per core on a "
+                             "CPU of 2+ cores, none elsewhere; 0: no workers row")
     parser.add_argument("--repeats", type=int, default=2, help="rounds timed per row (best of)")
     parser.add_argument("--personal", action="store_true", help="only the FedPer memory check")
     parser.add_argument("--personal-clients", type=int, default=1000)
@@ -360,9 +377,14 @@ def main() -> None:
         print("flower rounds: " + ", ".join(f"{s:.2f} s" for s in row["flower_rounds"]))
         return
 
-    modes = [m.strip() for m in args.concurrency.split(",") if m.strip()]
-    if not modes or set(modes) - {"sequential", "vmap"}:
-        parser.error(f"--concurrency: give sequential, vmap or both, got {args.concurrency!r}")
+    modes = [m.strip() for m in args.concurrency.split(",") if m.strip() and m.strip() != "none"]
+    workers = args.workers if args.workers >= 0 else (usable_cores() if device.type == "cpu" else 0)
+    if workers == 1 or (workers and device.type != "cpu"):
+        parser.error("--workers: 0 (no row) or 2+ worker processes, on a CPU (federation.workers)")
+    if set(modes) - {"sequential", "vmap"} or not (modes or workers):
+        parser.error(f"--concurrency: give sequential, vmap, both or none (with --workers), got {args.concurrency!r}")
+    if workers:
+        modes.append("workers")
     print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD, train.precision={args.precision}; "
           f"{TOTAL_IMAGES:,} images per round; best of {args.repeats}")
     print("| clients x samples | concurrency | fedssl round | ideal loop | ratio fedssl/ideal | images/s (fedssl) "
@@ -371,7 +393,9 @@ def main() -> None:
     best_rate = 0.0
     for clients in [int(c) for c in args.populations.split(",")]:
         for mode in modes:
-            row = in_child(measure, clients, str(device), mode, args.repeats, args.concurrent_clients, args.precision)
+            concurrency, count = ("sequential", workers) if mode == "workers" else (mode, 0)
+            row = in_child(measure, clients, str(device), concurrency, args.repeats, args.concurrent_clients,
+                           args.precision, count)
             rate = row["steps"] * BATCH / row["fedssl"]
             best_rate = max(best_rate, rate)
             shown = row["concurrency"] if row["concurrency"].startswith(mode) else f"{mode} (fell back to sequential)"

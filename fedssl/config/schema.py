@@ -170,6 +170,7 @@ class FederationConfig:
     device: str = "cpu"  # torch device for training: cpu | cuda | auto
     concurrency: str = "auto"  # how a round's clients train: sequential (one after another) | vmap (together, torch.func.vmap over stacked weights; where the algorithm or model cannot, one at a time, logged) | auto (vmap on CUDA, else sequential)
     concurrent_clients: int = 64  # vmap: at most this many clients train at once (bounds device memory)
+    workers: str = "auto"  # CPU worker processes that train a round's clients, one torch thread each: a count (0 or 1: in this process) | auto (min(cores, clients per round) on a CPU of 2+ cores when a round holds 1,000+ SGD steps, else 0)
     states_in_memory: int = 100  # clients whose kept state (personal layers, ...) stays in memory; the rest are spilled to disk
     eval_clients: int = 0  # clients scored on their own test split at each evaluation: 0 every client; n > 0 a fresh sample of n training clients each evaluation (and every held-out client), for populations too large to score whole
     state_dir: str = ""  # where spilled client states go, one file per client (default: a temporary directory)

@@ -177,6 +177,8 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     check_choice(fed.device, DEVICES, "federation.device")
     check_choice(fed.concurrency, CONCURRENCY, "federation.concurrency")
     require(fed.concurrent_clients >= 1, "federation.concurrent_clients", f"must be >= 1, got {fed.concurrent_clients}")
+    require(fed.workers == "auto" or (fed.workers.isdigit() and fed.workers.isascii()), "federation.workers",
+            f"must be auto or a count of worker processes >= 0, got {fed.workers!r}")
     OPTIMIZERS.get(train.optimizer, key="train.optimizer")
     check_choice(train.precision, PRECISIONS, "train.precision")
     # Lightning would train at bf16-mixed instead; federation.device: auto is checked where it resolves.

@@ -3,8 +3,9 @@
 The engine (`fedssl.federation.engine`) asks a `Clients` three things: fit these
 clients on these payloads, keep what the clients whose updates were used learned,
 and score these weights on these clients. `InProcessClients` does it in this
-process (one client after another, or a cohort at once with
-`federation.concurrency: vmap`); `fedssl.backends.flower.server.FlowerClients` does
+process (one client after another, a cohort at once with
+`federation.concurrency: vmap`, or in worker processes with `federation.workers`,
+`fedssl.federation.workers`); `fedssl.backends.flower.server.FlowerClients` does
 it on Flower nodes, each of which runs an `InProcessClients` of its own clients and
 nothing of the server's.
 """
@@ -12,6 +13,7 @@ nothing of the server's.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +26,7 @@ from fedssl.algorithms.base import Algorithm, LocalClient, build_algorithm
 from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData
 from fedssl.errors import UserError
-from fedssl.federation.client import Augmentations, ClientTrainer
+from fedssl.federation.client import Augmentations, ClientTrainer, round_steps
 from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
 from fedssl.federation.evaluate import Score, score
 from fedssl.federation.faults import Holding
@@ -34,9 +36,10 @@ from fedssl.federation.personal_eval import labeled_batches
 from fedssl.federation.state import ClientStateStore
 from fedssl.federation.unseen import fine_tune_head, scored_indices
 from fedssl.federation.tensors import TensorPool
+from fedssl.federation.workers import WorkerPool, worker_count
 from fedssl.messages import Arrays, Payload, Update, array_bytes
 from fedssl.models.factory import build_model, input_normalization
-from fedssl.sampling import held_out_clients
+from fedssl.sampling import clients_per_round, held_out_clients
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,7 @@ class InProcessClients:
     store: ClientStateStore
     links: Links  # the codecs on each link: payloads are decoded here, updates encoded
     cohort: CohortTrainer | None = None  # trains clients together (federation.concurrency), None: one at a time
+    workers: WorkerPool | None = None  # trains clients in worker processes (federation.workers), None: in this one
     pending: dict[int, Kept] = field(default_factory=dict)  # what the last fit's clients would keep
 
     @classmethod
@@ -173,7 +177,34 @@ class InProcessClients:
         if trainer is None:
             algorithm, trainer = build_trainer(cfg, data, device)
         store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
-        return cls(cfg, data, algorithm, trainer, store, Links.build(cfg, algorithm), cohort_trainer(cfg, trainer, device))
+        clients = cls(cfg, data, algorithm, trainer, store, Links.build(cfg, algorithm), cohort_trainer(cfg, trainer, device))
+        count = clients.worker_count(device)
+        if count > 1:  # forked when the first round trains (a Flower node, which never calls `fit`, starts none)
+            clients.workers = WorkerPool(clients.train, count)
+        return clients
+
+    def worker_count(self, device: torch.device) -> int:
+        """`federation.workers` resolved (`fedssl.federation.workers.worker_count`);
+        a count above 1 where workers cannot train is a `UserError`."""
+        fed = self.cfg.federation
+        per_round = min(clients_per_round(fed), fed.clients - len(self.held_out))
+        learner = self.trainer.learner
+        unlabeled_batch = self.trainer.source.unlabeled_batch(learner)
+        steps = sum(round_steps(len(c.labeled), len(c.unlabeled) if learner.uses_unlabeled else 0, self.cfg.train,
+                                unlabeled_batch) for c in self.data.clients) * per_round // max(len(self.data.clients), 1)
+        count = worker_count(fed.workers, device, per_round, steps)
+        if count > 1 and device.type != "cpu":
+            raise UserError(f"federation.workers: {count} worker processes train on the CPU, and federation.device is "
+                            f"{device.type}; there, federation.concurrency: vmap trains clients together (or set workers: 0)")
+        if count > 1 and multiprocessing.current_process().daemon:  # which multiprocessing forbids children
+            if fed.workers == "auto":
+                return 0
+            raise UserError(f"federation.workers: {count} worker processes cannot be started from a daemonic process "
+                            f"(a multiprocessing pool's worker); set workers: 0 there")
+        if count > 1 and self.cohort is not None:
+            raise UserError(f"federation.workers: {count} worker processes train clients one at a time, and "
+                            f"federation.concurrency is {fed.concurrency}, which trains them together; set one of the two")
+        return count if count > 1 else 0
 
     @cached_property
     def held_out(self) -> frozenset[int]:
@@ -192,13 +223,15 @@ class InProcessClients:
     def model(self) -> torch.nn.Module:
         return self.trainer.learner.model
 
-    def train(self, client_id: int, payload: Payload) -> tuple[Update | Exception, Kept]:
+    def train(self, client_id: int, payload: Payload, state: Kept | None = None) -> tuple[Update | Exception, Kept]:
         """One client's round from its payload as it travelled: its update as it
-        travels back (or the exception it raised) and what it would keep."""
+        travels back (or the exception it raised) and what it would keep. `state`:
+        what it kept from earlier rounds (default: read from the store; a worker
+        process is sent it)."""
         client = self.data.clients[client_id]
         try:
             payload = self.open_payload(client_id, payload)
-            own, residuals = split_state(self.store.get(client_id))
+            own, residuals = split_state(self.store.get(client_id) if state is None else state)
             update, kept = self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, own)
             return self.send(update, payload, kept, own, residuals)
         except UserError:
@@ -223,8 +256,15 @@ class InProcessClients:
         return encoded, (kept or own) | new_residuals if new_residuals else kept
 
     def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
-        """One client after another, or with a cohort trainer `federation.concurrent_clients` at a time."""
+        """One client after another, with a cohort trainer `federation.concurrent_clients`
+        at a time, or in worker processes; in the payloads' order whichever."""
         self.pending = {}
+        if self.workers is not None:
+            replies = self.workers.map(list(payloads), lambda c: (payloads[c], self.store.get(c)))
+            for client_id, update, kept in replies:
+                self.pending[client_id] = kept
+                yield client_id, update, raised(update)
+            return
         chunk = self.cfg.federation.concurrent_clients if self.cohort else 1
         ids = list(payloads)
         for start in range(0, len(ids), chunk):
@@ -238,8 +278,7 @@ class InProcessClients:
                 else:
                     update, kept = self.train(client_id, payload)
                 self.pending[client_id] = kept
-                raised = isinstance(update, Exception)
-                yield client_id, update, f"it raised {type(update).__name__}: {update}" if raised else None
+                yield client_id, update, raised(update)
 
     def fit_together(self, round_index: int, payloads: dict[int, Payload]) -> dict[int, Update]:
         """The updates of the clients the cohort trainer trains at once. Clients without
@@ -324,3 +363,13 @@ class InProcessClients:
 
     def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
         self.store.load_state_dict(states, directory)
+
+    def close(self) -> None:
+        """End the worker processes, if any (the run is over)."""
+        if self.workers is not None:
+            self.workers.close()
+
+
+def raised(update: Update | Exception) -> str | None:
+    """Why a client's reply is unusable where it is an exception (`Clients.fit`)."""
+    return f"it raised {type(update).__name__}: {update}" if isinstance(update, Exception) else None

@@ -335,6 +335,12 @@ class Federation:
             rows = [row | {"held_out": row["client"] in self.held_out} for row in scored.rows]
         return metrics, rows
 
+    def close(self) -> None:
+        """Release what the clients hold outside this process (worker processes), if anything."""
+        close = getattr(self.clients, "close", None)
+        if close is not None:
+            close()
+
     def linear_acc(self) -> float:
         """The linear probe on the live model's features (`fedssl.federation.unseen`):
         fitted on the training clients' labeled split, scored on the server test set."""

@@ -161,7 +161,9 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
             save_checkpoint(run_dir / CHECKPOINT, saved)
     except BaseException:
         logger.abort()
+        federation.close()
         raise
+    federation.close()  # the worker processes, if any: only evaluation is left
     if not rows:  # resumed after the last round: nothing trained, evaluate what is there
         evaluated, rows = federation.evaluate(state, fed.rounds)  # outside any round: its traffic is in no round's total
         metrics |= evaluated
