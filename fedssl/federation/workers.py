@@ -111,7 +111,14 @@ class WorkerPool:
         inherited = [w.conn for w in self.workers] + [ours]  # the child closes its copies of the server's ends
         process = context.Process(target=serve, args=(self.train, theirs, inherited), daemon=True,
                                   name=f"fedssl-worker-{len(self.workers)}")
-        process.start()
+        # Ctrl-C is held back while forking: one arriving then would be raised inside an
+        # at-fork callback (logging's, torch's), which Python reports and swallows, and
+        # the run would go on. Held back, it is raised as soon as the fork is done.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
         return Worker(process, ours)
 
@@ -191,6 +198,7 @@ class WorkerPool:
 def serve(train: Train, conn: Connection, inherited: list[Connection]) -> None:
     """A worker's life: train the clients it is sent, one at a time, until its pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it ends the workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held back while forking (`WorkerPool.fork`)
     for other in inherited:
         other.close()
     torch.set_num_threads(1)
