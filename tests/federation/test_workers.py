@@ -123,13 +123,21 @@ def alive(pid: int) -> bool:
     return status.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def as_from_a_terminal() -> None:
+    """Ctrl-C as a terminal delivers it: an ignored SIGINT is inherited across exec, and
+    the suite's own process may ignore it (Ray and Flower set signal handlers)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc (Linux)")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_workers_end_with_an_interrupted_or_killed_run(tiny_recipe, sig):
     process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "run", str(tiny_recipe), "federation.rounds=500",
                                 "federation.workers=2", "federation.clients_per_round=6"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 120
     while len(children(process.pid)) < 2 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
