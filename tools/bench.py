@@ -16,6 +16,7 @@ process, so its peak memory is its own.
     python tools/bench.py --flower --device cpu             # the 20-client workload on Flower's simulation engine
     python tools/bench.py --overhead --device cpu           # per-step cost of the Lightning Fabric client path
     python tools/bench.py --device cpu --populations 20 --concurrency sequential --precision bf16-mixed
+    python tools/bench.py --device cpu --populations 20 --concurrency none --workers 2 --memory-format contiguous
 
 `--concurrency vmap` trains a round's clients together (fedssl.federation.concurrent);
 `sequential` one after another; `workers` in `--workers` forked worker processes of
@@ -70,12 +71,13 @@ def random_source(num_samples: int, seed: int = 0, num_test: int = 100) -> Sourc
     return SourceData(train=ImageDataset(images[num_test:], labels[num_test:], names), test=test)
 
 
-def workload(clients: int, device: str, concurrency: str, precision: str = "32", workers: int = 0, **federation) -> dict:
+def workload(clients: int, device: str, concurrency: str, precision: str = "32", workers: int = 0,
+             memory_format: str = "auto", **federation) -> dict:
     """The standard workload's recipe, as a config layer (`workers`: federation.workers;
     0, in process, unless a row asks for worker processes)."""
     return {
         "data": {"image_size": 28, "partition": {"scheme": "iid", "local_test_fraction": 0.0}},
-        "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1, "precision": precision},
+        "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1, "precision": precision, "memory_format": memory_format},
         "federation": {"clients": clients, "clients_per_round": clients, "device": device,
                        "concurrency": concurrency, "workers": str(workers), **federation},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
@@ -117,11 +119,11 @@ def round_batches(federation: Federation) -> tuple[list[int], list[torch.Tensor]
 
 
 def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int, precision: str = "32",
-            workers: int = 0) -> dict:
+            workers: int = 0, memory_format: str = "auto") -> dict:
     """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated);
     `chunk`: federation.concurrent_clients (0: the recipe default); `workers`:
     federation.workers (the first round also forks them)."""
-    cfg = merge_config([workload(clients, device, concurrency, precision, workers,
+    cfg = merge_config([workload(clients, device, concurrency, precision, workers, memory_format,
                                  **({"concurrent_clients": chunk} if chunk else {}))])
     data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
     federation = Federation.build(cfg, data)
@@ -322,6 +324,8 @@ def main() -> None:
     parser.add_argument("--flower-rounds", type=int, default=3, help="rounds of the Flower row (the last also evaluates)")
     parser.add_argument("--flower-cpus", type=float, default=1.0, help="federation.flower.num_cpus of the Flower row")
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"], help="train.precision")
+    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                        help="train.memory_format of the fedssl rows (the ideal loop stays a plain contiguous loop)")
     parser.add_argument("--overhead", action="store_true",
                         help="only the per-step cost of the Lightning Fabric client path against a plain hand loop")
     args = parser.parse_args()
@@ -385,7 +389,8 @@ def main() -> None:
         parser.error(f"--concurrency: give sequential, vmap, both or none (with --workers), got {args.concurrency!r}")
     if workers:
         modes.append("workers")
-    print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD, train.precision={args.precision}; "
+    print(f"workload: FedAvg CNN, batch {BATCH}, 1 local epoch, SGD, train.precision={args.precision}, "
+          f"train.memory_format={args.memory_format}; "
           f"{TOTAL_IMAGES:,} images per round; best of {args.repeats}")
     print("| clients x samples | concurrency | fedssl round | ideal loop | ratio fedssl/ideal | images/s (fedssl) "
           "| peak host memory | peak device memory |")
@@ -395,7 +400,7 @@ def main() -> None:
         for mode in modes:
             concurrency, count = ("sequential", workers) if mode == "workers" else (mode, 0)
             row = in_child(measure, clients, str(device), concurrency, args.repeats, args.concurrent_clients,
-                           args.precision, count)
+                           args.precision, count, args.memory_format)
             rate = row["steps"] * BATCH / row["fedssl"]
             best_rate = max(best_rate, rate)
             shown = row["concurrency"] if row["concurrency"].startswith(mode) else f"{mode} (fell back to sequential)"

@@ -81,6 +81,7 @@ class TrainConfig:
     drop_last: bool = True  # end each pass over a client's data at its last full batch (as PFLlib and DataLoader(drop_last=True)): the short remainder waits for the next pass's shuffle, and a client smaller than one batch still trains on it; false: the short batch is a step, and a one-image step can swing a personal model (docs/personalization.md)
     local_epochs: int = 1  # passes over the client's labeled data per round
     local_steps: int = 0  # if > 0, a fixed number of SGD steps per round instead of epochs
+    memory_format: str = "auto"  # layout of the weights while a client trains: auto (channels_last on a CPU, where oneDNN's convolutions make a step 1.1-1.5x faster; contiguous on CUDA, unmeasured there) | channels_last | contiguous; updates, states and evaluation see contiguous weights either way
     precision: str = "32"  # client training precision, set by Lightning: 32 | bf16-mixed (CPU or CUDA autocast) | 16-mixed (CUDA only; float16 autocast with loss scaling)
 
 

@@ -12,6 +12,7 @@ from fedssl.registry import did_you_mean
 from fedssl.ssl.thresholds import THRESHOLDS
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names; the device is checked where it is known
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # fedssl.federation.client_data.training_layout
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("inprocess", "flower")
 PRIVACY_MECHANISMS = ("none", "central")
@@ -181,6 +182,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
             f"must be auto or a count of worker processes >= 0, got {fed.workers!r}")
     OPTIMIZERS.get(train.optimizer, key="train.optimizer")
     check_choice(train.precision, PRECISIONS, "train.precision")
+    check_choice(train.memory_format, MEMORY_FORMATS, "train.memory_format")
     # Lightning would train at bf16-mixed instead; federation.device: auto is checked where it resolves.
     require(not (train.precision == "16-mixed" and fed.device == "cpu"), "train.precision",
             "16-mixed (float16 autocast with loss scaling) needs a CUDA device, and federation.device is cpu; "

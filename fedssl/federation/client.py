@@ -196,6 +196,7 @@ class ClientTrainer:
                 schedules.after_epoch(epoch)
         finally:
             learner.fabric = None  # a Trainer that fits this learner later logs through itself
+            learner.to(memory_format=torch.contiguous_format)  # as `finish` leaves it, should a step raise
         # Not finite (a ratio of nothing): not sent, as the server refuses such metrics; train_loss still tells divergence.
         logged = {name: value for name, value in fabric.logged_means().items()
                   if name not in LOOP_METRICS and math.isfinite(value)}

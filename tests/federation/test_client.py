@@ -257,6 +257,49 @@ def test_an_unknown_precision_names_the_choices(tiny_recipe):
         load_recipe(tiny_recipe, ["train.precision=16"])
 
 
+def layouts_seen(federation: Federation) -> list[bool]:
+    """Whether the learner's weights were channels-last at each training step (its
+    convolutions with more than one input channel, where the two layouts differ)."""
+    learner, seen = federation.trainer.learner, []
+    inner = learner.training_step
+    weights = [p for p in learner.model.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert weights
+
+    def step(batch, batch_idx):
+        seen.append(all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights))
+        return inner(batch, batch_idx)
+
+    learner.training_step = step
+    return seen
+
+
+@pytest.mark.parametrize("overrides", [[], ["algorithm.name=ditto"]], ids=["fedavg", "ditto"])
+def test_steps_train_channels_last_on_a_cpu_and_what_leaves_training_is_contiguous(tiny_recipe, overrides):
+    federation = build(tiny_recipe, *overrides)
+    seen = layouts_seen(federation)
+    update, kept = fit_with_the_loop(federation, 0, first_payload(federation, 0))
+    assert seen and all(seen)  # train.memory_format: auto, on the CPU
+    for name, value in {**update.arrays, **kept}.items():
+        assert value.is_contiguous(), name
+    assert all(p.is_contiguous() for p in federation.trainer.learner.parameters())  # evaluation's layout
+    (by_trainer, _), _ = fit_with_a_trainer(federation, 0, first_payload(federation, 0))
+    assert all(value.is_contiguous() for value in by_trainer.arrays.values())
+
+
+def test_both_layouts_train_the_same_model_up_to_rounding(tiny_recipe):
+    fast, plain = build(tiny_recipe), build(tiny_recipe, "train.memory_format=contiguous")
+    seen = layouts_seen(plain)
+    by_fast, _ = fit_with_the_loop(fast, 0, first_payload(fast, 0))
+    by_plain, _ = fit_with_the_loop(plain, 0, first_payload(plain, 0))
+    assert seen and not any(seen)
+    torch.testing.assert_close(by_fast.arrays, by_plain.arrays, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unknown_memory_format_names_the_choices(tiny_recipe):
+    with pytest.raises(UserError, match="train.memory_format: unknown value 'nhwc'.*auto, channels_last, contiguous"):
+        load_recipe(tiny_recipe, ["train.memory_format=nhwc"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 def test_every_precision_trains_on_cuda(tiny_recipe, precision):
