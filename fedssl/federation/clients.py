@@ -86,6 +86,9 @@ class Clients(Protocol):
     def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
         """Restore what `state_dict` returned (its files under `directory`)."""
 
+    def close(self) -> None:
+        """Release what the clients hold outside this process (worker processes), if anything."""
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -337,9 +337,7 @@ class Federation:
 
     def close(self) -> None:
         """Release what the clients hold outside this process (worker processes), if anything."""
-        close = getattr(self.clients, "close", None)
-        if close is not None:
-            close()
+        self.clients.close()
 
     def linear_acc(self) -> float:
         """The linear probe on the live model's features (`fedssl.federation.unseen`):

@@ -149,6 +149,9 @@ class FlowerClients:
     def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
         pass
 
+    def close(self) -> None:
+        pass  # the nodes are Flower's to start and stop
+
 
 def error_line(reply: Message) -> str:
     """The last line of an error reply's reason (the exception), or its code."""
