@@ -159,7 +159,8 @@ def step_overhead(device: str, precision: str, repeats: int) -> dict:
     alternated, in one process; plus the
     ideal loop over the same batch indices (no batch dicts at all). Both wall-clock
     and this process's CPU time: on a shared machine the CPU time is the steadier."""
-    cfg = merge_config([workload(20, device, "sequential", precision)])
+    # Contiguous, as the ideal loop: this measures the path's overhead, not the layout's gain.
+    cfg = merge_config([workload(20, device, "sequential", precision, memory_format="contiguous")])
     data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, 20, cfg.seed)
     federation = Federation.build(cfg, data)
     trainer, learner, client = federation.trainer, federation.trainer.learner, data.clients[0]

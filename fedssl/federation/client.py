@@ -124,7 +124,8 @@ class ClientTrainer:
     client only the weights are copied in and the optimizer is made anew. Every
     random draw comes from (seed, round, client), so the order clients run in never
     matters. At `train.precision: 32` the arithmetic is exactly that of a plain
-    PyTorch loop (Fabric's full precision adds no casts).
+    PyTorch loop over weights in the same layout (Fabric's full precision adds no
+    casts; `train.memory_format` picks channels-last on a CPU, see `training_layout`).
     """
 
     def __init__(
