@@ -125,6 +125,12 @@ class FedMatchLearner(FederatedLearner):
         self.train_sigma = self.train_psi = True
         self.dense_upload = True
 
+    def _apply(self, fn, recurse=True):
+        # The helpers are frozen models that travel with the learner: they follow its
+        # device, dtype and memory layout (channels-last steps, train.memory_format).
+        self.helpers = [{name: fn(value) for name, value in helper.items()} for helper in self.helpers]
+        return super()._apply(fn, recurse)
+
     def shared_names(self) -> list[str]:
         return [SIGMA + n for n in self.names] + [PSI + n for n in self.names] + self.plain_names
 

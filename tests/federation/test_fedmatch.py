@@ -54,6 +54,19 @@ def test_sigma_learns_only_from_labels_and_psi_only_from_unlabeled_data():
     assert mask.all() and labels.shape == (4,)
 
 
+def test_helpers_follow_the_learner_to_another_dtype_and_layout():
+    learner = FedMatchLearner(tiny_model(), TrainConfig(), FedMatchConfig())
+    helper = {n: v + 0.1 for n, v in tiny_model().state_dict().items()}
+    learner.start_round(Payload(1, arrays={}, extras={f"helper0/{n}": v for n, v in helper.items()}), ClientContext(0, 4, 4))
+    images = batch()["u_weak"]
+    [before] = learner.helper_log_probs(images)
+
+    learner.to(torch.float64, memory_format=torch.channels_last)  # as train.memory_format converts a client's steps
+    assert all(value.dtype == torch.float64 for value in learner.helpers[0].values())
+    [after] = learner.helper_log_probs(images.double())
+    torch.testing.assert_close(after.float(), before, rtol=1e-5, atol=1e-5)
+
+
 def test_agreement_labels_take_the_majority_and_break_ties_by_the_local_model():
     local = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
     helpers = [torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]), torch.tensor([[0.1, 0.8, 0.1], [0.8, 0.1, 0.1]])]

@@ -56,8 +56,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     ["federation.aggregator=median", "federation.clients_per_round=4"],  # FedAvg, robust aggregation
     ["algorithm.name=fixmatch"],  # semi-supervised: weak and strong augmentation
     ["algorithm.name=ditto"],  # a personal model in the client state store
+    ["algorithm.name=fedmatch", "algorithm.fedmatch.helpers=1"],  # helper models in the payload (round 2)
     ["privacy.mechanism=central", "privacy.noise_multiplier=0.5"],  # DP-FedAvg, Poisson sampling
-], ids=["fedavg-median", "fixmatch", "ditto", "dp"])
+], ids=["fedavg-median", "fixmatch", "ditto", "fedmatch", "dp"])
 def test_workers_train_exactly_as_the_process_itself(tiny_recipe, tmp_path, overrides):
     rounds = ["federation.rounds=2", *overrides]
     run(tiny_recipe, tmp_path / "sequential", *rounds, "federation.workers=0")
