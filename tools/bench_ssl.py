@@ -35,7 +35,11 @@ SETS = {
         ("ssl_supervised_only_faces_step_matched", "ssl_supervised_only_faces", ["train.local_steps=8"]),
         ("ssl_flexmatch_faces", "ssl_fixmatch_faces", ["algorithm.ssl.threshold=flexmatch"]),
     ],
-    "fashion_mnist": recipes("fashion_mnist"),
+    "fashion_mnist": recipes("fashion_mnist") + [
+        # FedMatch labels-at-server's server epoch alone (FedAvg: the clients hold no
+        # labels, so only the server's 1,000 trains): what the unlabeled clients add.
+        ("ssl_supervised_only_server_fashion_mnist", "ssl_fedmatch_server_fashion_mnist", ["algorithm.name=fedavg"]),
+    ],
 }
 # Budgets that fit a 2-core CPU in about an hour per set (when nothing else runs).
 CPU_BUDGETS = {
