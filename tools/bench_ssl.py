@@ -37,7 +37,7 @@ SETS = {
     ],
     "fashion_mnist": recipes("fashion_mnist") + [
         # FedMatch labels-at-server's server epoch alone (FedAvg: the clients hold no
-        # labels, so only the server's 1,000 trains): what the unlabeled clients add.
+        # labels, so only the server's 1,000 labels train): what the unlabeled clients add.
         ("ssl_supervised_only_server_fashion_mnist", "ssl_fedmatch_server_fashion_mnist", ["algorithm.name=fedavg"]),
     ],
 }
