@@ -152,7 +152,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedssl.export import load_exported
 
-    model = load_exported(args.model)
+    model = load_exported(args.model, trust_code=args.trust_model_code)
     images = model.read_images(args.images)  # every file is checked before anything is printed
     for path, prediction in zip(args.images, model.predict(images)):
         print(f"{path}\t{prediction.label}\t{prediction.confidence:.4f}")
@@ -220,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     personal.add_argument("--mode", default="head",
                           help="head: the classifier only (default); full: every layer; maml: --steps SGD steps on every layer")
     personal.add_argument("--out", help="folder for the model, personalize.json and logs (default: RUN/personalized-MODE)")
-    personal.add_argument("--format", default="pt2",
-                          help="pt2 (default: torch.export), torchscript, or onnx (needs the onnx extra)")
+    personal.add_argument("--format", default="safetensors",
+                          help="safetensors (default: model.safetensors + model.json, data only), onnx (needs the "
+                               "onnx extra), pt2 (torch.export) or torchscript; pt2 and torchscript are programs "
+                               "that predict loads only with --trust-model-code")
     personal.add_argument("--epochs", type=int, default=20, help="head/full: at most this many epochs")
     personal.add_argument("--patience", type=int, default=3, help="head/full: stop after this many epochs without a lower held-out loss")
     personal.add_argument("--steps", type=int, default=5, help="maml: adaptation steps")
@@ -237,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     personal.set_defaults(func=cmd_personalize)
 
     predict = commands.add_parser("predict", help="label images with a model exported by fedssl personalize")
-    predict.add_argument("model", help="model.pt2 (torch.export), model.pt (TorchScript) or model.onnx (needs the onnx extra)")
+    predict.add_argument("model", help="an export folder or its model.safetensors or model.json; model.onnx (needs "
+                                       "onnxruntime); model.pt2 or model.pt (with --trust-model-code)")
     predict.add_argument("images", nargs="+", help="image files; one line each: path, label, confidence")
+    predict.add_argument("--trust-model-code", action="store_true",
+                         help="load a model.pt2 or model.pt, programs that can run any code when loaded: only for "
+                              "a file you trust as you would a script")
     predict.set_defaults(func=cmd_predict)
     return parser
 

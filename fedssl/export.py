@@ -1,34 +1,38 @@
-"""Exported models: one file holding the network, its label names and its input spec.
+"""Exported models: the network's weights, its label names and its input spec.
 
-`fedssl personalize` writes one, `fedssl predict` reads one. Three formats:
+`fedssl personalize` writes one, `fedssl predict` reads one. A model file is data:
+the default format holds tensors and JSON only, and fedssl rebuilds the network
+from its own code. Four formats:
 
-- ``pt2`` (default, ``model.pt2``): `torch.export` of the model in eval mode with a
-  dynamic batch dimension, the format torch maintains (TorchScript is deprecated);
-  loadable without fedssl or timm (`torch.export.load(...).module()`), and compiled
-  for a server or a phone by AOTInductor or ExecuTorch. The metadata is the extra
-  file ``fedssl.json``::
+- ``safetensors`` (default): two files side by side, ``model.safetensors`` (the
+  weights, `safetensors <https://huggingface.co/docs/safetensors>`_: a JSON header
+  and raw tensor bytes, nothing that runs) and ``model.json`` (the description:
+  labels, input spec, the model's registry name and keyword arguments, the weights'
+  SHA-256, the fedssl version). `load_exported` validates every field of the
+  description (`check_description`), builds the network with
+  `fedssl.models.factory.build_model`, checks the weights' header against the
+  network's tensors (names, dtypes, shapes, offsets; strict) and only then reads
+  the tensors. Without fedssl, the weights load with `safetensors.torch.load_file`
+  into any code that builds the same architecture.
 
-      extra = {"fedssl.json": ""}
-      model = torch.export.load("model.pt2", extra_files=extra).module()
-      meta = json.loads(extra["fedssl.json"])
+- ``onnx`` (``model.onnx``), for deployment elsewhere, when the optional ``onnx`` and
+  ``onnxscript`` packages are installed; the batch dimension is dynamic. The
+  description is the ONNX metadata property ``fedssl.json``. onnxruntime, which
+  runs no Python, evaluates it; predicting needs ``onnxruntime``.
 
-  torch.export.load can unpickle parts of an archive; fedssl reads only archives
-  whose every part is plain tensors and JSON (`_check_pt2`), and refuses others.
+- ``pt2`` (``model.pt2``): `torch.export` of the model in eval mode with a dynamic
+  batch dimension, for AOTInductor or ExecuTorch. Its description is the extra file
+  ``fedssl.json``.
+- ``torchscript`` (``model.pt``): `torch.jit.trace` of the model in eval mode, for
+  libtorch (C++) or older torch; its description is the extra file ``fedssl.json``.
 
-- ``torchscript`` (``model.pt``): `torch.jit.trace` of the model in eval
-  mode, loadable from Python (`torch.jit.load`) or C++ (libtorch), kept while torch
-  supports it. The metadata is the TorchScript extra file ``fedssl.json``::
+  Both are programs: `torch.export.load` evaluates the shape expressions in the
+  archive with sympy (which runs Python) and resolves node targets to arbitrary
+  torch attributes, and TorchScript runs what it holds. No check of their strings
+  makes them safe, so fedssl loads them only with ``trust_code=True`` (``fedssl
+  predict --trust-model-code``): from files you would run as code.
 
-      extra = {"fedssl.json": ""}
-      model = torch.jit.load("model.pt", _extra_files=extra)
-      meta = json.loads(extra["fedssl.json"])
-
-- ``onnx`` (``model.onnx``), when the optional ``onnx`` and ``onnxscript`` packages
-  are installed; the batch dimension is dynamic. The metadata is the ONNX metadata
-  property ``fedssl.json`` (onnxruntime: `session.get_modelmeta().custom_metadata_map`).
-  Predicting from it needs ``onnxruntime``.
-
-The metadata says how to feed the model: ``labels`` (one per output, in order) and
+The description says how to feed the model: ``labels`` (one per output, in order) and
 ``input``: decode the image, convert it to grayscale (``channels`` 1) or RGB (3),
 stretch it to ``image_size`` x ``image_size`` (bilinear), normalize uint8 values per
 channel by (x / 255 - ``mean``) / ``std`` (0.5 and 0.5, i.e. [-1, 1], unless the model
@@ -40,46 +44,71 @@ This is what training did (`fedssl.data.sources.image_folder.read_image`,
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
 import logging
-import re
+import math
 import warnings
-import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedssl import __version__
+from fedssl.config.validate import CHANNELS, IMAGE_SIZES, MAX_CLASSES
 from fedssl.data.transforms import to_tensor
 from fedssl.errors import UserError
 from fedssl.io import atomic_write
 
-__all__ = ["DEFAULT_FORMAT", "FORMATS", "ExportedModel", "Prediction", "export_model", "load_exported", "model_metadata", "model_path"]
+__all__ = ["DEFAULT_FORMAT", "FORMATS", "TRUST_FLAG", "ExportedModel", "Prediction", "check_description",
+           "export_model", "load_exported", "model_metadata", "model_path"]
 
-FORMATS = {"pt2": "model.pt2", "torchscript": "model.pt", "onnx": "model.onnx"}
-DEFAULT_FORMAT = "pt2"
-METADATA = "fedssl.json"
+FORMATS = {"safetensors": "model.safetensors", "onnx": "model.onnx", "pt2": "model.pt2", "torchscript": "model.pt"}
+DEFAULT_FORMAT = "safetensors"
+CODE_FORMATS = {"pt2": "torch.export (.pt2)", "torchscript": "TorchScript"}  # programs, loaded only when trusted
+TRUST_FLAG = "--trust-model-code"
+METADATA = "fedssl.json"  # the description's name inside an onnx, pt2 or TorchScript file
 FORMAT_NAME = "fedssl-model"
-FORMAT_VERSION = 2  # 2: the input's per-channel mean and std (1: always [-1, 1])
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: model (registry name, kwargs), weights' sha256, fedssl_version; 2: mean and std; 1: [-1, 1]
+READABLE_VERSIONS = (1, 2, 3)
+MAX_DESCRIPTION_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20  # about 100 bytes a tensor; safetensors itself allows 100 MB
+MAX_NAME_CHARS = 200  # a label's or a keyword argument's
+_SUFFIXES = {".safetensors": "safetensors", ".json": "safetensors", ".onnx": "onnx", ".pt2": "pt2"}  # else TorchScript
 _ONNX_PACKAGES = ("onnx", "onnxscript")
+# safetensors' names of the dtypes a network's state dict holds (safetensors.torch._TYPES)
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
 
 
 def model_metadata(class_names: Sequence[str], image_size: int, channels: int, mean: Sequence[float] | None = None,
-                   std: Sequence[float] | None = None, **extra: Any) -> dict[str, Any]:
-    """The metadata stored with an exported model (see the module docstring); `mean` and
-    `std` per channel (None: 0.5 and 0.5, fedssl's [-1, 1])."""
+                   std: Sequence[float] | None = None, model: Mapping[str, Any] | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """The description stored with an exported model (see the module docstring).
+
+    Args:
+        class_names: one label per output, in order.
+        image_size, channels: the input the network takes.
+        mean, std: per channel; None: 0.5 and 0.5, fedssl's [-1, 1].
+        model: ``{"name": ..., "kwargs": {...}}``, what `fedssl.models.factory.build_model`
+            builds the network from (the recipe's model.name and model.kwargs); the
+            safetensors format needs it.
+        extra: more keys for the description (e.g. how the model was personalized).
+    """
     mean = [float(m) for m in mean] if mean is not None else [0.5] * channels
     std = [float(s) for s in std] if std is not None else [0.5] * channels
+    architecture = {"model": {"name": model["name"], "kwargs": dict(model.get("kwargs") or {})}} if model else {}
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "fedssl_version": __version__,
         "labels": list(class_names),
         "input": {
             "image_size": image_size,
@@ -95,12 +124,101 @@ def model_metadata(class_names: Sequence[str], image_size: int, channels: int, m
             "dtype": "float32",
         },
         "output": "logits, one per label (softmax gives the confidences)",
+        **architecture,
         **extra,
     }
 
 
+def check_description(description: Any, name: str = "model.json") -> None:
+    """Raise a `UserError` naming the first field of a model description fedssl cannot use.
+
+    Every field a loader reads is checked here, before anything is built from it:
+    the format and version, the labels (distinct non-empty strings), the input size,
+    channels, mean and std (finite, std > 0), the model's registry name and its
+    keyword arguments (plain JSON values), the weights' digest. Whether the labels
+    match the network's outputs is checked once the network exists.
+
+    Args:
+        description: the parsed JSON.
+        name: the file it came from, for the message.
+    """
+    def bad(key: str, what: str, value: Any) -> UserError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return UserError(f"{name}: {key} {what}, got {shown}; export the model again with fedssl personalize")
+
+    if not isinstance(description, dict) or description.get("format") != FORMAT_NAME:
+        raise UserError(f"{name}: not a model exported by fedssl personalize (its description is not fedssl's)")
+    version = description.get("version")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise UserError(f"{name}: fedssl model format {version!r}; this fedssl reads formats "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}")
+    labels = description.get("labels")
+    if not (isinstance(labels, list) and 1 <= len(labels) <= MAX_CLASSES and all(map(_is_name, labels))):
+        raise bad("labels", f"must be a list of 1 to {MAX_CLASSES} names (strings)", labels)
+    if len(set(labels)) < len(labels):
+        raise bad("labels", "must be distinct", labels)
+    spec = description.get("input")
+    if not isinstance(spec, dict):
+        raise bad("input", "must be a mapping", spec)
+    size, channels = spec.get("image_size"), spec.get("channels")
+    if not (_is_int(size) and IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]):
+        raise bad("input.image_size", f"must be a whole number from {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]}", size)
+    if not (_is_int(channels) and channels in CHANNELS):
+        raise bad("input.channels", "must be 1 (grayscale) or 3 (RGB)", channels)
+    if version >= 2:
+        for key, low, high in (("mean", -10.0, 10.0), ("std", 1e-4, 10.0)):
+            values = spec.get(key)
+            if not (isinstance(values, list) and len(values) == channels and all(
+                    _is_number(v) and low <= v <= high for v in values)):
+                raise bad(f"input.{key}", f"must be one number from {low:g} to {high:g} per channel", values)
+    if "model" in description:
+        _check_architecture(description["model"], bad)
+    weights = description.get("weights", {})
+    digest = weights.get("sha256") if isinstance(weights, dict) else None
+    if "weights" in description and not (isinstance(digest, str) and len(digest) == 64 and
+                                         all(c in "0123456789abcdef" for c in digest)):
+        raise bad("weights.sha256", "must be a SHA-256 in hex", digest)
+    if not isinstance(description.get("fedssl_version", ""), str):
+        raise bad("fedssl_version", "must be a string", description["fedssl_version"])
+
+
+def _check_architecture(model: Any, bad: Callable[[str, str, Any], UserError]) -> None:
+    """The description's model section: a name fedssl's factory builds, and kwargs that
+    are plain JSON values (the model's own constructor refuses names it does not take)."""
+    import timm
+
+    import fedssl.models.factory  # noqa: F401 - registers fedssl's models with timm
+
+    if not (isinstance(model, dict) and set(model) == {"name", "kwargs"}):
+        raise bad("model", "must be a mapping of name and kwargs", model)
+    if not (_is_name(model["name"]) and timm.is_model(model["name"])):
+        raise bad("model.name", "must name a model fedssl builds (timm.list_models() or fedssl's CNNs)", model["name"])
+    kwargs = model["kwargs"]
+    if not isinstance(kwargs, dict):
+        raise bad("model.kwargs", "must be a mapping", kwargs)
+    for key, value in kwargs.items():
+        values = value if isinstance(value, list) else [value]
+        if not (_is_name(key) and len(values) <= 64 and all(
+                v is None or isinstance(v, (bool, int)) or _is_number(v) or _is_name(v) for v in values)):
+            raise bad(f"model.kwargs.{str(key)[:MAX_NAME_CHARS]}", "must be a number, string, bool or null "
+                      "(or a list of them)", value)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS
+
+
 def model_path(out_dir: str | Path, export_format: str) -> Path:
-    """Where `export_format` writes in `out_dir`.
+    """Where `export_format` writes in `out_dir` (safetensors: the weights; the
+    description is beside them, with the suffix .json).
 
     Raises:
         UserError: an unknown format, or onnx without its packages installed.
@@ -112,19 +230,23 @@ def model_path(out_dir: str | Path, export_format: str) -> Path:
         if missing:
             raise UserError(
                 f"--format onnx needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}: "
-                f"pip install 'fedssl[onnx]' (or export pt2, the default)"
+                f"pip install 'fedssl[onnx]' (or export safetensors, the default)"
             )
     return Path(out_dir) / FORMATS[export_format]
 
 
 def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], export_format: str = DEFAULT_FORMAT) -> Path:
-    """Write `model` (evaluated in eval mode) with `metadata` to `path`, atomically.
+    """Write `model` (evaluated in eval mode) with its description `metadata` to `path`, atomically.
 
-    The exported network is checked against `model` on a random batch before it is
-    written, so a file that exists computes what `model` computes.
+    The export is read back and checked against `model` on a random batch before it
+    is written, so a file that exists computes what `model` computes. safetensors
+    writes the weights first, then the description (`path` with the suffix .json),
+    which holds the weights' SHA-256: a crash between the two leaves a pair that
+    refuses to load rather than one that mixes two exports.
     """
     path = Path(path)
     model_path(path.parent, export_format)  # the format's own checks
+    check_description(metadata, f"the description of {path}")
     size, channels = metadata["input"]["image_size"], metadata["input"]["channels"]
     was_training = model.training
     model.eval()
@@ -132,19 +254,37 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], e
         probe = torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
         with torch.no_grad():
             expected = model(probe)
-        text = json.dumps(metadata, indent=2)
-        if export_format == "pt2":
-            data = _pt2_bytes(model, probe, text)
-        elif export_format == "torchscript":
-            data = _torchscript_bytes(model, probe, text)
+        if export_format == "safetensors":
+            files = _safetensors_files(model, metadata, path)
+            exported = _load_safetensors(io.BytesIO(files[path]), json.loads(files[path.with_suffix(".json")]), str(path))
         else:
-            data = _onnx_bytes(model, probe, text)
-        exported = _load_bytes(data, export_format, str(path))
+            files = {path: _program_bytes(model, probe, json.dumps(metadata, indent=2), export_format)}
+            exported = _load_bytes(files[path], export_format, str(path))
         torch.testing.assert_close(exported.run(probe), expected, rtol=1e-4, atol=1e-4)
-        atomic_write(path, lambda file: file.write(data))
+        for target, data in files.items():
+            atomic_write(target, lambda file: file.write(data))
     finally:
         model.train(was_training)
     return path
+
+
+def _safetensors_files(model: nn.Module, metadata: dict[str, Any], path: Path) -> dict[Path, bytes]:
+    """The weights and the description naming their digest, in the order they are written."""
+    from safetensors.torch import save
+
+    if "model" not in metadata:
+        raise ValueError("the safetensors format needs the description's model section (model_metadata(model=...))")
+    weights = save({name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()})
+    description = {**metadata, "weights": {"sha256": hashlib.sha256(weights).hexdigest()}}
+    return {path: weights, path.with_suffix(".json"): (json.dumps(description, indent=2) + "\n").encode()}
+
+
+def _program_bytes(model: nn.Module, probe: torch.Tensor, metadata: str, export_format: str) -> bytes:
+    if export_format == "pt2":
+        return _pt2_bytes(model, probe, metadata)
+    if export_format == "torchscript":
+        return _torchscript_bytes(model, probe, metadata)
+    return _onnx_bytes(model, probe, metadata)
 
 
 def _pt2_bytes(model: nn.Module, probe: torch.Tensor, metadata: str) -> bytes:
@@ -159,7 +299,7 @@ def _torchscript_bytes(model: nn.Module, probe: torch.Tensor, metadata: str) -> 
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # Recent torch (2.14 here) marks TorchScript deprecated for torch.export; it is
-        # kept as the default because libtorch (C++) and older torch still load it.
+        # kept because libtorch (C++) and older torch still load it.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         with torch.no_grad():
             traced = torch.jit.trace(model, probe[:1])
@@ -256,88 +396,53 @@ class ExportedModel:
         return predictions
 
 
-def load_exported(path: str | Path) -> ExportedModel:
+def load_exported(path: str | Path, *, trust_code: bool = False) -> ExportedModel:
     """Read a model written by `export_model`.
 
+    Args:
+        path: an export folder (its model.safetensors and model.json), either file of
+            a safetensors export, or a model.onnx, model.pt2 or model.pt file.
+        trust_code: load pt2 and TorchScript files, which are programs that can run
+            any code when loaded (`--trust-model-code`); only for files you trust.
+
     Raises:
-        UserError: a missing file, a file that is not a fedssl export, or an ONNX
-            export without onnxruntime installed.
+        UserError: a missing file, a program without `trust_code`, a file that is not
+            a fedssl export or whose description or weights fedssl cannot use safely
+            (naming the field), or an ONNX export without onnxruntime installed.
     """
     path = Path(path)
+    if path.is_dir() and (path / FORMATS[DEFAULT_FORMAT]).is_file():
+        path = path / FORMATS[DEFAULT_FORMAT]
     if not path.is_file():
-        raise UserError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'} (expected a model file "
-                        f"written by fedssl personalize)")
-    suffix = path.suffix.lower()
-    export_format = "onnx" if suffix == ".onnx" else "pt2" if suffix == ".pt2" else "torchscript"
+        what = f"is a folder without {FORMATS[DEFAULT_FORMAT]}" if path.is_dir() else "does not exist"
+        raise UserError(f"{path} {what} (expected a model written by fedssl personalize)")
+    export_format = _SUFFIXES.get(path.suffix.lower(), "torchscript")
+    if export_format in CODE_FORMATS and not trust_code:
+        # Refused before torch opens the file: reading it is what runs its code.
+        raise UserError(f"{path}: a {CODE_FORMATS[export_format]} model is a program that can run any code when "
+                        f"loaded; pass {TRUST_FLAG} only for a file you trust as a script, or export the default "
+                        f"safetensors format")
+    if export_format == "safetensors":
+        return _load_safetensors_pair(path)
     return _load_bytes(path.read_bytes(), export_format, str(path))
 
 
 def _load_bytes(data: bytes, export_format: str, name: str) -> ExportedModel:
+    """An onnx, pt2 or TorchScript export from its bytes (the caller decided to trust programs)."""
     not_ours = f"{name}: not a model exported by fedssl personalize"
     if export_format == "onnx":
         return _load_onnx(data, name, not_ours)
-    if export_format == "pt2":
-        return _load_pt2(data, name, not_ours)
     extra = {METADATA: ""}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
-    except Exception:  # torch raises RuntimeError, ValueError, ... on a file that is not TorchScript
-        raise UserError(f"{not_ours} (not a TorchScript file)") from None
-    metadata = _parse_metadata(extra[METADATA], name)
-    module.eval()
-    return ExportedModel(metadata=metadata, run=module)
-
-
-# What torch.export.save writes, all of it tensors or JSON (torch 2.6-2.14); torch.export.load
-# unpickles weights or constants flagged `use_pickle`, custom objects and sample inputs that
-# are not plain tensors, so an archive is read only once these have been checked.
-_PT2_DATA = re.compile(r"[^/]+/(data/weights/weight_\d+|data/constants/tensor_\d+|"
-                       r"data/(weights|constants)/model_(weights|constants)_config\.json|models/model\.json|"
-                       r"data/sample_inputs/model\.pt|extra/[^/]+|archive_format|archive_version|"
-                       r"\.data/version|\.data/serialization_id|byteorder|version)")
-
-
-def _check_pt2(data: bytes, name: str, not_ours: str) -> None:
-    """Refuse a .pt2 archive that holds anything torch.export.load would unpickle."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        names = archive.namelist()
-    except (zipfile.BadZipFile, ValueError):
-        raise UserError(f"{not_ours} (not a .pt2 archive)") from None
-    unexpected = [n for n in names if not n.endswith("/") and not _PT2_DATA.fullmatch(n)]
-    if unexpected or not any(n.endswith("/archive_format") for n in names):
-        raise UserError(f"{not_ours} (the .pt2 archive holds {unexpected[0] if unexpected else 'no archive_format'}, "
-                        "which fedssl does not load)")
-    for entry in names:
-        if entry.endswith("_config.json"):
-            try:
-                config = json.loads(archive.read(entry))["config"]
-                pickled = [key for key, payload in config.items()
-                           if payload.get("use_pickle") or not str(payload.get("path_name", "")).startswith(
-                               ("weight_", "tensor_"))]
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise UserError(f"{not_ours} ({entry} is not torch.export's)") from None
-            if pickled:
-                raise UserError(f"{name}: {pickled[0]!r} is a pickled object, which fedssl does not load; "
-                                "export the model again with fedssl personalize")
-        elif entry.endswith("sample_inputs/model.pt"):
-            try:
-                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
-            except Exception:  # anything but tensors and plain containers
-                raise UserError(f"{name}: its sample inputs are not plain tensors; fedssl does not load it") from None
-
-
-def _load_pt2(data: bytes, name: str, not_ours: str) -> ExportedModel:
-    _check_pt2(data, name, not_ours)
-    extra = {METADATA: ""}
-    try:
-        program = torch.export.load(io.BytesIO(data), extra_files=extra)
-    except Exception:  # torch raises many types on a file that is not a program it wrote
-        raise UserError(f"{not_ours} (not a torch.export program)") from None
-    metadata = _parse_metadata(extra[METADATA], name)
-    return ExportedModel(metadata=metadata, run=program.module())
+        if export_format == "pt2":
+            module = torch.export.load(io.BytesIO(data), extra_files=extra).module()
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra).eval()
+    except Exception:  # torch raises RuntimeError, ValueError, ... on a file that is not a program it wrote
+        raise UserError(f"{not_ours} (not a {CODE_FORMATS[export_format]} file)") from None
+    return _checked(ExportedModel(metadata=_parse_description(extra[METADATA], name), run=module), name)
 
 
 def _load_onnx(data: bytes, name: str, not_ours: str) -> ExportedModel:
@@ -349,33 +454,161 @@ def _load_onnx(data: bytes, name: str, not_ours: str) -> ExportedModel:
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     except Exception:  # onnxruntime raises its own exception types on a file that is not ONNX
         raise UserError(f"{not_ours} (not an ONNX file)") from None
-    metadata = _parse_metadata(session.get_modelmeta().custom_metadata_map.get(METADATA, ""), name)
+    metadata = _parse_description(session.get_modelmeta().custom_metadata_map.get(METADATA, ""), name)
     input_name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
 
-    return ExportedModel(metadata=metadata, run=run)
+    return _checked(ExportedModel(metadata=metadata, run=run), name)
 
 
-def _parse_metadata(text: str | bytes, name: str) -> dict[str, Any]:
-    not_ours = f"{name}: not a model exported by fedssl personalize"
+def _parse_description(text: str | bytes, name: str) -> dict[str, Any]:
+    """The JSON description embedded in (or beside) an export, checked field by field."""
     if not text:
-        raise UserError(f"{not_ours} (it has no {METADATA} with its labels and input spec)")
+        raise UserError(f"{name}: not a model exported by fedssl personalize (it has no {METADATA} with its labels "
+                        "and input spec)")
+    if len(text) > MAX_DESCRIPTION_BYTES:
+        raise UserError(f"{name}: its description is {len(text)} bytes, more than fedssl reads "
+                        f"({MAX_DESCRIPTION_BYTES}); not a model exported by fedssl personalize")
     try:
-        metadata = json.loads(text)
-    except ValueError:
-        raise UserError(f"{not_ours} (its {METADATA} is not JSON)") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-        raise UserError(f"{not_ours} (its {METADATA} is not fedssl's)")
-    if metadata.get("version") not in READABLE_VERSIONS:
-        raise UserError(f"{name}: fedssl model format {metadata.get('version')!r}; this fedssl reads "
-                        f"formats {', '.join(map(str, READABLE_VERSIONS))}")
-    spec = metadata.get("input")
-    channels = spec.get("channels") if isinstance(spec, dict) else None
-    for key in ("mean", "std"):
-        values = spec.get(key) if isinstance(spec, dict) else None
-        if metadata["version"] >= 2 and not (isinstance(values, list) and len(values) == channels and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            raise UserError(f"{name}: its {METADATA} input.{key} is not one number per channel")
-    return metadata
+        description = json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):  # RecursionError: brackets nested thousands deep
+        raise UserError(f"{name}: not a model exported by fedssl personalize (its description is not JSON)") from None
+    check_description(description, name)
+    return description
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (whose second value a reader could miss)."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError("a key given twice")
+    return dict(pairs)
+
+
+def _checked(exported: ExportedModel, name: str) -> ExportedModel:
+    """`exported` once its network takes the described input and gives one finite logit per label."""
+    labels, size, channels = exported.labels, exported.image_size, exported.channels
+    try:
+        with torch.no_grad():
+            logits = exported.run(torch.zeros(1, channels, size, size))
+    except Exception:  # whatever the network raises on an input it was not built for
+        raise UserError(f"{name}: the network does not take the {channels}x{size}x{size} images its description "
+                        "names; export the model again with fedssl personalize") from None
+    if tuple(logits.shape) != (1, len(labels)):
+        raise UserError(f"{name}: the network gives outputs of shape {tuple(logits.shape[1:])}, its description names "
+                        f"{len(labels)} labels; export the model again with fedssl personalize")
+    if not torch.isfinite(logits).all():
+        raise UserError(f"{name}: the network's outputs are not finite numbers; export the model again")
+    return exported
+
+
+# --- the safetensors format: the description, then the network fedssl builds, then the tensors ----
+
+
+def _load_safetensors_pair(path: Path) -> ExportedModel:
+    weights, description = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    for file in (weights, description):
+        if not file.is_file():
+            raise UserError(f"{file} does not exist; a safetensors export is {weights.name} and {description.name} "
+                            "side by side, as fedssl personalize writes them")
+    if description.stat().st_size > MAX_DESCRIPTION_BYTES:
+        raise UserError(f"{description}: larger than a model description fedssl reads ({MAX_DESCRIPTION_BYTES} bytes)")
+    try:
+        text = description.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{description}: not a model description (not UTF-8 text)") from None
+    with weights.open("rb") as file:
+        return _load_safetensors(file, _parse_description(text, str(description)), str(weights))
+
+
+def _load_safetensors(file: BinaryIO, description: dict[str, Any], name: str) -> ExportedModel:
+    """The network the (checked) `description` names, given the weights in `file` once
+    their header matches its tensors exactly."""
+    from safetensors.torch import load
+
+    for key in ("model", "weights"):
+        if key not in description:
+            raise UserError(f"{name}: its description has no {key} section; export the model again")
+    expected = _build(description, name, meta=True).state_dict()  # names, shapes and dtypes, nothing allocated
+    header, data_size = _read_header(file, name)
+    _check_header(header, expected, data_size, name)
+    file.seek(0)
+    data = file.read()  # as many bytes as the network's tensors take, once the header is checked
+    if hashlib.sha256(data).hexdigest() != description["weights"]["sha256"]:
+        raise UserError(f"{name}: these weights are not the ones its description was written with (their SHA-256 "
+                        "differs); export the model again")
+    try:
+        tensors = load(data)
+    except Exception:  # safetensors' own checks, should the header check above have missed one
+        raise UserError(f"{name}: not a safetensors file fedssl can read") from None
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise UserError(f"{name}: holds weights that are not finite numbers (NaN or infinity); export the model again")
+    network = _build(description, name)
+    network.load_state_dict(tensors, strict=True)  # every name and shape was checked above
+    return _checked(ExportedModel(metadata=description, run=network.eval()), name)
+
+
+def _build(description: dict[str, Any], name: str, meta: bool = False) -> nn.Module:
+    """The network of a checked description, from fedssl's own factory (on the meta
+    device: its tensors' shapes without memory, whatever sizes a description asks for)."""
+    from fedssl.config.schema import ModelConfig
+    from fedssl.models.factory import build_model
+
+    spec, model = description["input"], description["model"]
+    try:
+        with torch.device("meta") if meta else nullcontext():
+            return build_model(ModelConfig(name=model["name"], kwargs=dict(model["kwargs"])), len(description["labels"]),
+                               spec["channels"], spec["image_size"])
+    except UserError as error:
+        raise UserError(f"{name}: {error}") from None
+    except Exception as error:  # a model's constructor raises any type on arguments it cannot take
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{name}: fedssl cannot build {model['name']} from its description's model.kwargs and input "
+                        f"({type(error).__name__}: {first})") from None
+
+
+def _read_header(file: BinaryIO, name: str) -> tuple[bytes, int]:
+    """A safetensors file's JSON header and the size of the tensor data after it."""
+    prefix = file.read(8)
+    size = file.seek(0, io.SEEK_END)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+        raise UserError(f"{name}: not a safetensors file (its header length {length} does not fit its {size} bytes)")
+    file.seek(8)
+    return file.read(length), size - 8 - length
+
+
+def _check_header(raw: bytes, expected: Mapping[str, torch.Tensor], data_size: int, name: str) -> None:
+    """Refuse a header unless it lists exactly the network's tensors, each with the
+    network's dtype and shape and the bytes these take, laid end to end over the data."""
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):
+        raise UserError(f"{name}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{name}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    unknown, missing = sorted(header.keys() - expected.keys()), sorted(expected.keys() - header.keys())
+    if unknown or missing:
+        what = f"holds {unknown[0]!r}, which" if unknown else f"lacks {missing[0]!r}, which"
+        raise UserError(f"{name}: {what} the network its description names {'does not have' if unknown else 'has'}")
+    spans = []
+    for key, tensor in expected.items():
+        entry, want = header[key], (_DTYPES.get(tensor.dtype), list(tensor.shape))
+        have = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else (None, None)
+        if have != want or not all(map(_is_int, have[1])):
+            raise UserError(f"{name}: tensor {key!r} is {have[0]} {have[1]}, the network expects {want[0]} {want[1]}")
+        offsets, length = entry.get("data_offsets"), tensor.numel() * tensor.element_size()
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+                and offsets[1] - offsets[0] == length):
+            raise UserError(f"{name}: tensor {key!r} has data offsets {offsets!r}, which do not span its {length} bytes")
+        spans.append(offsets)
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise UserError(f"{name}: its tensors' data {'overlap' if begin < end else 'leave a gap'} at byte {begin}")
+        end = stop
+    if end != data_size:
+        raise UserError(f"{name}: its header describes {end} bytes of tensor data, the file holds {data_size}")

@@ -325,7 +325,7 @@ def personalize(
     data: str | Path,
     options: FineTuneOptions = FineTuneOptions(),
     out_dir: str | Path | None = None,
-    export_format: str = "pt2",
+    export_format: str = "safetensors",
     echo: Callable[[str], None] = print,
 ) -> tuple[FineTuned, Path]:
     """Fine-tune the global model of `run` on the labeled images at `data` and export it.
@@ -336,7 +336,8 @@ def personalize(
         options: mode and budgets (see `FineTuneOptions`).
         out_dir: where the exported model, `personalize.json` and Lightning's CSV
             logs go; default: `personalized-MODE` beside the checkpoint.
-        export_format: pt2 (default: torch.export), torchscript, or onnx (needs the onnx extra).
+        export_format: safetensors (default: weights and a JSON description, data only), onnx
+            (needs the onnx extra), pt2 (torch.export) or torchscript.
         echo: receives the lines a user reads (the CLI prints them).
 
     Returns:
@@ -346,7 +347,7 @@ def personalize(
         UserError: see `fedssl.trained.load_trained`, `fedssl.data.labeled_subset`,
             `FineTuneOptions.check` and `fedssl.export.export_model`.
     """
-    from fedssl.export import export_model, model_metadata, model_path
+    from fedssl.export import CODE_FORMATS, TRUST_FLAG, export_model, model_metadata, model_path
     from fedssl.tracking.wandb_run import log_personalize
     from fedssl.trained import load_trained
 
@@ -396,6 +397,7 @@ def personalize(
 
     metadata = model_metadata(
         class_names, trained.image_size, trained.channels, *normalization,
+        model={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
         personalized={"from": str(trained.path), "algorithm": cfg.algorithm.name, "model": cfg.model.name,
                       "mode": result.mode, "heldout_acc_before": result.before.accuracy,
                       "heldout_acc_after": result.after.accuracy},
@@ -412,7 +414,8 @@ def personalize(
     atomic_write_text(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
     result.details = report
     log_personalize(trained, report, out_dir / REPORT, target)
-    echo(f"exported {target}; try: fedssl predict {target} IMAGE...")
+    trust = f" {TRUST_FLAG}" if export_format in CODE_FORMATS else ""
+    echo(f"exported {target}; try: fedssl predict{trust} {target} IMAGE...")
     return result, target
 
 

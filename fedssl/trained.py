@@ -18,6 +18,7 @@ from torch import nn
 
 from fedssl.config.load import merge_config
 from fedssl.config.schema import RecipeConfig
+from fedssl.config.validate import MAX_CLASSES, validate_model_input
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import ServerState
 from fedssl.federation.checkpoint import load_checkpoint
@@ -92,6 +93,12 @@ def load_trained(path: str | Path) -> TrainedModel:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise UserError(f"{file}: not a fedssl run checkpoint (it holds no class names)")
     cfg = merge_config([checkpoint["config"]], source=str(file))
+    try:  # before a network is built for it: a checkpoint is someone else's file
+        validate_model_input(cfg)
+    except UserError as error:
+        raise UserError(f"{file}: its recipe's {error}; not a checkpoint fedssl wrote") from None
+    if len(names) > MAX_CLASSES:
+        raise UserError(f"{file}: holds {len(names)} class names, more than fedssl builds a model for ({MAX_CLASSES})")
     state = ServerState(**checkpoint["server_state"])
     # The weights come from the checkpoint: a local pretrained file the recipe named
     # once is not needed, and may not exist on this machine.

@@ -20,6 +20,11 @@ DEVICES = ("cpu", "cuda", "auto")
 CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.federation.concurrent
 CHANNEL_MODELS = ("independent", "gilbert_elliott")  # fedssl.federation.channel
 CHANNEL_STRATEGIES = ("drop", "mean", "fill")
+# The input and output sizes fedssl builds a network for, from a recipe, a checkpoint
+# someone sent or an exported model's description (20000 pixels a side once asked for TBs).
+IMAGE_SIZES = (8, 1024)
+CHANNELS = (1, 3)
+MAX_CLASSES = 100_000
 
 
 def check_choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -140,6 +145,13 @@ def validate_privacy(cfg: RecipeConfig) -> None:
             "the privacy accountant assumes")
 
 
+def validate_model_input(cfg: RecipeConfig) -> None:
+    """The input a network is built for: also checked on a checkpoint's stored recipe."""
+    require(cfg.data.channels in CHANNELS, "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
+    low, high = IMAGE_SIZES
+    require(low <= cfg.data.image_size <= high, "data.image_size", f"must be from {low} to {high}, got {cfg.data.image_size}")
+
+
 def check_run_name(name: str) -> str:
     """`name` if it names one directory inside `output_dir` (never `output_dir`
     itself, its parent or a path elsewhere), else a `UserError`."""
@@ -197,8 +209,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     # checked by the data package, before it decodes anything (`load_source`).
     require(cfg.data.augment_backend in ("albumentations", "torch"), "data.augment_backend",
             f"must be albumentations or torch, got {cfg.data.augment_backend!r}")
-    require(cfg.data.channels in (1, 3), "data.channels", f"must be 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
-    require(cfg.data.image_size >= 1, "data.image_size", f"must be >= 1, got {cfg.data.image_size}")
+    validate_model_input(cfg)
     ssl = cfg.algorithm.ssl
     THRESHOLDS.get(ssl.threshold, key="algorithm.ssl.threshold")
     require(0 < ssl.tau <= 1, "algorithm.ssl.tau", f"must be in (0, 1], got {ssl.tau}")
