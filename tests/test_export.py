@@ -1,23 +1,23 @@
-"""Exported models: every format computes what the in-process model computes, carries its
-labels and input spec, and a .pt2 archive that would unpickle code is refused unread."""
+"""Exported models: every format computes what the in-process model computes and carries
+its labels and input spec; the default format is data that fedssl rebuilds the network
+from. Hostile files are in test_export_attacks.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import io
-import pickle
-import zipfile
-from pathlib import Path
+import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from fedssl.config.schema import ModelConfig
 from fedssl.errors import UserError
-from fedssl.export import DEFAULT_FORMAT, FORMATS, export_model, load_exported, model_metadata
+from fedssl.export import CODE_FORMATS, DEFAULT_FORMAT, FORMATS, export_model, load_exported, model_metadata
 from fedssl.models.factory import build_model
 
 LABELS = ["a", "b", "c"]
+ARCHITECTURE = {"name": "fedavg_cnn_bn", "kwargs": {}}
 
 
 def model() -> torch.nn.Module:
@@ -31,64 +31,53 @@ def model() -> torch.nn.Module:
     return net.train()
 
 
+def metadata(**changes) -> dict:
+    return model_metadata(LABELS, 28, 1, model=ARCHITECTURE, **changes)
+
+
 @pytest.mark.parametrize("export_format", list(FORMATS))
 def test_each_format_computes_what_the_model_computes(export_format, tmp_path):
     if export_format == "onnx" and any(importlib.util.find_spec(p) is None for p in ("onnx", "onnxscript", "onnxruntime")):
         pytest.skip("the onnx extra is not installed")
     net = model()
-    path = export_model(net, tmp_path / FORMATS[export_format], model_metadata(LABELS, 28, 1), export_format)
+    path = export_model(net, tmp_path / FORMATS[export_format], metadata(), export_format)
     assert net.training  # its mode is given back
-    exported = load_exported(path)
+    exported = load_exported(path, trust_code=export_format in CODE_FORMATS)
     assert exported.labels == LABELS and (exported.image_size, exported.channels) == (28, 1)
     x = torch.rand(5, 1, 28, 28) * 2 - 1  # a batch size the export never saw
     with torch.no_grad():
         torch.testing.assert_close(exported.run(x), net.eval()(x), rtol=1e-5, atol=1e-5)
 
 
-def test_pt2_is_the_default():
-    assert DEFAULT_FORMAT == "pt2" and FORMATS["pt2"] == "model.pt2"
+def test_safetensors_is_the_default_and_loads_from_either_file_or_the_folder(tmp_path):
+    assert DEFAULT_FORMAT == "safetensors" and FORMATS["safetensors"] == "model.safetensors"
+    path = export_model(model(), tmp_path / "model.safetensors", metadata())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]  # no temporary left
+    for given in (tmp_path, tmp_path / "model.json", path):
+        assert load_exported(given).labels == LABELS
 
 
-class Touch:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (self.path,))
-
-
-def test_a_pt2_archive_that_would_unpickle_code_is_refused(tmp_path):
-    path = export_model(model(), tmp_path / "model.pt2", model_metadata(LABELS, 28, 1))
-    marker = tmp_path / "ran"
-    rogue = tmp_path / "rogue.pt2"
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(rogue, "w") as target:
-        for entry in source.namelist():
-            data = source.read(entry)
-            if entry.endswith("sample_inputs/model.pt"):
-                buffer = io.BytesIO()
-                torch.save({"inputs": Touch(marker)}, buffer)
-                data = buffer.getvalue()
-            target.writestr(entry, data)
-    with pytest.raises(UserError, match="sample inputs are not plain tensors"):
-        load_exported(rogue)
-    assert not marker.exists()
-
-    pickled = tmp_path / "pickled.pt2"
-    with zipfile.ZipFile(path) as source, zipfile.ZipFile(pickled, "w") as target:
-        for entry in source.namelist():
-            data = source.read(entry)
-            if entry.endswith("model_weights_config.json"):
-                data = data.replace(b'"use_pickle": false', b'"use_pickle": true', 1)
-            target.writestr(entry, data)
-    with pytest.raises(UserError, match="pickled object"):
-        load_exported(pickled)
+def test_the_export_loads_in_plain_python_as_the_docs_show(tmp_path):
+    """docs/personalization.md: the JSON, safetensors.torch.load_file, a network of the same architecture."""
+    net = model().eval()
+    export_model(net, tmp_path / "model.safetensors", metadata())
+    meta = json.loads((tmp_path / "model.json").read_text())
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    rebuilt = build_model(ModelConfig(name=meta["model"]["name"], kwargs=meta["model"]["kwargs"]), len(meta["labels"]),
+                          meta["input"]["channels"], meta["input"]["image_size"])
+    rebuilt.load_state_dict(weights)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), net(x))
+    assert meta["fedssl_version"] and len(meta["weights"]["sha256"]) == 64
 
 
-def test_a_file_that_is_not_a_pt2_archive(tmp_path):
-    junk = tmp_path / "junk.pt2"
-    junk.write_bytes(pickle.dumps([1, 2, 3]))
-    with pytest.raises(UserError, match="not a .pt2 archive"):
-        load_exported(junk)
+def test_a_network_the_registry_cannot_rebuild_is_not_exported_as_safetensors(tmp_path):
+    net = model()
+    net.fc = torch.nn.Linear(net.fc.in_features, len(LABELS), bias=False)  # not what fedavg_cnn_bn builds
+    with pytest.raises(UserError, match="'fc.bias'"):
+        export_model(net, tmp_path / "model.safetensors", metadata())
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_pt2_program_with_constants_and_buffers_reads_back(tmp_path):
@@ -103,7 +92,8 @@ def test_a_pt2_program_with_constants_and_buffers_reads_back(tmp_path):
             return self.conv(x).mean((2, 3)) * self.scale + torch.tensor([1.0, 2.0, 3.0])
 
     net = Shifted()
-    exported = load_exported(export_model(net, tmp_path / "model.pt2", model_metadata(LABELS, 8, 1)))
+    path = export_model(net, tmp_path / "model.pt2", model_metadata(LABELS, 8, 1), "pt2")
+    exported = load_exported(path, trust_code=True)
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(exported.run(x), net(x))
