@@ -238,7 +238,12 @@ def changed(meta: dict, key: str, value) -> dict:
     return meta
 
 
-DELETE = object()
+class _Delete:
+    def __repr__(self) -> str:
+        return "DELETE"
+
+
+DELETE = _Delete()  # a change that removes the key
 BAD_FIELDS = [
     ("labels", "abc", "labels"), ("labels", {"a": 1}, "labels"), ("labels", [1, 2, 3], "labels"),
     ("labels", [], "labels"), ("labels", ["a", "a", "b"], "distinct"), ("labels", ["a", ""], "labels"),

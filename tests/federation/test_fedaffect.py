@@ -283,7 +283,7 @@ def test_personalize_head_fine_tunes_a_self_supervised_runs_encoder(tiny_recipe,
                  "--mode", "head", "--epochs", "2", "--no-progress", "--format", "torchscript"]) == 0
     from fedssl.export import load_exported
 
-    tuned = load_exported(tmp_path / "out" / "model.pt").run.state_dict()  # TorchScript keeps the module's names
+    tuned = load_exported(tmp_path / "out" / "model.pt", trust_code=True).run.state_dict()  # TorchScript keeps the module's names
     body = [n for n in tuned if not n.startswith("fc.")]
     assert all(torch.equal(tuned[n], trained.model.state_dict()[n]) for n in body)
     assert not torch.equal(tuned["fc.weight"], trained.model.state_dict()["fc.weight"])

@@ -90,8 +90,9 @@ def test_personalize_head_then_predict_end_to_end(tiny_run, faces, tmp_path):
     assert report["heldout_acc_after"] == pytest.approx(acc["after"][0], abs=1e-4)
     assert (out / "logs").is_dir()  # Lightning's CSV logger
 
+    assert {"model.safetensors", "model.json"} <= {p.name for p in out.iterdir()}  # data only, the default
     images = sorted(faces.rglob("*.png"))[:5]
-    predicted = fedssl("predict", str(out / "model.pt2"), *map(str, images))
+    predicted = fedssl("predict", str(out / "model.safetensors"), *map(str, images))
     assert predicted.returncode == 0, predicted.stderr
     lines = predicted.stdout.strip().splitlines()
     assert len(lines) == len(images)
@@ -143,7 +144,7 @@ def test_full_and_maml_modes(tiny_run, faces, tmp_path, capsys):
     report = json.loads((tmp_path / "maml" / "personalize.json").read_text())
     assert report["steps"] == 3 and report["options"]["lr"] == 0.01
     global_weights = load_trained(tiny_run).model.state_dict()
-    adapted = load_exported(tmp_path / "maml" / "model.pt2").run.state_dict()
+    adapted = load_exported(tmp_path / "maml").run.state_dict()
     assert all(not torch.equal(adapted[name], global_weights[name]) for name in ("conv1.weight", "fc.weight"))
 
 
@@ -161,7 +162,7 @@ def test_csv_with_its_own_test_rows(tiny_run, tmp_path, capsys):
     assert code == 0, err
     assert "30 images to fine-tune on, 10 to evaluate (its own test split)" in out
     assert accuracies(out)["after"][2] == 10
-    assert (tmp_path / "csv" / "model.pt2").is_file()
+    assert (tmp_path / "csv" / "model.safetensors").is_file() and (tmp_path / "csv" / "model.json").is_file()
 
 
 def test_the_rebuilt_model_scores_what_the_run_reported(tiny_run):
@@ -213,6 +214,18 @@ def test_unreadable_image_is_named(tiny_run, faces, capsys):
     assert "56 images to fine-tune on, 14 to evaluate" in out  # the 70 readable ones
 
 
+@pytest.mark.parametrize("key, value", [("image_size", 20000), ("image_size", 0), ("channels", 2)])
+def test_a_checkpoint_whose_recipe_asks_for_a_huge_model(tiny_run, faces, tmp_path, capsys, key, value):
+    """A checkpoint someone sent is data: its stored recipe is bounded before a network is built
+    (image_size 20000 once asked for 3.27 TB)."""
+    checkpoint = load_checkpoint(tiny_run / "checkpoint.pt")
+    checkpoint["config"]["data"][key] = value
+    hostile = tmp_path / "checkpoint.pt"
+    torch.save(checkpoint, hostile)
+    code, _, err = run_main(capsys, "personalize", str(hostile), "--data", str(faces))
+    assert_user_error(code, err, str(hostile), f"data.{key}", str(value))
+
+
 def test_too_few_images_to_hold_out(tiny_run, tmp_path, capsys):
     data = tmp_path / "two"
     for name in ("happy", "sad"):
@@ -239,11 +252,13 @@ def test_predict_refuses_what_is_not_a_fedssl_export(tiny_run, tmp_path, capsys)
     Image.new("L", (28, 28), 90).save(image)
     checkpoint = tiny_run / "checkpoint.pt"
     code, _, err = run_main(capsys, "predict", str(checkpoint), str(image))
+    assert_user_error(code, err, str(checkpoint), "--trust-model-code")  # a .pt may be a program: refused unread
+    code, _, err = run_main(capsys, "predict", "--trust-model-code", str(checkpoint), str(image))
     assert_user_error(code, err, str(checkpoint), "not a model exported by fedssl personalize")
     # TorchScript, but not ours: no labels or input spec inside
     plain = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.trace(torch.nn.Flatten(), torch.zeros(1, 1, 2, 2)), str(plain))
-    code, _, err = run_main(capsys, "predict", str(plain), str(image))
+    code, _, err = run_main(capsys, "predict", "--trust-model-code", str(plain), str(image))
     assert_user_error(code, err, str(plain), "fedssl.json")
 
 
@@ -253,7 +268,7 @@ def test_predict_names_an_unreadable_image(tiny_run, faces, tmp_path, capsys):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     good = sorted(faces.rglob("*.png"))[0]
-    code, out_text, err = run_main(capsys, "predict", str(out / "model.pt2"), str(good), str(text))
+    code, out_text, err = run_main(capsys, "predict", str(out), str(good), str(text))
     assert_user_error(code, err, str(text), "unreadable image")
     assert out_text == ""  # every file is read before anything is printed
 
@@ -322,7 +337,7 @@ def test_a_folder_run_keeps_its_class_names_after_the_folder_is_gone(tiny_recipe
                               "--out", str(tmp_path / "personal"), "--no-progress")
     assert code == 0, err
     assert "note: --data has no images of angry;" in out
-    assert load_exported(tmp_path / "personal" / "model.pt2").labels == ["angry", "happy", "sad"]
+    assert load_exported(tmp_path / "personal").labels == ["angry", "happy", "sad"]
 
     other = tmp_path / "other"
     three_classes(other, ("happy", "neutral", "sad"), seed=3)
@@ -340,7 +355,7 @@ def test_a_runs_normalization_is_trained_with_exported_and_predicted_with(tiny_r
     result, path = personalize(run_dir, faces, FineTuneOptions(mode="head", epochs=1, progress=False),
                                out_dir=tmp_path / "normalized", echo=lambda line: None)
     exported = load_exported(path)
-    assert exported.metadata["version"] == 2
+    assert exported.metadata["version"] == 3
     assert (exported.metadata["input"]["mean"], exported.metadata["input"]["std"]) == ([0.4], [0.2])
     assert exported.metadata["input"]["offset"] == [pytest.approx(-2.0)]
     images = exported.read_images(sorted(faces.rglob("*.png"))[:6])
