@@ -347,7 +347,7 @@ def personalize(
         UserError: see `fedssl.trained.load_trained`, `fedssl.data.labeled_subset`,
             `FineTuneOptions.check` and `fedssl.export.export_model`.
     """
-    from fedssl.export import CODE_FORMATS, TRUST_FLAG, export_model, model_metadata, model_path
+    from fedssl.export import CODE_FORMATS, DEFAULT_FORMAT, TRUST_FLAG, export_model, model_metadata, model_path
     from fedssl.tracking.wandb_run import log_personalize
     from fedssl.trained import load_trained
 
@@ -414,8 +414,11 @@ def personalize(
     atomic_write_text(out_dir / REPORT, json.dumps(report, indent=2) + "\n")
     result.details = report
     log_personalize(trained, report, out_dir / REPORT, target)
-    trust = f" {TRUST_FLAG}" if export_format in CODE_FORMATS else ""
-    echo(f"exported {target}; try: fedssl predict{trust} {target} IMAGE...")
+    if export_format == DEFAULT_FORMAT:
+        echo(f"exported {target} and {target.with_suffix('.json').name}; try: fedssl predict {out_dir} IMAGE...")
+    else:
+        trust = f" {TRUST_FLAG}" if export_format in CODE_FORMATS else ""
+        echo(f"exported {target}; try: fedssl predict{trust} {target} IMAGE...")
     return result, target
 
 

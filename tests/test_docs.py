@@ -24,8 +24,8 @@ INLINE = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # Shown on purpose as a mistake: the error example in the README and docs/running.md.
 DELIBERATE_TYPOS = {"federation.roundz"}
-# `model.pt`, `model.onnx`: file names that look like keys of the `model` section.
-FILE_SUFFIXES = (".pt", ".pt2", ".onnx", ".pth", ".yaml", ".json", ".md", ".png", ".py", ".csv")
+# `model.pt`, `model.safetensors`: file names that look like keys of the `model` section.
+FILE_SUFFIXES = (".pt", ".pt2", ".onnx", ".safetensors", ".pth", ".yaml", ".json", ".md", ".png", ".py", ".csv")
 
 
 def rel(page: Path) -> str:

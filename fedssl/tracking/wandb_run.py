@@ -120,7 +120,9 @@ def log_personalize(trained, report: Mapping[str, Any], report_path: Path, expor
         use_files(run, model_artifact_name(trained.wandb_id), "model", {CHECKPOINT: trained.path})
     run.summary.update({k: v for k, v in report.items()
                         if k.startswith(("heldout_", "train_images", "epochs", "steps"))})
-    log_files(run, f"personalized-{run.id}", "model", {exported.name: exported, report_path.name: report_path},
+    described = [exported.with_suffix(".json")] if exported.suffix == ".safetensors" else []  # its description
+    files = {path.name: path for path in (exported, *described, report_path)}
+    log_files(run, f"personalized-{run.id}", "model", files,
               ["latest"], {"mode": mode, "from": report["checkpoint"], "labels": list(report["labels"])})
     run.finish()
 

@@ -98,7 +98,7 @@ def test_the_personalize_run_uses_the_training_runs_model_artifact(runs, wandb_r
     assert [(a.name, a.type, a.digest) for a in used] == [(final_model.name, "model", final_model.digest)]
     outputs = [a for a in records["artifact"] if not a.use_after_commit]
     assert [(a.type, sorted(c.path for c in a.manifest.contents)) for a in outputs] == [
-        ("model", sorted([exported.name, "personalize.json"]))]
+        ("model", sorted([exported.name, "model.json", "personalize.json"]))]  # the weights and their description
 
 
 def test_summary_and_metrics_hold_the_class_balanced_metrics(runs, wandb_records):
