@@ -67,7 +67,7 @@ from fedssl.errors import UserError
 from fedssl.io import atomic_write
 
 __all__ = ["DEFAULT_FORMAT", "FORMATS", "TRUST_FLAG", "ExportedModel", "Prediction", "check_description",
-           "export_model", "load_exported", "model_metadata", "model_path"]
+           "check_rebuildable", "export_model", "load_exported", "model_metadata", "model_path"]
 
 FORMATS = {"safetensors": "model.safetensors", "onnx": "model.onnx", "pt2": "model.pt2", "torchscript": "model.pt"}
 DEFAULT_FORMAT = "safetensors"
@@ -268,12 +268,26 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], e
     return path
 
 
+def check_rebuildable(model: nn.Module, description: dict[str, Any], name: str) -> None:
+    """Raise a `UserError` unless the network that `description` names (the safetensors
+    format rebuilds it from fedssl's registry) has `model`'s tensors, name for name and
+    shape for shape: a FedMA model's widened layers, for one, are not rebuilt."""
+    if "model" not in description:
+        raise ValueError("the safetensors format needs the description's model section (model_metadata(model=...))")
+    expected, actual = _build(description, name, meta=True).state_dict(), model.state_dict()
+    for key in sorted(expected.keys() | actual.keys()):
+        if key not in expected or key not in actual or expected[key].shape != actual[key].shape:
+            shapes = [tuple(sd[key].shape) if key in sd else "none" for sd in (actual, expected)]
+            raise UserError(f"{name}: the model's {key!r} is {shapes[0]}, {description['model']['name']} as fedssl "
+                            f"builds it has {shapes[1]}; the safetensors format rebuilds the network from fedssl's "
+                            "models, so export this one with --format onnx")
+
+
 def _safetensors_files(model: nn.Module, metadata: dict[str, Any], path: Path) -> dict[Path, bytes]:
     """The weights and the description naming their digest, in the order they are written."""
     from safetensors.torch import save
 
-    if "model" not in metadata:
-        raise ValueError("the safetensors format needs the description's model section (model_metadata(model=...))")
+    check_rebuildable(model, metadata, str(path))
     weights = save({name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()})
     description = {**metadata, "weights": {"sha256": hashlib.sha256(weights).hexdigest()}}
     return {path: weights, path.with_suffix(".json"): (json.dumps(description, indent=2) + "\n").encode()}

@@ -347,7 +347,8 @@ def personalize(
         UserError: see `fedssl.trained.load_trained`, `fedssl.data.labeled_subset`,
             `FineTuneOptions.check` and `fedssl.export.export_model`.
     """
-    from fedssl.export import CODE_FORMATS, DEFAULT_FORMAT, TRUST_FLAG, export_model, model_metadata, model_path
+    from fedssl.export import (CODE_FORMATS, DEFAULT_FORMAT, TRUST_FLAG, check_rebuildable, export_model, model_metadata,
+                               model_path)
     from fedssl.tracking.wandb_run import log_personalize
     from fedssl.trained import load_trained
 
@@ -386,6 +387,10 @@ def personalize(
              "the model still predicts these classes")
     echo(f"{data}: {len(train)} images to fine-tune on, {len(heldout)} to evaluate ({held_from})")
     normalization = input_normalization(cfg.model, trained.channels)  # as the run trained
+    architecture = {"name": cfg.model.name, "kwargs": cfg.model.kwargs}
+    if export_format == DEFAULT_FORMAT:  # before the training, not after
+        check_rebuildable(trained.model, model_metadata(class_names, trained.image_size, trained.channels,
+                                                        *normalization, model=architecture), str(target))
     before = score(trained.model, to_tensor(heldout.images, *normalization), torch.from_numpy(heldout.labels))
     echo(f"held-out accuracy before: {_acc(before)}")
     result = finetune(trained.model, train, heldout, options, cfg.train, log_dir=out_dir, before=before,
@@ -397,7 +402,7 @@ def personalize(
 
     metadata = model_metadata(
         class_names, trained.image_size, trained.channels, *normalization,
-        model={"name": cfg.model.name, "kwargs": cfg.model.kwargs},
+        model=architecture,
         personalized={"from": str(trained.path), "algorithm": cfg.algorithm.name, "model": cfg.model.name,
                       "mode": result.mode, "heldout_acc_before": result.before.accuracy,
                       "heldout_acc_after": result.after.accuracy},

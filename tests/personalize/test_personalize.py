@@ -226,6 +226,15 @@ def test_a_checkpoint_whose_recipe_asks_for_a_huge_model(tiny_run, faces, tmp_pa
     assert_user_error(code, err, str(hostile), f"data.{key}", str(value))
 
 
+def test_a_fedma_model_is_refused_by_the_safetensors_format_before_training(tiny_recipe, faces, tmp_path, capsys):
+    """FedMA widens matched layers: fedssl's registry does not rebuild them from a name."""
+    _, run_dir, _ = launch(str(tiny_recipe), ["algorithm.name=fedma", "train.local_steps=2", "federation.rounds=1",
+                                              "name=fedma"])
+    code, out, err = run_main(capsys, "personalize", str(run_dir), "--data", str(faces), "--no-progress")
+    assert_user_error(code, err, "model.safetensors", "--format onnx")
+    assert "accuracy before" not in out
+
+
 def test_too_few_images_to_hold_out(tiny_run, tmp_path, capsys):
     data = tmp_path / "two"
     for name in ("happy", "sad"):
