@@ -58,15 +58,19 @@ def test_safetensors_is_the_default_and_loads_from_either_file_or_the_folder(tmp
 
 
 def test_the_export_loads_in_plain_python_as_the_docs_show(tmp_path):
-    """docs/personalization.md: the JSON, safetensors.torch.load_file, a network of the same architecture."""
-    net = model().eval()
-    export_model(net, tmp_path / "model.safetensors", metadata())
-    meta = json.loads((tmp_path / "model.json").read_text())
+    """docs/personalization.md: the JSON, safetensors.torch.load_file, and timm for the architecture."""
+    import timm
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(name="resnet10t", kwargs={"drop_rate": 0.1}), len(LABELS), 1, 32).eval()
+    export_model(net, tmp_path / "model.safetensors",
+                 model_metadata(LABELS, 32, 1, model={"name": "resnet10t", "kwargs": {"drop_rate": 0.1}}))
+    meta = json.load(open(tmp_path / "model.json"))
     weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
-    rebuilt = build_model(ModelConfig(name=meta["model"]["name"], kwargs=meta["model"]["kwargs"]), len(meta["labels"]),
-                          meta["input"]["channels"], meta["input"]["image_size"])
+    rebuilt = timm.create_model(meta["model"]["name"], num_classes=len(meta["labels"]),
+                                in_chans=meta["input"]["channels"], **meta["model"]["kwargs"])
     rebuilt.load_state_dict(weights)
-    x = torch.rand(2, 1, 28, 28)
+    x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), net(x))
     assert meta["fedssl_version"] and len(meta["weights"]["sha256"]) == 64
