@@ -262,7 +262,7 @@ def export_model(model: nn.Module, path: str | Path, metadata: dict[str, Any], e
             exported = _load_bytes(files[path], export_format, str(path))
         torch.testing.assert_close(exported.run(probe), expected, rtol=1e-4, atol=1e-4)
         for target, data in files.items():
-            atomic_write(target, lambda file: file.write(data))
+            atomic_write(target, lambda file, data=data: file.write(data))
     finally:
         model.train(was_training)
     return path
@@ -274,6 +274,7 @@ def check_rebuildable(model: nn.Module, description: dict[str, Any], name: str) 
     shape for shape: a FedMA model's widened layers, for one, are not rebuilt."""
     if "model" not in description:
         raise ValueError("the safetensors format needs the description's model section (model_metadata(model=...))")
+    check_description(description, name)
     expected, actual = _build(description, name, meta=True).state_dict(), model.state_dict()
     for key in sorted(expected.keys() | actual.keys()):
         if key not in expected or key not in actual or expected[key].shape != actual[key].shape:
