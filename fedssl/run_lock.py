@@ -139,7 +139,10 @@ def _still_named(fd: int, path: Path) -> bool:
 
 def _write_holder(fd: int) -> None:
     """Who holds the lock, for the message of the process it refuses."""
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if program in ("", "-c", "__main__.py"):  # python -c, an interactive session, python -m fedssl
+        program = f"python {program}".strip()
+    command = " ".join([program, *sys.argv[1:]])
     line = f"{os.getpid()} {socket.gethostname()} {command}"
     os.ftruncate(fd, 0)
     os.pwrite(fd, (line[:500] + "\n").encode(), 0)
@@ -152,7 +155,7 @@ def _read_holder(fd: int) -> str:
         text = os.pread(fd, 600, 0).decode(errors="replace")
     except OSError:
         text = ""
-    pid, host, command = (text.splitlines() or [""])[0].split(" ", 2) + ["", ""]
+    pid, host, command = ((text.splitlines() or [""])[0].split(" ", 2) + ["", ""])[:3]
     if not pid.isdigit():  # locked before its holder wrote its line, or written by hand
         return "another process"
     command = "".join(c if c.isprintable() else "?" for c in command)[:200]
