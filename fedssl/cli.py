@@ -140,6 +140,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_personalize(args: argparse.Namespace) -> int:
     from fedssl.io import check_dir_target
     from fedssl.personalize import FineTuneOptions, personalize
+    from fedssl.run_dir import is_run_dir
     from fedssl.run_lock import hold_run_dir
 
     # Lightning's device banner ("GPU available: False ...") tells a CPU fine-tuning nothing.
@@ -153,7 +154,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         check_dir_target(Path(args.out), "--out")  # before the fine-tuning, not after it
     # the default --out is RUN/personalized-MODE: writing into a run directory takes its lock
     run_dir = (Path(args.run).parent if Path(args.run).is_file() else Path(args.run)).resolve()
-    into_run = run_dir.is_dir() and (not args.out or Path(args.out).resolve().is_relative_to(run_dir))
+    into_run = is_run_dir(run_dir) and (not args.out or Path(args.out).resolve().is_relative_to(run_dir))
     with hold_run_dir(run_dir, hint="pass --out elsewhere") if into_run else nullcontext():
         personalize(args.run, args.data, options, out_dir=args.out, export_format=args.format)
     return 0

@@ -36,6 +36,11 @@ from fedssl.errors import UserError
 from fedssl.io import FIXABLE, describe
 from fedssl.run_dir import LOCK
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock (see `hold_run_dir`)
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 # Descriptors of the locks this process holds. A forked child (the worker pool)
@@ -70,16 +75,14 @@ def hold_run_dir(run_dir: Path, hint: str = "choose another name=...") -> Iterat
         UserError: another process holds it (naming that process), or `run_dir`
             cannot be a folder (naming it and why).
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; say so rather than pretend
+    if fcntl is None:  # say so rather than pretend
         log.warning("%s: not locked (locks need POSIX fcntl): start one run at a time in it", run_dir)
         yield
         return
     if run_dir.is_symlink():
         raise UserError(f"run directory {run_dir} is a symbolic link: fedssl only writes run directories it creates")
     created = _make_dir(run_dir)
-    fd = _lock(run_dir / LOCK, fcntl, hint)
+    fd = _lock(run_dir / LOCK, hint)
     _held.add(fd)
     try:
         _write_holder(fd)
@@ -103,7 +106,7 @@ def _make_dir(run_dir: Path) -> bool:
         raise UserError(f"run directory {run_dir}: cannot create it: {describe(error)}") from None
 
 
-def _lock(path: Path, fcntl, hint: str) -> int:
+def _lock(path: Path, hint: str) -> int:
     """An open descriptor of `path` holding its exclusive lock, or a `UserError`
     naming the process that holds it."""
     while True:
@@ -144,8 +147,13 @@ def _write_holder(fd: int) -> None:
         program = f"python {program}".strip()
     command = " ".join([program, *sys.argv[1:]])
     line = f"{os.getpid()} {socket.gethostname()} {command}"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (line[:500] + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (line[:500] + "\n").encode(), 0)
+    except OSError as error:
+        if error.errno not in FIXABLE:
+            raise
+        # a full disk: the lock holds all the same, a refusal names "another process"
 
 
 def _read_holder(fd: int) -> str:
@@ -170,9 +178,11 @@ def _release(run_dir: Path, fd: int, created: bool) -> None:
     try:
         if _still_named(fd, lock):
             lock.unlink()
-        if created:
+        if created and not any(run_dir.iterdir()):
             run_dir.rmdir()
     except OSError:
-        pass  # a lock file or empty directory left behind is harmless: an unheld file locks again
+        # Cleaning up must not turn a finished run into a failure: a lock file left
+        # behind is harmless (nobody holds it, the next run locks it).
+        pass
     _held.discard(fd)
     os.close(fd)
