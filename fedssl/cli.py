@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from fedssl.errors import UserError
@@ -91,7 +93,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedssl.extras import require
-    from fedssl.io import atomic_write_text
+    from fedssl.io import atomic_write_text, ensure_dir
     from fedssl.tracking.compare import comparison_table, group_variants, plot_curves, rank_variants
     from fedssl.tracking.runs import find_group, read_run_dir, read_wandb_group
 
@@ -107,7 +109,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         records = [read_run_dir(d) for d in run_dirs]
     variants = rank_variants(group_variants(records), args.metric)
     table = comparison_table(variants, args.metric)
-    out = Path(args.out)
+    out = ensure_dir(Path(args.out), "--out")
     atomic_write_text(out / "comparison.md", table + "\n")
     plot_curves(variants, out / f"{args.metric}.png", metric=args.metric, x=args.x)
     print(table)
@@ -120,13 +122,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     from fedssl.data.federated import build_federated_data
     from fedssl.data.report import client_table, plot_class_samples, plot_partition_heatmap
     from fedssl.data.sources import load_source
+    from fedssl.io import ensure_dir
     from fedssl.tracking.wandb_run import log_data_images
 
     cfg = load_recipe(args.recipe, args.overrides)
     fed = build_federated_data(load_source(cfg.data), cfg.data, cfg.federation.clients, cfg.seed)
     print(client_table(fed))
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / f"data-{cfg.name}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(args.out) if args.out else Path(cfg.output_dir) / f"data-{cfg.name}", "--out")
     plot_partition_heatmap(fed, out / "partition.png")
     plot_class_samples(fed.pool, out / "samples.png", seed=cfg.seed)
     print(f"wrote {out / 'partition.png'} and {out / 'samples.png'}")
@@ -136,7 +138,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_personalize(args: argparse.Namespace) -> int:
+    from fedssl.io import check_dir_target
     from fedssl.personalize import FineTuneOptions, personalize
+    from fedssl.run_dir import is_run_dir
+    from fedssl.run_lock import hold_run_dir
 
     # Lightning's device banner ("GPU available: False ...") tells a CPU fine-tuning nothing.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
@@ -145,7 +150,13 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, holdout=args.holdout, augment=args.augment, seed=args.seed,
         skip_bad=args.skip_bad, progress=not args.no_progress, accelerator=args.accelerator,
     )
-    personalize(args.run, args.data, options, out_dir=args.out, export_format=args.format)
+    if args.out:
+        check_dir_target(Path(args.out), "--out")  # before the fine-tuning, not after it
+    # the default --out is RUN/personalized-MODE: writing into a run directory takes its lock
+    run_dir = (Path(args.run).parent if Path(args.run).is_file() else Path(args.run)).resolve()
+    into_run = is_run_dir(run_dir) and (not args.out or Path(args.out).resolve().is_relative_to(run_dir))
+    with hold_run_dir(run_dir, hint="pass --out elsewhere") if into_run else nullcontext():
+        personalize(args.run, args.data, options, out_dir=args.out, export_format=args.format)
     return 0
 
 
@@ -272,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as error:
         print(f"fedssl: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk is never a bug, wherever a write met it (a log line, W&B's files)
+        print(f"fedssl: error: {error.filename or 'writing'}: disk full ({error.strerror}); free some space "
+              "and try again (a run continues with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedssl: interrupted; continue the run with --resume", file=sys.stderr)

@@ -12,7 +12,9 @@ from fedssl.config.load import load_recipe, to_dict
 from fedssl.config.schema import RecipeConfig
 from fedssl.config.validate import check_run_name
 from fedssl.errors import UserError
+from fedssl.io import ensure_dir
 from fedssl.run_dir import CHECKPOINT, SUMMARY, prepare_run_dir
+from fedssl.run_lock import hold_run_dir
 from fedssl.sweep import run_name
 
 def named_after(cfg: RecipeConfig, keys: Sequence[str]) -> RecipeConfig:
@@ -44,20 +46,25 @@ def launch(
 
     The recipe and the run directory are checked before any data is decoded, so
     that a typo fails in seconds (the schema's algorithm sections import the
-    algorithm modules, and with them torch).
+    algorithm modules, and with them torch). The run holds its directory's lock
+    from before it is prepared (or emptied) to after its last write.
     """
     cfg = named_after(load_recipe(recipe, overrides), name_from)
+    ensure_dir(Path(cfg.output_dir), "output_dir")
+    if cfg.federation.state_dir:  # else a file there fails only when the first state spills
+        ensure_dir(Path(cfg.federation.state_dir), "federation.state_dir")
     run_dir = Path(cfg.output_dir) / cfg.name
-    prepare_run_dir(run_dir, resume, overwrite)  # config.yaml is written once a resume is known to be allowed
+    with hold_run_dir(run_dir):
+        prepare_run_dir(run_dir, resume, overwrite)  # config.yaml is written once a resume is known to be allowed
 
-    if cfg.federation.backend == "flower":
-        from fedssl.backends.flower.simulation import simulate
+        if cfg.federation.backend == "flower":
+            from fedssl.backends.flower.simulation import simulate
 
-        return cfg, run_dir, simulate(cfg, run_dir, resume=resume)
+            return cfg, run_dir, simulate(cfg, run_dir, resume=resume)
 
-    from fedssl.federation.run import run_federation
+        from fedssl.federation.run import run_federation
 
-    return cfg, run_dir, run_federation(cfg, run_dir, resume=resume)
+        return cfg, run_dir, run_federation(cfg, run_dir, resume=resume)
 
 
 def complete(recipe: str, overrides: Sequence[str] = (), name_from: Sequence[str] = ()) -> tuple[Path, bool]:

@@ -21,6 +21,9 @@ CONFIG = "config.yaml"
 # retry) may empty, so that a name or an output_dir can never make fedssl delete
 # anything it did not create.
 RUN_MARKER = ".fedssl-run"
+# Held locked by the one process writing the run directory (`fedssl.run_lock`); emptying
+# the directory keeps it, so that no other process can lock a fresh one meanwhile.
+LOCK = ".fedssl-lock"
 
 
 def is_run_dir(path: Path) -> bool:
@@ -31,6 +34,8 @@ def is_run_dir(path: Path) -> bool:
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Make `run_dir` ready for a run, or raise a `UserError` saying why it is not.
+    Call it holding the directory's lock (`fedssl.run_lock.hold_run_dir`): it may
+    empty the directory.
 
     A run directory fedssl created is emptied with `overwrite`, and also without it
     when its run never completed a round (it holds no checkpoint): a run that failed
@@ -44,7 +49,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if run_dir.is_symlink():
         raise UserError(f"run directory {run_dir} is a symbolic link: fedssl only writes run directories it creates")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(entry.name != LOCK for entry in run_dir.iterdir()):
         if not is_run_dir(run_dir):
             raise UserError(f"{run_dir} exists and was not created by fedssl (it has no {RUN_MARKER}); "
                             f"choose another name=... or output_dir=..., or remove it yourself")
@@ -53,6 +58,17 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                 f"run directory {run_dir} already holds a run: pass --resume to continue it, "
                 f"--overwrite to start over, or choose another name=..."
             )
-        shutil.rmtree(run_dir)
+        empty_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / RUN_MARKER, "a fedssl run directory: fedssl run --overwrite may empty it\n")
+
+
+def empty_run_dir(run_dir: Path) -> None:
+    """Remove everything in `run_dir` but its lock file (held by the caller)."""
+    for entry in run_dir.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

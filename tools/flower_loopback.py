@@ -33,6 +33,7 @@ from fedssl.backends.flower.server import SERVER_ERROR
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.io import atomic_write_text
 from fedssl.run_dir import SUMMARY, prepare_run_dir
+from fedssl.run_lock import hold_run_dir
 
 import flower_certs  # next to this file, in tools/
 
@@ -149,8 +150,9 @@ def run(recipe: str, overrides: list[str], nodes: int, timeout: float, workdir: 
         raise ValueError(f"--data-paths: {len(data_paths)} paths for {nodes} nodes")
     cfg = load_recipe(recipe, overrides)
     run_dir = (Path(cfg.output_dir) / cfg.name).resolve()
-    prepare_run_dir(run_dir, resume=False, overwrite=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    with hold_run_dir(run_dir):  # emptied while no other fedssl writes it; the ServerApp takes the lock next
+        prepare_run_dir(run_dir, resume=False, overwrite=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     app = workdir / "app"
     app.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(APP_TOML)

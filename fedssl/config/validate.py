@@ -157,6 +157,8 @@ def check_run_name(name: str) -> str:
     itself, its parent or a path elsewhere), else a `UserError`."""
     require(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), "name",
             f"must be a directory name: not empty, '.' or '..', without '/' or '\\', got {name!r}")
+    # 255 bytes: the longest folder name of the common file systems (ext4, XFS, Btrfs, APFS)
+    require(len(name.encode()) <= 255, "name", f"must be at most 255 bytes long (a folder name), got {len(name.encode())}")
     return name
 
 

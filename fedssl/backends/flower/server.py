@@ -38,6 +38,7 @@ from fedssl.federation.clients import Scored, data_holdings
 from fedssl.federation.engine import Federation
 from fedssl.federation.run import run_federation
 from fedssl.messages import Arrays, Payload, Update, array_bytes
+from fedssl.run_lock import hold_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +242,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config["run-dir"]))
-    try:
-        serve(grid, load_recipe(run_dir / "config.yaml"), run_dir, resume=bool(context.run_config.get("resume", False)))
-    except Exception as error:
-        # The submitter only sees the run directory: leave the reason there, one line.
-        (run_dir / SERVER_ERROR).write_text(f"{type(error).__name__}: {error}\n")
-        raise
+    with hold_run_dir(run_dir):  # refused, it writes nothing there: the directory is another process's
+        try:
+            serve(grid, load_recipe(run_dir / "config.yaml"), run_dir, resume=bool(context.run_config.get("resume", False)))
+        except Exception as error:
+            # The submitter only sees the run directory: leave the reason there, one line.
+            (run_dir / SERVER_ERROR).write_text(f"{type(error).__name__}: {error}\n")
+            raise
