@@ -20,6 +20,10 @@ DEVICES = ("cpu", "cuda", "auto")
 CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.federation.concurrent
 CHANNEL_MODELS = ("independent", "gilbert_elliott")  # fedssl.federation.channel
 CHANNEL_STRATEGIES = ("drop", "mean", "fill")
+# The seed reaches numpy (default_rng, SeedSequence), torch.manual_seed and
+# albumentations/random; numpy's legacy RandomState, which libraries still seed, takes
+# 32 bits, torch 64, and none a negative number. 0..2**32-1 is what every path accepts.
+MAX_SEED = 2**32 - 1
 
 
 def check_choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -140,10 +144,10 @@ def validate_privacy(cfg: RecipeConfig) -> None:
             "the privacy accountant assumes")
 
 
-def check_run_name(name: str) -> str:
+def check_run_name(name: str, key: str = "name") -> str:
     """`name` if it names one directory inside `output_dir` (never `output_dir`
-    itself, its parent or a path elsewhere), else a `UserError`."""
-    require(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), "name",
+    itself, its parent or a path elsewhere), else a `UserError` naming `key`."""
+    require(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), key,
             f"must be a directory name: not empty, '.' or '..', without '/' or '\\', got {name!r}")
     return name
 
@@ -152,6 +156,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     """Return `cfg` unchanged, or raise a `UserError` naming the first bad key."""
     fed, train = cfg.federation, cfg.train
     check_run_name(cfg.name)
+    require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (2**32 - 1), got {cfg.seed}")
     require(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
     require(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
     if fed.client_fraction is None:
