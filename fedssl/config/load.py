@@ -178,7 +178,7 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
-        raise UserError(f"overrides: {error}") from None
+        raise UserError(f"overrides: {str(error).splitlines()[0]}") from None
     except yaml.YAMLError as error:  # OmegaConf parses values as YAML: e.g. patterns=[*] is not valid
         item = next((i for i in overrides if not _parses(i)), "")
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
