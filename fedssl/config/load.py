@@ -16,7 +16,7 @@ import io
 import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -116,22 +116,23 @@ def recipe_text(path: Path) -> str:
         text = data.decode("utf-8-sig")  # -sig: an editor may start the file with a byte-order mark
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: not a text YAML file (byte {error.start} is not UTF-8)") from None
-    check_yaml_events(text, path)
+    check_yaml_events(text, lambda line: f"{path}, line {line}")
     return text
 
 
-def check_yaml_events(text: str, path: Path) -> None:
-    """Walk the YAML events of `text` (which build nothing) and refuse what
-    `recipe_text` refuses, naming the line.
+def check_yaml_events(text: str, where: Callable[[int], str], shared: bool = True) -> None:
+    """Walk the YAML events of `text` (which build nothing) and refuse, naming
+    `where(line)`, what would not build or could not be built in bounded memory.
 
     Counts each value as often as aliases repeat it, keeping the expanded size of
     each anchored node, so the count stays exact without expanding anything.
+    `shared`: the text is a recipe file (`ENV_RESOLVER`), not the user's own override.
     """
     expanded = 0
     sizes: dict[str, int] = {}  # anchor -> values in its node, aliases expanded
     open_nodes: list[tuple[str | None, int]] = []  # collections not yet ended: (anchor, `expanded` before them)
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        line = f"{path}, line {event.start_mark.line + 1}"
+        line = where(event.start_mark.line + 1)
         if isinstance(event, yaml.AliasEvent):
             if any(anchor == event.anchor for anchor, _ in open_nodes):
                 raise UserError(f"{line}: alias *{event.anchor} is inside the node it names; the value would be infinite")
@@ -140,15 +141,13 @@ def check_yaml_events(text: str, path: Path) -> None:
             expanded += 1
             if event.anchor:
                 sizes[event.anchor] = 1
-            if ENV_RESOLVER.search(event.value):
-                raise UserError(f"{line}: ${{oc.env:...}} reads the environment of whoever runs the recipe, and a "
-                                "recipe is shared data; give that key on the command line instead, e.g. "
-                                "'key=${oc.env:VAR}'")
+            check_scalar(event, line, shared)
         elif isinstance(event, yaml.CollectionStartEvent):
             expanded += 1
             open_nodes.append((event.anchor, expanded - 1))
             if len(open_nodes) > MAX_RECIPE_DEPTH:
                 raise UserError(f"{line}: nested deeper than {MAX_RECIPE_DEPTH} levels; a recipe is a few levels deep")
+            check_untagged(event, line)
         elif isinstance(event, yaml.CollectionEndEvent):
             anchor, before = open_nodes.pop()
             if anchor:
@@ -156,6 +155,24 @@ def check_yaml_events(text: str, path: Path) -> None:
         if expanded > MAX_RECIPE_VALUES:
             raise UserError(f"{line}: more than {MAX_RECIPE_VALUES:,} values (aliases *name expanded); "
                             "a recipe holds a few hundred")
+
+
+def check_scalar(event: yaml.ScalarEvent, line: str, shared: bool) -> None:
+    """Refuse a tagged scalar, and in a `shared` recipe one that reads the environment."""
+    check_untagged(event, line)
+    if shared and ENV_RESOLVER.search(event.value):
+        raise UserError(f"{line}: ${{oc.env:...}} reads the environment of whoever runs the recipe, and a "
+                        "recipe is shared data; give that key on the command line instead, e.g. "
+                        "'key=${oc.env:VAR}'")
+
+
+def check_untagged(event: yaml.NodeEvent, line: str) -> None:
+    """Refuse an explicit tag: PyYAML builds a tagged value with bare int(), float(),
+    datetime() calls (`!!int x` raises ValueError, `!!bool x` KeyError, `!!set [1]`
+    TypeError), and a recipe's values are plain (quote a number to make it text)."""
+    if event.tag is not None and event.tag != "!":  # "!": a quoted scalar's non-specific tag
+        raise UserError(f"{line}: explicit YAML tag {event.tag}; a recipe's values are plain numbers, text, "
+                        "lists and mappings")
 
 
 def _base_path(recipe: Path, base: Any) -> Path:
@@ -175,15 +192,21 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UserError(f"override {item!r} must look like key=value, e.g. federation.rounds=5")
+        try:
+            check_yaml_events(item.partition("=")[2], lambda _: f"override {item!r}", shared=False)
+        except yaml.YAMLError as error:  # OmegaConf parses values as YAML: e.g. patterns=[*] is not valid
+            raise not_yaml(item, error) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
         raise UserError(f"overrides: {str(error).splitlines()[0]}") from None
-    except yaml.YAMLError as error:  # OmegaConf parses values as YAML: e.g. patterns=[*] is not valid
-        item = next((i for i in overrides if not _parses(i)), "")
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"override {item!r}: its value is not valid YAML ({problem}); quote strings, "
-                        "e.g. 'key=[\"*.bn\"]'") from None
+    except yaml.YAMLError as error:  # one that parses but does not build, e.g. a list as a mapping's key
+        raise not_yaml(next((i for i in overrides if not _parses(i)), ""), error) from None
+
+
+def not_yaml(item: str, error: yaml.YAMLError) -> UserError:
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return UserError(f"override {item!r}: its value is not valid YAML ({problem}); quote strings, e.g. 'key=[\"*.bn\"]'")
 
 
 def _parses(override: str) -> bool:

@@ -222,3 +222,13 @@ def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
     path = write(tmp_path, "\n".join(levels) + "\n")
     with pytest.raises(UserError, match=rf"^{re.escape(str(path))}, line 4: more than 10,000 values"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("value", ["!!int x", "!!bool x", "!!set {1}", "!!python/object/apply:os.system ['true']"])
+def test_an_explicit_yaml_tag_is_refused_in_a_recipe_and_an_override(tmp_path, value):
+    # PyYAML builds tagged values with bare int()/float()/set() calls: ValueError, KeyError, TypeError tracebacks
+    path = write(tmp_path, f"name: r\nseed: {value}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}, line 2: explicit YAML tag"):
+        load_recipe(path)
+    with pytest.raises(UserError, match=r"^override ['\"]seed=.*['\"]: explicit YAML tag"):
+        load_recipe("quickstart", [f"seed={value}"])
