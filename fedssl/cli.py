@@ -55,13 +55,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fedssl.config.load import load_recipe
     from fedssl.io import atomic_write_text
     from fedssl.launch import complete
-    from fedssl.sweep import grid, parse_param, seed_values, wandb_sweep_config
+    from fedssl.sweep import check_sweep_name, grid, parse_param, seed_values, wandb_sweep_config
 
     if not args.param:
         raise UserError("sweep: give at least one --param key=value1,value2")
     params = [parse_param(text) for text in args.param]
     base = load_recipe(args.recipe, args.overrides)
-    sweep_name = args.name or f"{base.name}-sweep"
+    sweep_name = check_sweep_name(args.name, base.name)
     seeds = seed_values(base.seed, args.seeds)
     recipe = args.recipe  # as the user gave it: the W&B agent resolves it where it runs
     name_from = [p.key for p in params] + ["seed"]

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from fedssl.config.load import all_keys
+from fedssl.config.validate import check_run_name, MAX_SEED
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
@@ -66,7 +67,17 @@ def parse_param(text: str) -> Param:
 
 
 def seed_values(base_seed: int, seeds: int) -> list[int]:
+    """The seeds of `--seeds N`: the recipe's seed, seed+1, ..., each a valid seed."""
+    if seeds < 1:
+        raise UserError(f"--seeds: must be at least 1 (seeds per combination), got {seeds}")
+    if base_seed + seeds - 1 > MAX_SEED:
+        raise UserError(f"--seeds: {seeds} seeds from seed {base_seed} go past the largest seed, {MAX_SEED}")
     return [base_seed + i for i in range(seeds)]
+
+
+def check_sweep_name(given: str | None, recipe_name: str) -> str:
+    """`--name`, or NAME-sweep; it names files in output_dir, so it is checked as a run name is."""
+    return check_run_name(f"{recipe_name}-sweep" if given is None else given, key="--name")
 
 
 def grid(params: Sequence[Param], seeds: Sequence[int]) -> list[list[str]]:

@@ -12,9 +12,11 @@ the dotted key, with the closest valid key for a misspelling.
 
 from __future__ import annotations
 
+import io
+import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +28,19 @@ from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+# A recipe is a few hundred values. These bounds refuse, before YAML builds anything,
+# a file that would take memory or time without end: YAML aliases are shared when
+# parsed but copied when OmegaConf converts them (a billion-laughs document of 1 KiB
+# expands to 10^9 values), and PyYAML composes nested collections recursively.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 10_000  # with aliases expanded; OmegaConf converts about 10^4 a second
+MAX_RECIPE_DEPTH = 64
+# `${oc.env:VAR}` resolves to the environment of whoever runs the recipe; a recipe is
+# shared data, and a key's value lands in the run directory and on W&B, so a recipe
+# from someone else could copy a secret (WANDB_API_KEY, a token) there. An override
+# on one's own command line may still use it.
+ENV_RESOLVER = re.compile(r"\$\{\s*oc\.env\b")
 
 
 def resolve_recipe_path(recipe: str) -> Path:
@@ -62,11 +77,16 @@ def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         names = " -> ".join(p.stem for p in (*chain[chain.index(here):], here))
         raise UserError(f"{path}: its base chain comes back to itself ({names}); remove one of these base: keys")
     try:
-        recipe_cfg = OmegaConf.load(path)
+        recipe_cfg = OmegaConf.load(io.StringIO(recipe_text(path)))
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow in text, such as NUL
+        raise UserError(f"{path}: not a text YAML file (character #x{error.character:04x} at "
+                        f"position {error.position})") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    except OmegaConfBaseException as error:  # a value OmegaConf does not hold, such as a !!binary or a date
+        raise UserError(f"{path}: {str(error).splitlines()[0]}") from None
     if not isinstance(recipe_cfg, DictConfig):
         raise UserError(f"{path}: a recipe must be a mapping of keys to values")
     if "base" not in recipe_cfg:
@@ -77,6 +97,82 @@ def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         return OmegaConf.merge(base_cfg, recipe_cfg)
     except OmegaConfBaseException as error:
         raise UserError(f"{path}: cannot be merged onto its base {base}: {str(error).splitlines()[0]}") from None
+
+
+def recipe_text(path: Path) -> str:
+    """The text of the recipe file at `path`, once it is known to be small enough to build.
+
+    Raises:
+        UserError: a file over `MAX_RECIPE_BYTES`, not UTF-8 text, nested deeper than
+            `MAX_RECIPE_DEPTH`, whose aliases expand past `MAX_RECIPE_VALUES` values,
+            or that reads the environment (`ENV_RESOLVER`).
+        yaml.YAMLError: the text does not parse.
+    """
+    with path.open("rb") as file:
+        data = file.read(MAX_RECIPE_BYTES + 1)  # not stat: a file may grow after it
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a few KiB of YAML")
+    try:
+        text = data.decode("utf-8-sig")  # -sig: an editor may start the file with a byte-order mark
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not a text YAML file (byte {error.start} is not UTF-8)") from None
+    check_yaml_events(text, lambda line: f"{path}, line {line}")
+    return text
+
+
+def check_yaml_events(text: str, where: Callable[[int], str], shared: bool = True) -> None:
+    """Walk the YAML events of `text` (which build nothing) and refuse, naming
+    `where(line)`, what would not build or could not be built in bounded memory.
+
+    Counts each value as often as aliases repeat it, keeping the expanded size of
+    each anchored node, so the count stays exact without expanding anything.
+    `shared`: the text is a recipe file (`ENV_RESOLVER`), not the user's own override.
+    """
+    expanded = 0
+    sizes: dict[str, int] = {}  # anchor -> values in its node, aliases expanded
+    open_nodes: list[tuple[str | None, int]] = []  # collections not yet ended: (anchor, `expanded` before them)
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = where(event.start_mark.line + 1)
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_nodes):
+                raise UserError(f"{line}: alias *{event.anchor} is inside the node it names; the value would be infinite")
+            expanded += sizes.get(event.anchor, 0)  # an unknown anchor is YAML's error, when OmegaConf loads it
+        elif isinstance(event, yaml.ScalarEvent):
+            expanded += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+            check_scalar(event, line, shared)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            expanded += 1
+            open_nodes.append((event.anchor, expanded - 1))
+            if len(open_nodes) > MAX_RECIPE_DEPTH:
+                raise UserError(f"{line}: nested deeper than {MAX_RECIPE_DEPTH} levels; a recipe is a few levels deep")
+            check_untagged(event, line)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_nodes.pop()
+            if anchor:
+                sizes[anchor] = expanded - before
+        if expanded > MAX_RECIPE_VALUES:
+            raise UserError(f"{line}: more than {MAX_RECIPE_VALUES:,} values (aliases *name expanded); "
+                            "a recipe holds a few hundred")
+
+
+def check_scalar(event: yaml.ScalarEvent, line: str, shared: bool) -> None:
+    """Refuse a tagged scalar, and in a `shared` recipe one that reads the environment."""
+    check_untagged(event, line)
+    if shared and ENV_RESOLVER.search(event.value):
+        raise UserError(f"{line}: ${{oc.env:...}} reads the environment of whoever runs the recipe, and a "
+                        "recipe is shared data; give that key on the command line instead, e.g. "
+                        "'key=${oc.env:VAR}'")
+
+
+def check_untagged(event: yaml.NodeEvent, line: str) -> None:
+    """Refuse an explicit tag: PyYAML builds a tagged value with bare int(), float(),
+    datetime() calls (`!!int x` raises ValueError, `!!bool x` KeyError, `!!set [1]`
+    TypeError), and a recipe's values are plain (quote a number to make it text)."""
+    if event.tag is not None and event.tag != "!":  # "!": a quoted scalar's non-specific tag
+        raise UserError(f"{line}: explicit YAML tag {event.tag}; a recipe's values are plain numbers, text, "
+                        "lists and mappings")
 
 
 def _base_path(recipe: Path, base: Any) -> Path:
@@ -96,15 +192,21 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise UserError(f"override {item!r} must look like key=value, e.g. federation.rounds=5")
+        try:
+            check_yaml_events(item.partition("=")[2], lambda _: f"override {item!r}", shared=False)
+        except yaml.YAMLError as error:  # OmegaConf parses values as YAML: e.g. patterns=[*] is not valid
+            raise not_yaml(item, error) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
-        raise UserError(f"overrides: {error}") from None
-    except yaml.YAMLError as error:  # OmegaConf parses values as YAML: e.g. patterns=[*] is not valid
-        item = next((i for i in overrides if not _parses(i)), "")
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"override {item!r}: its value is not valid YAML ({problem}); quote strings, "
-                        "e.g. 'key=[\"*.bn\"]'") from None
+        raise UserError(f"overrides: {str(error).splitlines()[0]}") from None
+    except yaml.YAMLError as error:  # one that parses but does not build, e.g. a list as a mapping's key
+        raise not_yaml(next((i for i in overrides if not _parses(i)), ""), error) from None
+
+
+def not_yaml(item: str, error: yaml.YAMLError) -> UserError:
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return UserError(f"override {item!r}: its value is not valid YAML ({problem}); quote strings, e.g. 'key=[\"*.bn\"]'")
 
 
 def _parses(override: str) -> bool:
@@ -127,8 +229,11 @@ def merge_config(layers: Sequence[Any], source: str | Sequence[str] = "overrides
     required: set[str] = set()
     for layer, source in zip(layers, sources, strict=True):
         layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
-        given = set(leaf_keys(OmegaConf.to_container(layer)))
-        required = (required - given) | OmegaConf.missing_keys(layer)
+        # Not OmegaConf.missing_keys: it resolves ${...} within the layer alone,
+        # where a key the interpolation names (given by another layer) is not found.
+        leaves = leaf_values(OmegaConf.to_container(layer))
+        required = (required - {key for key, value in leaves if value != "???"}) | {
+            key for key, value in leaves if value == "???"}
         try:
             merged = OmegaConf.merge(merged, layer)
         except ConfigKeyError as error:
@@ -147,18 +252,21 @@ def merge_config(layers: Sequence[Any], source: str | Sequence[str] = "overrides
     if required:
         key = sorted(required)[0]
         raise UserError(f"{sources[0]}: key {key!r} needs a value, e.g. {key}=...")
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)  # resolves ${...}: the layer that gave one is no longer known
+    except OmegaConfBaseException as error:
+        raise UserError(f"key {error.full_key!r}: cannot resolve its value ({str(error).splitlines()[0]})") from None
 
 
-def leaf_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys of the leaves of a nested mapping whose value is given."""
-    keys = []
+def leaf_values(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of each leaf of a nested mapping (`???`: required, not given)."""
+    leaves = []
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            keys.extend(leaf_keys(value, f"{prefix}{key}."))
-        elif value != "???":
-            keys.append(f"{prefix}{key}")
-    return keys
+            leaves.extend(leaf_values(value, f"{prefix}{key}."))
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
 
 
 def all_keys(schema: type | None = None, prefix: str = "") -> list[str]:

@@ -25,6 +25,10 @@ CHANNEL_STRATEGIES = ("drop", "mean", "fill")
 IMAGE_SIZES = (8, 1024)
 CHANNELS = (1, 3)
 MAX_CLASSES = 100_000
+# The seed reaches numpy (default_rng, SeedSequence), torch.manual_seed and
+# albumentations/random; numpy's legacy RandomState, which libraries still seed, takes
+# 32 bits, torch 64, and none a negative number. 0..2**32-1 is what every path accepts.
+MAX_SEED = 2**32 - 1
 
 
 def check_choice(value: str, choices: Sequence[str], key: str) -> None:
@@ -152,13 +156,13 @@ def validate_model_input(cfg: RecipeConfig) -> None:
     require(low <= cfg.data.image_size <= high, "data.image_size", f"must be from {low} to {high}, got {cfg.data.image_size}")
 
 
-def check_run_name(name: str) -> str:
+def check_run_name(name: str, key: str = "name") -> str:
     """`name` if it names one directory inside `output_dir` (never `output_dir`
-    itself, its parent or a path elsewhere), else a `UserError`."""
-    require(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), "name",
+    itself, its parent or a path elsewhere), else a `UserError` naming `key`."""
+    require(name not in ("", ".", "..") and not any(c in name for c in "/\\\0"), key,
             f"must be a directory name: not empty, '.' or '..', without '/' or '\\', got {name!r}")
     # 255 bytes: the longest folder name of the common file systems (ext4, XFS, Btrfs, APFS)
-    require(len(name.encode()) <= 255, "name", f"must be at most 255 bytes long (a folder name), got {len(name.encode())}")
+    require(len(name.encode()) <= 255, key, f"must be at most 255 bytes long (a folder name), got {len(name.encode())}")
     return name
 
 
@@ -166,6 +170,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     """Return `cfg` unchanged, or raise a `UserError` naming the first bad key."""
     fed, train = cfg.federation, cfg.train
     check_run_name(cfg.name)
+    require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (2**32 - 1), got {cfg.seed}")
     require(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
     require(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
     if fed.client_fraction is None:

@@ -48,6 +48,15 @@ def is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def is_finite(value: int | float) -> bool:
+    """Whether a number is finite as a float: a node may send an int past float's
+    range (10**400), which math.isfinite cannot convert and which no mean survives."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _sparse_problem(name: str, reference: torch.Tensor, index: torch.Tensor | None, value: torch.Tensor | None) -> str | None:
     if index is None or value is None:
         return f"sparse array {name!r} lacks its {'/index' if index is None else '/value'} part"
@@ -68,7 +77,7 @@ def _sparse_problem(name: str, reference: torch.Tensor, index: torch.Tensor | No
 
 def _metrics_problem(metrics: Mapping[str, Any]) -> str | None:
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
             return f"metric {key!r} must be a finite number, got {value!r}"
     counts = [metrics.get(key, 0) for key in PSEUDO_LABEL_COUNTS]
     if not all(is_count(c) for c in counts) or not counts[0] <= counts[1] <= counts[2]:
@@ -183,9 +192,9 @@ def check_row(row: Mapping[str, Any], asked: Collection[int], holdings: Mapping[
     missing = [key for key in ROW_KEYS if key not in row]
     if missing:
         return f"the row of client {client} lacks {', '.join(missing)}"
-    extra = sorted(set(row) - set(ROW_KEYS))
+    extra = sorted(map(str, set(row) - set(ROW_KEYS)))  # str: a key from the wire may be of any type
     if extra:
-        return f"the row of client {client} has unexpected keys {', '.join(map(str, extra))}"
+        return f"the row of client {client} has unexpected keys {', '.join(extra)}"
     known = holdings[client]
     if row["kind"] != known.kind:
         return f"the row of client {client} says kind {row['kind']!r}, the client is {known.kind}"
@@ -196,7 +205,7 @@ def check_row(row: Mapping[str, Any], asked: Collection[int], holdings: Mapping[
         high = 1.0 if key in SCORE_KEYS else math.inf
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"the row of client {client}: {key} must be a number, got {value!r}"
-        if not (0.0 <= value <= high and math.isfinite(value)) and not (math.isnan(value) and known.test_samples == 0):
+        if not (0.0 <= value <= high and is_finite(value)) and not (value != value and known.test_samples == 0):  # NaN
             bounds = "in [0, 1]" if key in SCORE_KEYS else "finite and >= 0"
             return f"the row of client {client}: {key} must be {bounds}, got {value!r}"
     return None

@@ -17,7 +17,6 @@ probability that the client is online when it is sampled. They come from
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedssl.config.schema import SystemConfig
+from fedssl.csvfile import brief, csv_rows
 from fedssl.errors import UserError
 
 PROFILES = ("none", "uniform", "mobile", "trace")
@@ -68,23 +68,31 @@ def read_trace(path: Path, clients: int) -> dict[int, DeviceProfile]:
     if not path.is_file():
         raise UserError(f"federation.system.trace: no such file: {path}")
     profiles: dict[int, DeviceProfile] = {}
-    with path.open(newline="") as file:
-        reader = csv.DictReader(file)
-        if reader.fieldnames is None or set(TRACE_COLUMNS) - set(reader.fieldnames):
-            raise UserError(f"{path}: the header must name the columns {','.join(TRACE_COLUMNS)}, got {reader.fieldnames}")
-        for row in reader:
-            where = f"{path}: row {reader.line_num}"
-            try:
-                client = int(row["client"])
-                profile = DeviceProfile(*(float(row[name]) for name in TRACE_COLUMNS[1:]))
-            except (TypeError, ValueError):
-                raise UserError(f"{where}: expected an integer client and numbers, got {dict(row)}") from None
-            if not 0 <= client < clients:
-                raise UserError(f"{where}: client {client} is not in [0, federation.clients={clients})")
-            if client in profiles:
-                raise UserError(f"{where}: client {client} appears twice")
-            check_profile(profile, where)
-            profiles[client] = profile
+    rows = csv_rows(path, f"a trace CSV with the columns {','.join(TRACE_COLUMNS)}")
+    _, header = next(rows, (0, []))
+    names = [name.strip() for name in header]
+    if set(TRACE_COLUMNS) - set(names):
+        raise UserError(f"{path}: the header must name the columns {','.join(TRACE_COLUMNS)}, "
+                        f"got {','.join(brief(name) for name in names[:10])}")
+    for line, fields in rows:
+        where = f"{path}: row {line}"
+        if not any(field.strip() for field in fields):
+            continue  # a blank line, as at the end of a hand-edited file
+        if len(fields) != len(names):
+            raise UserError(f"{where}: {len(fields)} fields, the header names {len(names)}")
+        row = dict(zip(names, fields))
+        try:
+            client = int(row["client"])
+            profile = DeviceProfile(*(float(row[name]) for name in TRACE_COLUMNS[1:]))
+        except ValueError:
+            raise UserError(f"{where}: expected an integer client and numbers, got "
+                            f"{', '.join(f'{name}={brief(row[name])}' for name in TRACE_COLUMNS)}") from None
+        if not 0 <= client < clients:
+            raise UserError(f"{where}: client {client} is not in [0, federation.clients={clients})")
+        if client in profiles:
+            raise UserError(f"{where}: client {client} appears twice")
+        check_profile(profile, where)
+        profiles[client] = profile
     missing = sorted(set(range(clients)) - set(profiles))
     if missing:
         raise UserError(f"{path}: no row for clients {missing[:10]}{' ...' if len(missing) > 10 else ''}")

@@ -58,13 +58,21 @@ def worker_count(setting: str, device: torch.device, clients_per_round: int, rou
     """How many worker processes train a round's clients (0: in this process).
 
     `setting` is `federation.workers` ("auto" or a count, validated). A count of 0
-    or 1 trains in this process. `auto` uses min(cores, clients per round) workers
-    on a CPU with at least 2 cores, where a round holds at least `MIN_AUTO_STEPS`
-    SGD steps (`round_steps`, estimated from the data) — below that, forking and
-    warming the workers costs more than the round saves (docs/running.md).
+    or 1 trains in this process; a count above `clients_per_round` is capped to it
+    (a worker trains one client at a time, so the others would only idle), and a
+    warning says so — once, as this is resolved once per run. `auto` uses min(cores,
+    clients per round) workers on a CPU with at least 2 cores, where a round holds at
+    least `MIN_AUTO_STEPS` SGD steps (`round_steps`, estimated from the data) — below
+    that, forking and warming the workers costs more than the round saves
+    (docs/running.md).
     """
     if setting != "auto":
-        return int(setting)
+        count = int(setting)
+        if count > clients_per_round:
+            log.warning("federation.workers: %d worker processes capped to the %d clients a round trains",
+                        count, clients_per_round)
+            return clients_per_round
+        return count
     cores = usable_cores() if cores is None else cores
     if device.type != "cpu" or cores < 2 or clients_per_round < 2 or round_steps < MIN_AUTO_STEPS:
         return 0

@@ -206,3 +206,29 @@ def test_shipped_recipes_that_extend_one_resolve_to_their_full_form():
         assert (RECIPES_DIR / f"{base}.yaml").is_file()
         expected = to_dict(merge_config([to_dict(load_recipe(base, overrides)), own]))
         assert to_dict(load_recipe(path, overrides)) == expected, path.stem
+
+
+def test_a_recipe_may_still_use_anchors_and_aliases(tmp_path):
+    path = write(tmp_path, "name: r\nfederation:\n  rounds: &r 4\n  clients: *r\n  clients_per_round: *r\n"
+                           "  uplink: &link\n    codecs: [{name: topk, fraction: 0.1, error_feedback: false}]\n  downlink: *link\n")
+    cfg = load_recipe(path)
+    assert (cfg.federation.rounds, cfg.federation.clients, cfg.federation.clients_per_round) == (4, 4, 4)
+    assert cfg.federation.downlink.codecs[0].name == "topk"
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path):
+    levels = ['a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]'] + [
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    path = write(tmp_path, "\n".join(levels) + "\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}, line 4: more than 10,000 values"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("value", ["!!int x", "!!bool x", "!!set {1}", "!!python/object/apply:os.system ['true']"])
+def test_an_explicit_yaml_tag_is_refused_in_a_recipe_and_an_override(tmp_path, value):
+    # PyYAML builds tagged values with bare int()/float()/set() calls: ValueError, KeyError, TypeError tracebacks
+    path = write(tmp_path, f"name: r\nseed: {value}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}, line 2: explicit YAML tag"):
+        load_recipe(path)
+    with pytest.raises(UserError, match=r"^override ['\"]seed=.*['\"]: explicit YAML tag"):
+        load_recipe("quickstart", [f"seed={value}"])

@@ -174,3 +174,14 @@ def test_a_bad_worker_count_names_the_key(tiny_recipe, value):
 def test_workers_are_refused_with_a_cohort_trainer(tiny_recipe):
     with pytest.raises(UserError, match=r"^federation.workers: 2 worker processes .* federation.concurrency is vmap"):
         Federation.build(load_recipe(tiny_recipe, ["federation.workers=2", "federation.concurrency=vmap"]))
+
+
+def test_a_worker_count_above_the_clients_per_round_is_capped_and_said_once(tiny_recipe, caplog):
+    with caplog.at_level(logging.WARNING, logger="fedssl"):
+        federation = Federation.build(load_recipe(tiny_recipe, ["federation.workers=99"]))
+    try:
+        assert federation.clients.workers.size == 3  # tiny: 3 clients a round
+    finally:
+        federation.close()
+    capped = [r.getMessage() for r in caplog.records if "capped" in r.getMessage()]
+    assert capped == ["federation.workers: 99 worker processes capped to the 3 clients a round trains"]

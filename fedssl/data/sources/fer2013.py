@@ -9,7 +9,6 @@ integers 0..255 in row-major order, and ``Usage`` is ``Training`` (the training 
 
 from __future__ import annotations
 
-import csv
 import logging
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from fedssl.config.schema import DataConfig
+from fedssl.csvfile import brief, csv_rows
 from fedssl.data.dataset import FER2013_CLASSES, ImageDataset, SourceData
 from fedssl.errors import UserError
 
@@ -92,37 +92,23 @@ def _read_csv(path: Path, skip_bad: bool) -> tuple[dict, Columns, int, list[str]
     """
     rows = {"train": [], "test": []}
     skipped, total = [], 0
-    try:
-        # utf-8-sig: a CSV saved by Excel starts with a byte-order mark that would
-        # otherwise become part of the first column name.
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            columns = _header_columns(next(reader, None), path)
-            for row in reader:
-                if not any(field.strip() for field in row):
-                    continue  # a blank line holds no sample
-                total += 1
-                try:
-                    image, label, split = parse_row(row, columns)
-                except BadRow as e:
-                    # reader.line_num counts physical lines, as an editor shows them.
-                    problem = f"line {reader.line_num}: {e}"
-                    if not skip_bad:
-                        raise UserError(f"{path}, {problem} (set data.skip_bad: true to skip bad rows)") from None
-                    skipped.append(problem)
-                    continue
-                rows[split].append((image, label))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file; expected the FER2013 CSV") from None
-    except csv.Error as e:
-        raise UserError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
+    lines = csv_rows(path, "the FER2013 CSV")
+    _, header = next(lines, (0, None))
+    columns = _header_columns(header, path)
+    for line, row in lines:
+        if not any(field.strip() for field in row):
+            continue  # a blank line holds no sample
+        total += 1
+        try:
+            image, label, split = parse_row(row, columns)
+        except BadRow as e:
+            problem = f"line {line}: {e}"
+            if not skip_bad:
+                raise UserError(f"{path}, {problem} (set data.skip_bad: true to skip bad rows)") from None
+            skipped.append(problem)
+            continue
+        rows[split].append((image, label))
     return rows, columns, total, skipped
-
-
-def brief(text: str, limit: int = 32) -> str:
-    """`text` quoted, cut to `limit` characters: a field may hold a whole image's
-    pixels, which an error line must not print."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _header_columns(header: list[str] | None, path: Path) -> Columns:
