@@ -11,6 +11,7 @@ import torch
 
 from fedssl.algorithms.base import ALGORITHMS
 from fedssl.algorithms.fedavg import FedAvg
+from fedssl.algorithms.fedbuff import FedBuff
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.federation.checkpoint import load_checkpoint
@@ -40,10 +41,10 @@ class RogueLearner(SupervisedLearner):
                 for n, v in out.items()}
 
 
-def rogue_fedavg(scale: float) -> type[FedAvg]:
+def rogue_fedavg(scale: float, base: type[FedAvg] = FedAvg) -> type[FedAvg]:
     learner = type("Rogue", (RogueLearner,), {"scale": scale})
 
-    class Rogue(FedAvg):
+    class Rogue(base):
         def make_learner(self, model):
             return learner(model, self.cfg.train)
 
@@ -52,8 +53,8 @@ def rogue_fedavg(scale: float) -> type[FedAvg]:
 
 @pytest.fixture
 def register(monkeypatch):
-    """Register the rogue FedAvg at `scale` for the duration of one test."""
-    return lambda scale: monkeypatch.setitem(ALGORITHMS._entries, "rogue", rogue_fedavg(scale))
+    """Register the rogue FedAvg (or `base`) at `scale` for the duration of one test."""
+    return lambda scale, base=FedAvg: monkeypatch.setitem(ALGORITHMS._entries, "rogue", rogue_fedavg(scale, base))
 
 
 FIVE = ["algorithm.name=rogue", "federation.clients=5", "federation.clients_per_round=5", "federation.rounds=3"]
@@ -99,3 +100,11 @@ def test_a_resumed_run_bounds_its_rounds_as_the_uninterrupted_one(tiny_recipe, t
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in ("whole", "killed"))
     assert all(torch.equal(a["server_state"]["params"][n], b["server_state"]["params"][n]) for n in a["server_state"]["params"])
     assert torch.equal(a["update_clip"]["norms"], b["update_clip"]["norms"]) and b["update_clip"]["counts"].tolist() == [5]
+
+
+def test_fedbuffs_own_round_clips_the_rogue_too(tiny_recipe, tmp_path, register):
+    register(990.0, FedBuff)  # every client in flight at once: each flush holds the rogue's change
+    summary = run_federation(load_recipe(tiny_recipe, [*FIVE, "algorithm.fedbuff.buffer_size=5",
+                                                       "algorithm.fedbuff.concurrency=5"]), tmp_path / "run")
+    assert summary["global_loss"] < 2.5, summary["global_loss"]
+    assert [m["clipped_clients"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 1, 1]
