@@ -296,6 +296,7 @@ def recipe_defaults() -> dict[str, Any]:
 # config written before holds no value for them, and its run behaved as this one.
 BEHAVIOUR_BEFORE_THE_KEY = {
     "train.drop_last": False,  # every pass trained on its last, short batch
+    "federation.update_clip.multiple": 0.0,  # no update was clipped
 }
 
 

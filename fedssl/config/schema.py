@@ -161,6 +161,12 @@ class DownlinkConfig:
 
 
 @dataclass
+class UpdateClipConfig:
+    multiple: float = 3.0  # each update's move from the weights it was sent is clipped to this x the median norm of the updates accepted in the last `window` rounds (in the first, of the round's own), against a rogue client's scaled update (Sun et al. 2019); 0: no clipping. Off under privacy.mechanism=central, whose clip bounds every update
+    window: int = 5  # rounds of accepted updates whose norms set the bound
+
+
+@dataclass
 class FederationConfig:
     backend: str = "inprocess"  # where clients run: inprocess (one process) | flower (Flower's simulation engine)
     rounds: int = 10  # communication rounds
@@ -185,6 +191,7 @@ class FederationConfig:
     holdout_steps: int = 20  # steps each held-out client adapts on its labeled images (head fine-tune, or the algorithm's own adaptation) before it is scored on the rest of its data
     linear_probe: bool = False  # evaluate: linear_acc, a logistic-regression probe on the global model's frozen features of the training clients' labeled split, scored on the server test set
     max_update_ratio: float = 1000.0  # an update whose distance from the weights it was sent exceeds this x max(their norm, 1) is dropped and counted (e.g. a rogue x1e30 update)
+    update_clip: UpdateClipConfig = field(default_factory=UpdateClipConfig)  # the norm bound on every update, from the recent updates' norms; clipped updates are counted in clipped_clients
     flower: FlowerConfig = field(default_factory=FlowerConfig)  # backend=flower: client resources and timeouts
     system: SystemConfig = field(default_factory=SystemConfig)  # device profiles, simulated time and round policies
     uplink: UplinkConfig = field(default_factory=UplinkConfig)  # compressed updates and a lossy link, client to server (docs/communication.md)

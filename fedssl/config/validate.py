@@ -59,6 +59,9 @@ def validate_robustness(cfg: RecipeConfig) -> None:
     require(fed.krum_select >= 0, "federation.krum_select", f"must be >= 0, got {fed.krum_select}")
     require(fed.round_retries >= 0, "federation.round_retries", f"must be >= 0, got {fed.round_retries}")
     require(fed.max_update_ratio > 0, "federation.max_update_ratio", f"must be > 0, got {fed.max_update_ratio}")
+    require(fed.update_clip.multiple >= 0, "federation.update_clip.multiple",
+            f"must be >= 0 (0: no clipping), got {fed.update_clip.multiple}")
+    require(fed.update_clip.window >= 1, "federation.update_clip.window", f"must be >= 1, got {fed.update_clip.window}")
     per_round = clients_per_round(fed)
     require(1 <= fed.min_clients <= per_round, "federation.min_clients",
             f"must be between 1 and the {per_round} clients sampled per round, got {fed.min_clients}")

@@ -94,6 +94,22 @@ def next_arrival(flying: dict[int, InFlight]) -> int:
     return min(flying, key=lambda order: (flying[order].arrival, order))
 
 
+def bounded(federation: Federation, arrived: list[Update]) -> tuple[list[Update], int]:
+    """A round's arrived changes through the engine's norm bound, as a synchronous
+    round's updates go (`fedssl.federation.update_bound`): a change is a move from
+    zero, and the round's arrivals are its own evidence. Returns them and how many
+    were clipped."""
+    clip = federation.bound.start_round()
+    ready = [u for update in arrived for u, _ in clip.admit(update, zeros(update.arrays))]
+    ready += [u for u, _ in clip.finish()]
+    federation.bound.record(clip.norms)
+    return ready, clip.clipped
+
+
+def zeros(delta: Arrays) -> Arrays:
+    return {name: torch.zeros_like(d) for name, d in delta.items() if d.is_floating_point()}
+
+
 def buffered_round(federation: Federation, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
     """One FedBuff round: start clients up to the concurrency, take arrivals until the
     buffer holds `buffer_size`, publish the next version (see the module docstring)."""
@@ -103,7 +119,7 @@ def buffered_round(federation: Federation, round_index: int, state: ServerState)
     buffer = Buffer.from_extras(state.extras)
     began = buffer.clock
     started_now: set[int] = set()
-    counts = {"bytes_up": 0, "bytes_down": 0, "dropped_clients": 0, "offline_clients": 0}
+    counts = {"bytes_up": 0, "bytes_down": 0, "dropped_clients": 0, "clipped_clients": 0, "offline_clients": 0}
 
     def start_clients() -> None:
         while len(buffer.flying) < concurrency:
@@ -150,6 +166,7 @@ def buffered_round(federation: Federation, round_index: int, state: ServerState)
                               {"staleness": float(buffer.version - slot.version), "train_loss": slot.train_loss}))
         if len(arrived) < fedbuff.buffer_size:
             start_clients()
+    arrived, counts["clipped_clients"] = bounded(federation, arrived)
     state = federation.algorithm.aggregate(arrived, ServerState(state.params))
     buffer.version += 1
     staleness = [u.metrics["staleness"] for u in arrived]

@@ -37,6 +37,7 @@ from fedssl.federation.personal_eval import personal_metrics
 from fedssl.federation.policies import SystemHeterogeneity, check_system
 from fedssl.federation.tensors import TensorPool
 from fedssl.federation.unseen import linear_acc, unseen_metrics
+from fedssl.federation.update_bound import UpdateBound
 from fedssl.messages import Payload, Update
 from fedssl.models.factory import input_normalization
 from fedssl.privacy.mechanism import CentralDP
@@ -63,6 +64,7 @@ class Collected:
             weigh, as encoded (retried draws and retransmitted packets included; see
             `messages.array_bytes`).
         dropped: clients whose update was unusable.
+        clipped: usable updates scaled down to the round's norm bound (`update_bound`).
         link: the lossy uplink's round metrics (empty without one): packets sent,
             lost and retransmitted, and the share of the updates each coordinate
             was used from (its mean and min over coordinates).
@@ -73,6 +75,7 @@ class Collected:
     bytes_up: int
     bytes_down: int
     dropped: int
+    clipped: int = 0
     system: dict[str, float] = field(default_factory=dict)  # simulated time and late/offline/partial counts
     link: dict[str, float] = field(default_factory=dict)
 
@@ -90,10 +93,16 @@ class Federation:
     privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
     system: SystemHeterogeneity | None = None  # device profiles and round policy (federation.system)
     links: Links | None = None  # the codecs on each link (federation.uplink, federation.downlink); default: the recipe's
+    bound: UpdateBound | None = None  # the norm bound on every update (federation.update_clip); default: the recipe's
 
     def __post_init__(self) -> None:
         if self.links is None:
             self.links = Links.build(self.cfg, self.algorithm)
+        if self.bound is None:
+            # Not under DP: its own clip bounds every update within the accountant, and a
+            # bound set by other clients' norms would be a release the accountant does not count.
+            clip = self.cfg.federation.update_clip
+            self.bound = UpdateBound(0.0 if self.privacy else clip.multiple, clip.window)
 
     @classmethod
     def build(cls, cfg: RecipeConfig, data: FederatedData | None = None,
@@ -169,8 +178,8 @@ class Federation:
             return buffered_round(self, round_index, state)
         collected = self.collect(round_index, state)
         metrics = round_metrics(collected.receipts, self.kinds) | collected.link | {
-            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped
-        } | collected.system
+            "bytes_up": collected.bytes_up, "bytes_down": collected.bytes_down, "dropped_clients": collected.dropped,
+            "clipped_clients": collected.clipped} | collected.system
         if self.privacy is None:
             return self.algorithm.aggregate(collected.updates, state), metrics
         # DP-FedAvg: the cohort's updates become one private update, which the
@@ -229,6 +238,10 @@ class Federation:
         times, and then the run stops. Under DP a Poisson draw may pick fewer clients
         than min_clients: that is no fault, and the round is released as drawn. Only
         the accepted draw's clients keep what they learned (`Clients.accept`).
+
+        A usable update longer than the norm bound (`update_bound`) is clipped to it and
+        counted. The bound comes from the recent rounds' updates; before there are any,
+        the round holds its updates until they have all arrived and takes their median.
         """
         fed = self.cfg.federation
         needed = max(fed.min_clients, minimum_updates(fed))
@@ -252,6 +265,17 @@ class Federation:
             payloads = encoded
             updates = []
             running = (MaskedAverage() if masked else RunningAverage()) if self.averages_as_they_come else None
+            clip = self.bound.start_round()  # the norm bound (update_bound)
+
+            def take(update: Update, masks: dict | None) -> None:
+                if running is not None:
+                    if masked:
+                        running.add(update.arrays, masks, update.num_examples)
+                    else:
+                        running.add(update)
+                    update = replace(update, arrays={})  # folded in: only its counts and metrics stay
+                updates.append(update)
+
             for client_id, update, problem in self.clients.fit(round_index, payloads):
                 bytes_down += payloads[client_id].num_bytes
                 masks = None
@@ -271,13 +295,10 @@ class Federation:
                     continue
                 if self.system is not None:
                     update = self.system.annotate(plan, update)
-                if running is not None:
-                    if masked:
-                        running.add(update.arrays, masks, update.num_examples)
-                    else:
-                        running.add(update)
-                    update = replace(update, arrays={})  # folded in: only its counts and metrics stay
-                updates.append(update)
+                for update, masks in clip.admit(update, sent[client_id].arrays, masks):
+                    take(update, masks)
+            for update, masks in clip.finish():
+                take(update, masks)
             if len(updates) >= (min(needed, len(sampled)) if self.privacy else needed):
                 break
             if attempt < fed.round_retries:
@@ -293,6 +314,10 @@ class Federation:
                             f"{len(sampled)} sampled clients{retried}, fewer than the {needed} it needs ({reasons})"
                             ) from (raised[0] if raised else None)
         self.clients.accept([u.client_id for u in updates])
+        if clip.clipped:
+            log.info("round %d: clipped %d of %d updates to the norm bound %.3g", round_index, clip.clipped,
+                     len(updates), clip.bound)
+        self.bound.record(clip.norms)
         aggregated = updates
         if running is not None:  # the average as one update, weighted by the examples it stands for
             if running.total:
@@ -301,7 +326,7 @@ class Federation:
             else:
                 aggregated = []
         system = self.system.finish(plans, received) if self.system is not None else {}
-        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), system,
+        return Collected(aggregated, updates, bytes_up, bytes_down, len(failed), clip.clipped, system,
                          tally.metrics() if channel else {})
 
     def evaluate(self, state: ServerState, round_index: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:

@@ -26,6 +26,7 @@ from fedssl.tracking.run_logger import RunLogger, read_metrics
 
 # What a round sent, received and dropped, training and evaluation together; summed over the run.
 TRAFFIC = ("bytes_up", "bytes_down", "dropped_clients")
+CLIPPED = "clipped_clients"  # updates a round clipped to its norm bound (fedssl.federation.update_bound); summed too
 # Keys that may differ between a killed run and its resumption.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir",
                      "federation.states_in_memory", "federation.state_dir")
@@ -107,7 +108,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
     federation = Federation.build(cfg, clients=clients)
     federation.data.save(run_dir / PARTITION)
     state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
-    totals = dict.fromkeys(TRAFFIC, 0)
+    totals = dict.fromkeys((*TRAFFIC, CLIPPED), 0)
     if checkpoint:
         state = ServerState(**checkpoint["server_state"])
         try:
@@ -116,9 +117,14 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
             raise UserError(f"{run_dir / CHECKPOINT}: cannot resume: client_states: {error}") from None
         restore_rng_states(checkpoint["rng"])
         start, elapsed, wandb_id = checkpoint["round"] + 1, checkpoint["seconds"], checkpoint["wandb_id"]
-        totals = {"dropped_clients": 0, **checkpoint["totals"]}
+        totals = {"dropped_clients": 0, CLIPPED: 0, **checkpoint["totals"]}
         if federation.privacy is not None:
             federation.privacy.load_state_dict(checkpoint["privacy"])
+        if checkpoint.get("update_clip") is not None:  # a checkpoint written before the bound existed clipped nothing
+            try:
+                federation.bound.load_state_dict(checkpoint["update_clip"])
+            except ValueError as error:
+                raise UserError(f"{run_dir / CHECKPOINT}: cannot resume: {error}") from None
 
     fed = cfg.federation
     logger = RunLogger(cfg, run_dir, config_dict, resume_after=start - 1, wandb_id=wandb_id)
@@ -136,6 +142,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                 progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
             for key in TRAFFIC:
                 totals[key] += metrics[key]
+            totals[CLIPPED] += metrics[CLIPPED]
             if "sim_seconds" in metrics:  # simulated time (federation.system), summed as the run goes
                 totals["sim_time"] = metrics["sim_time"] = totals.get("sim_time", 0.0) + metrics["sim_seconds"]
             elapsed += time.perf_counter() - began
@@ -151,6 +158,7 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                 "totals": totals,
                 "wandb_id": logger.wandb_id,
                 "privacy": federation.privacy.state_dict() if federation.privacy else None,
+                "update_clip": federation.bound.state_dict(),
             }
             # best.pt before checkpoint.pt: killed between the two, the round is run again, identically.
             if math.isfinite(metrics.get("global_acc", math.nan)) and (best is None or metrics["global_acc"] > best[0]):

@@ -116,13 +116,13 @@ LEARNS = ["algorithm.name=poisoned_fedavg", "data.num_samples=1000", "data.parti
           "federation.clients_per_round=6", "train.lr=0.1", "train.local_epochs=3"]
 
 
-def accuracies(recipe, aggregator, rounds=6):
+def accuracies(recipe, aggregator, rounds=6, bounds=("federation.max_update_ratio=1e30", "federation.update_clip.multiple=0")):
     # The 10x attack passes the default federation.max_update_ratio; the updates of the
     # model it diverges do not (under the mean, by round 3 none does, which stops the
-    # run). The bound is lifted here so that the aggregators alone are compared.
+    # run). The bounds are lifted here so that the aggregators alone are compared.
     federation = Federation.build(load_recipe(recipe, [*LEARNS, f"federation.aggregator={aggregator}",
                                                        "federation.trim_fraction=0.2", "federation.byzantine=1",
-                                                       "federation.max_update_ratio=1e30"]))
+                                                       *bounds]))
     state, accs = federation.initial_state(), []
     for round_index in range(1, rounds + 1):
         try:
@@ -149,3 +149,9 @@ def test_one_sign_flipping_client_ruins_fedavg_but_not_the_robust_aggregators(ti
         assert max(accs) <= majority + 0.02, accs  # never better than always answering one class
     else:
         assert max(accs[-2:]) >= majority + 0.05, (accs, majority)
+
+
+@pytest.mark.slow
+def test_the_default_update_clip_keeps_the_mean_learning_under_the_sign_flip(tiny_recipe, poisoned_fedavg):
+    accs, majority = accuracies(tiny_recipe, "mean", bounds=())  # fedssl.federation.update_bound
+    assert max(accs[-2:]) >= majority + 0.05, (accs, majority)
