@@ -162,7 +162,7 @@ class DownlinkConfig:
 
 @dataclass
 class UpdateClipConfig:
-    multiple: float = 3.0  # each update's move from the weights it was sent is clipped to this x the median norm of the updates accepted in the last `window` rounds (in the first, of the round's own), against a rogue client's scaled update (Sun et al. 2019); 0: no clipping. Off under privacy.mechanism=central, whose clip bounds every update
+    multiple: float = 1.5  # each update's move from the weights it was sent is clipped to this x the median norm of the updates accepted in the last `window` rounds (in the first, of the round's own), against a rogue client's scaled update (Sun et al. 2019); 0: no clipping. Off under privacy.mechanism=central, whose clip bounds every update
     window: int = 5  # rounds of accepted updates whose norms set the bound
 
 

@@ -11,16 +11,20 @@ norm of the updates accepted in the last `federation.update_clip.window` rounds
 they have all arrived). An update longer than the bound is scaled down to it
 (clipped, not dropped: an honest client with a large step still helps), and
 counted in the round's `clipped_clients`. With one rogue among five sampled the
-median is honest, so the rogue's weight in the mean is at most 1/5 of a step of a
-few honest lengths, whatever its scale or sign.
+median is honest, so the rogue moves the mean by at most 1/5 of 1.5 honest step
+lengths (the default multiple), whatever its scale or sign.
 
 `faults.check_update` still drops what no bound makes usable (non-finite values,
 an update past `federation.max_update_ratio`). The norm is `faults.update_distance`,
 the distance an update moved the floating arrays it was sent (a sparse delta's
 values, FedMatch); integer buffers (BatchNorm's `num_batches_tracked`) are counters
-and left as they are. What this does not stop: a coordinated minority sending
-updates just within the bound, a slow drift, a backdoor or flipped labels within
-it; `federation.aggregator` chooses a robust aggregator for those.
+and left as they are. What this does not stop: a sign-flipped update within the
+bound (it still subtracts its share of the round's step: tools/bench_rogue.py
+measures the cost), a coordinated minority sending updates just within it, a slow
+drift, a backdoor or flipped labels within it. Honest updates are too close to
+orthogonal for a direction test to tell a flipped one apart (their cosine with the
+median of the others spans about -0.2 to +0.6 on the quickstart), and the robust
+`federation.aggregator`s lose as much to a sign flip (BENCHMARKS.md).
 """
 
 from __future__ import annotations
