@@ -9,9 +9,9 @@ FEDSSL = Path(__file__).resolve().parents[1] / "fedssl"
 
 # Lowest first. A package may import from packages on a strictly lower floor.
 FLOORS = [
-    {"errors", "io", "messages", "sampling"},  # plain data and pure helpers
-    {"registry", "run_dir", "extras"},
-    {"choices"},  # registries config validates, filled from above (fedssl/choices.py)
+    {"fedssl", "errors", "io", "messages", "sampling"},  # the root (its __version__), plain data, pure helpers
+    {"registry", "run_dir", "extras", "csvfile"},  # csvfile: the one reader of user CSVs
+    {"choices", "run_lock"},  # choices: registries config validates, filled from above (fedssl/choices.py)
     {"ssl"},  # pseudo-labeling pieces, threshold rules
     {"config"},  # the recipe schema, loading, range checks
     {"tracking", "sweep"},
