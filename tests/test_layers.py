@@ -9,10 +9,10 @@ FEDSSL = Path(__file__).resolve().parents[1] / "fedssl"
 
 # Lowest first. A package may import from packages on a strictly lower floor.
 FLOORS = [
-    {"fedssl", "errors", "io", "messages", "sampling"},  # the root (its __version__), plain data, pure helpers
-    {"registry", "run_dir", "extras", "csvfile"},  # csvfile: the one reader of user CSVs
-    {"choices", "run_lock"},  # choices: registries config validates, filled from above (fedssl/choices.py)
-    {"ssl"},  # pseudo-labeling pieces, threshold rules
+    {"fedssl", "errors", "messages", "sampling"},  # the root (its __version__), plain data, pure helpers
+    {"io", "registry", "extras", "csvfile"},  # io: atomic writes; csvfile: the one reader of user CSVs
+    {"run_dir", "choices"},  # choices: registries config validates, filled from above (fedssl/choices.py)
+    {"run_lock", "ssl"},  # run_lock: one writer per run directory; ssl: pseudo-labeling pieces, threshold rules
     {"config"},  # the recipe schema, loading, range checks
     {"tracking", "sweep"},
     {"data", "models", "codecs"},  # codecs: update compression stages, pure tensor functions
