@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from fedssl.config.load import all_keys
-from fedssl.config.validate import check_run_name, MAX_SEED
+from fedssl.config.validate import MAX_SEED, check_run_name
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
 
