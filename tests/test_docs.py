@@ -136,6 +136,7 @@ def test_the_checks_see_what_they_check():
     assert "model.pt" not in shown_keys("`model.pt`", sections)
 
 
+@pytest.mark.slow
 def test_the_recipe_reference_page_is_generated_from_the_schema():
     generated = subprocess.run([sys.executable, str(ROOT / "tools" / "recipe_reference.py")],
                                capture_output=True, text=True, check=True).stdout

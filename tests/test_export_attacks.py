@@ -288,6 +288,7 @@ KEYS = ["format", "version", "labels", "input", "input.image_size", "input.chann
         "model", "model.name", "model.kwargs", "weights", "weights.sha256", "fedssl_version"]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.lists(st.tuples(st.sampled_from(KEYS), JSON | st.just(DELETE)), min_size=1, max_size=3))
 def test_any_mutated_description_loads_or_ends_in_one_line(exports, tmp_path_factory, changes):

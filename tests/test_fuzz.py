@@ -17,6 +17,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -88,6 +89,7 @@ KEYS = st.one_of(
 # ----------------------------------------------------------------------------- overrides
 
 
+@pytest.mark.slow
 @budget(60)
 @given(overrides=st.lists(st.builds(lambda k, v: f"{k}={v}", KEYS, VALUES), min_size=1, max_size=4))
 def test_any_overrides_give_a_config_or_one_line(capsys, overrides):
@@ -131,6 +133,7 @@ RECIPES = st.one_of(
 )
 
 
+@pytest.mark.slow
 @budget(60)
 @given(content=RECIPES)
 def test_any_recipe_file_gives_a_config_or_one_line(capsys, content):

@@ -84,6 +84,7 @@ def readme_commands(program: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(program + " ")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", ["flower-superlink", "flower-supernode"])
 def test_the_readme_deployment_uses_flags_flower_has(program):
     commands = readme_commands(program)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedssl.config.load import shipped_recipes
@@ -35,10 +36,12 @@ def test_recipes_lists_one_line_each():
     assert any(line.startswith("quickstart ") for line in lines)
 
 
+@pytest.mark.slow
 def test_misspelt_key_exits_2_with_one_line(tiny_recipe):
     assert_user_error(fedssl("run", str(tiny_recipe), "federation.roundz=2"), "federation.roundz", "federation.rounds")
 
 
+@pytest.mark.slow
 def test_wrong_type_exits_2(tiny_recipe):
     assert_user_error(fedssl("run", str(tiny_recipe), "federation.rounds=two"), "federation.rounds")
 
@@ -47,11 +50,13 @@ def test_missing_recipe_exits_2():
     assert_user_error(fedssl("run", "no/such/recipe.yaml"), "no/such/recipe.yaml")
 
 
+@pytest.mark.slow
 def test_missing_data_file_exits_2(tiny_recipe):
     result = fedssl("run", str(tiny_recipe), "data.source=fer2013", "data.path=/nonexistent/fer2013.csv")
     assert_user_error(result, "/nonexistent/fer2013.csv")
 
 
+@pytest.mark.slow
 def test_config_prints_the_resolved_recipe_as_yaml(tmp_path):
     import yaml
 
@@ -69,11 +74,13 @@ def test_config_prints_the_resolved_recipe_as_yaml(tmp_path):
     assert to_dict(load_recipe(resolved)) == printed  # what it prints is a recipe that runs the same
 
 
+@pytest.mark.slow
 def test_config_errors_as_run_does():
     assert_user_error(fedssl("config", "quickstart", "federation.roundz=2"), "federation.roundz", "federation.rounds")
     assert_user_error(fedssl("config", "ssl_fixmatch_fer2013"), "data.path")
 
 
+@pytest.mark.slow
 def test_run_writes_the_run_directory(tiny_recipe, tmp_path):
     result = fedssl("run", str(tiny_recipe), "logging.wandb.mode=offline")
     assert result.returncode == 0, result.stderr
@@ -95,6 +102,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "checkpoint.pt")["server_state"]["params"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_recipe, tmp_path):
     rounds = ["federation.rounds=12"]
     assert fedssl("run", str(tiny_recipe), *rounds, "name=whole").returncode == 0
@@ -120,15 +128,18 @@ def test_killed_run_resumes_to_the_same_weights(tiny_recipe, tmp_path):
     assert metrics == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_resume_under_a_changed_recipe_is_refused(tiny_recipe):
     assert fedssl("run", str(tiny_recipe), "federation.rounds=1").returncode == 0
     assert_user_error(fedssl("run", str(tiny_recipe), "train.lr=0.5", "--resume"), "train.lr")
 
 
+@pytest.mark.slow
 def test_resume_without_checkpoint(tiny_recipe):
     assert_user_error(fedssl("run", str(tiny_recipe), "--resume"), "checkpoint")
 
 
+@pytest.mark.slow
 def test_data_prints_the_partition_and_writes_pngs(tiny_recipe, tmp_path):
     result = fedssl("data", str(tiny_recipe), "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr

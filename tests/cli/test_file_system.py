@@ -76,6 +76,7 @@ def test_a_read_only_output_dir_is_refused(tiny_recipe, tmp_path, capsys, tmpfs)
     assert_user_error(code, err, str(read_only / "tiny"), reason)
 
 
+@pytest.mark.slow
 def test_a_disk_full_while_checkpointing_keeps_the_last_checkpoint(tiny_recipe, tmp_path, capsys, tmpfs):
     disk = tmpfs(tmp_path / "disk", "8m")
     run_dir = disk / "tiny"

@@ -49,6 +49,7 @@ def test_overwrite_removes_only_the_run_directory_fedssl_made(tiny_recipe, tmp_p
     assert (theirs / "thesis.tex").read_text() == "years of work"
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_directory_byte_identical(tiny_recipe, tmp_path, capsys):
     assert main(["run", str(tiny_recipe), "federation.rounds=1"]) == 0
     run_dir = tmp_path / "runs" / "tiny"

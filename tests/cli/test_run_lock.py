@@ -61,6 +61,7 @@ def rounds_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["round"] for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_a_run_writes_and_the_run_finishes_intact(tiny_recipe, tmp_path, capsys, write_faces):
     faces = tmp_path / "faces"
     write_faces(faces, count=12)
@@ -93,6 +94,7 @@ def test_a_second_writer_is_refused_while_a_run_writes_and_the_run_finishes_inta
     assert not (run_dir / "personalized-head").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_stale_lock(tiny_recipe, tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
     first = start("run", tiny_recipe, "federation.rounds=50", cwd=tmp_path)

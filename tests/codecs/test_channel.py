@@ -95,6 +95,7 @@ def run(tiny_recipe, tmp_path, name, overrides):
     return load_checkpoint(tmp_path / name / "checkpoint.pt")["server_state"]["params"], metrics
 
 
+@pytest.mark.slow
 def test_a_perfect_link_is_exactly_no_channel(tiny_recipe, tmp_path):
     plain, plain_metrics = run(tiny_recipe, tmp_path, "plain", [])
     perfect = [["federation.uplink.channel.loss=0", "federation.uplink.channel.strategy=mean"],

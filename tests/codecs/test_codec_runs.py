@@ -86,6 +86,7 @@ def test_a_hostile_encoded_update_is_dropped_and_counted(tiny_recipe, tmp_path, 
     assert all(bool(torch.isfinite(v).all()) for v in state.params.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_error_feedback_resumes_bit_identically(tiny_recipe, tmp_path):
     links = [*FAST, TOPK, "federation.downlink.codecs=[{name: hadamard}, {name: quantize, bits: 8}]"]
     run_federation(load_recipe(tiny_recipe, [*links, "federation.rounds=3"]), tmp_path / "whole")

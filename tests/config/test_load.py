@@ -188,6 +188,7 @@ def test_a_bad_base_names_the_recipe(tmp_path, base, message):
     assert str(path) in str(error.value)
 
 
+@pytest.mark.slow
 def test_shipped_recipes_that_extend_one_resolve_to_their_full_form():
     """Every shipped recipe with a base: the same config as the base merged by hand
     with the recipe's own keys (a check of the loader on the real files; the one-off

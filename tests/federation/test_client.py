@@ -318,6 +318,7 @@ def test_a_bf16_mixed_run_runs_end_to_end_on_the_cpu(tiny_recipe, tmp_path):
     assert all(math.isfinite(m["train_loss"]) for m in metrics) and 0 <= summary["global_acc"] <= 1
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_float16_on_a_cpu_with_one_line(tiny_recipe, tmp_path):
     result = subprocess.run([sys.executable, "-m", "fedssl.cli", "run", str(tiny_recipe), "train.precision=16-mixed"],
                             capture_output=True, text=True, timeout=300)

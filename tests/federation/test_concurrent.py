@@ -71,6 +71,7 @@ def test_clients_with_different_step_counts_stop_at_their_own(tiny_recipe):
         torch.testing.assert_close(vectorized.arrays, sequential.arrays, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_two_round_run_ends_with_the_same_weights_either_way(tiny_recipe, tmp_path):
     overrides = ["federation.rounds=2", "federation.clients_per_round=4"]
     sequential = run_federation(load_recipe(tiny_recipe, [*overrides, "federation.concurrency=sequential"]), tmp_path / "seq")

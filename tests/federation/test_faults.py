@@ -203,6 +203,7 @@ EXPECTED = {"raise": "it raised ValueError: disk on fire", "nan": "non-finite va
             "huge": "it moved the weights by 1.", "float64": "array 'fc.bias' is float64, expected float32"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["raise", "nan", "shape", "name", "huge", "float64"])
 def test_a_faulty_update_is_dropped_named_and_counted(tiny_recipe, tmp_path, register, caplog, fault):
     register("faulty", faulty_fedavg(fault))

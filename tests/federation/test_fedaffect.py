@@ -205,6 +205,7 @@ def test_the_linear_probe_on_perfectly_separable_features_reaches_100_percent():
 # -- whole runs -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_run_logs_linear_acc_and_resumes_bit_identically(tiny_recipe, tmp_path):
     """BYOL with FedEMA keeps a target network and a last online network per client:
     a run killed after round 2 and resumed ends exactly where an uninterrupted one does."""
@@ -267,6 +268,7 @@ def test_flower_simulation_runs_fedaffect_as_the_inprocess_loop(tiny_recipe):
         assert flower[key] == pytest.approx(local[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_personalize_head_fine_tunes_a_self_supervised_runs_encoder(tiny_recipe, tmp_path, write_faces):
     """`fedssl personalize --mode head` reads the run's classifier on its learned
     encoder (the heads are left behind) and trains the head alone."""

@@ -192,6 +192,7 @@ def own_layers(state: ServerState, client_id: int) -> set[tuple]:
     return fingerprints({k: v for k, v in state.extras.items() if k.startswith(f"client/{client_id}/")})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["inprocess", "flower"])
 @pytest.mark.parametrize("algorithm", registered_algorithms())
 def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_and_scores(

@@ -14,6 +14,7 @@ from fedssl.messages import Payload
 from fedssl.learners.base import ClientContext
 
 
+@pytest.mark.slow
 def test_federated_training_beats_chance(tiny_recipe, tmp_path):
     # Short batches kept: the tiny clients' 61 to 67 images then take 4 or 5 steps an
     # epoch (3 or 4 with train.drop_last), the budget this margin over chance was set for.

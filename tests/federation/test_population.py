@@ -20,6 +20,7 @@ def resident_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.slow
 def test_a_population_of_100000_trains_and_scores_only_its_cohorts(tiny_recipe):
     cfg = load_recipe(tiny_recipe, [*DRAW, "federation.clients=100000", "federation.clients_per_round=3",
                                     "federation.eval_clients=4", "federation.holdout_clients=2"])
@@ -38,6 +39,7 @@ def test_a_population_of_100000_trains_and_scores_only_its_cohorts(tiny_recipe):
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.slow
 def test_memory_stays_flat_as_clients_are_trained(tiny_recipe, tmp_path, device):
     """Ditto keeps a whole personal model (2.3 MB) per client: 64 clients trained with
     4 kept in memory must not grow host memory by what the other 60 would hold, nor

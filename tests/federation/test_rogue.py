@@ -92,6 +92,7 @@ def test_without_the_bound_the_rogue_wins(tiny_recipe, tmp_path, register):
         run_federation(load_recipe(tiny_recipe, [*FIVE, "federation.update_clip.multiple=0"]), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_bounds_its_rounds_as_the_uninterrupted_one(tiny_recipe, tmp_path, register):
     register(990.0)
     window = "federation.update_clip.window=1"  # round 3's bound is round 2's alone: the state must come back

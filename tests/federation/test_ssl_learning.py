@@ -517,6 +517,7 @@ def test_there_are_faces_ssl_recipes_for_every_scenario():
             assert f"ssl_{kind}_{dataset}" in stems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", faces_ssl_recipes())
 def test_a_shipped_faces_ssl_recipe_runs_one_shrunk_round(recipe, tmp_path):
     cfg = load_recipe(recipe)

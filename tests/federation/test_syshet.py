@@ -182,6 +182,7 @@ def test_partial_work_trains_fewer_steps_and_fednova_normalizes_them(tiny_recipe
     assert math.isfinite(summary["global_acc"])
 
 
+@pytest.mark.slow
 def test_a_killed_fedbuff_run_resumes_to_the_same_run(tiny_recipe, tmp_path):
     overrides = ["algorithm.name=fedbuff", "algorithm.fedbuff.buffer_size=2", "algorithm.fedbuff.concurrency=3",
                  "federation.system.profile=mobile", "federation.rounds=4", "federation.eval_every=4"]

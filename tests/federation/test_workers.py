@@ -59,6 +59,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     ["algorithm.name=fedmatch", "algorithm.fedmatch.helpers=1"],  # helper models in the payload (round 2)
     ["privacy.mechanism=central", "privacy.noise_multiplier=0.5"],  # DP-FedAvg, Poisson sampling
 ], ids=["fedavg-median", "fixmatch", "ditto", "fedmatch", "dp"])
+@pytest.mark.slow
 def test_workers_train_exactly_as_the_process_itself(tiny_recipe, tmp_path, overrides):
     rounds = ["federation.rounds=2", *overrides]
     run(tiny_recipe, tmp_path / "sequential", *rounds, "federation.workers=0")
@@ -66,6 +67,7 @@ def test_workers_train_exactly_as_the_process_itself(tiny_recipe, tmp_path, over
     assert_same_run(tmp_path / "sequential", tmp_path / "workers")
 
 
+@pytest.mark.slow
 def test_a_run_with_workers_resumes_to_the_same_run(tiny_recipe, tmp_path):
     overrides = ["algorithm.name=fedper", "federation.workers=2"]
     run(tiny_recipe, tmp_path / "whole", *overrides)

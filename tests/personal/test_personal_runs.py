@@ -18,6 +18,7 @@ def personal_recipes(dataset: str):
             if p.stem.startswith("personal_") and p.stem.endswith(f"_{dataset}")]
 
 
+@pytest.mark.slow
 def test_every_personalization_algorithm_has_a_recipe_per_dataset():
     for dataset in ("faces", "fashion_mnist"):
         algorithms = {load_recipe(p.values[0]).algorithm.name for p in personal_recipes(dataset)}
@@ -33,6 +34,7 @@ def test_fashion_mnist_recipes_keep_pflib_setting(recipe):
     assert cfg.train.batch_size == 10 * parts  # Per-FedAvg cuts its batch into batches of 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", personal_recipes("faces"))
 def test_a_faces_recipe_runs_shrunk_with_one_client_per_person(recipe, tmp_path):
     cfg = load_recipe(recipe)
@@ -51,6 +53,7 @@ def test_a_faces_recipe_runs_shrunk_with_one_client_per_person(recipe, tmp_path)
         assert written[key] == pytest.approx(summary[key]) and written[key] == pytest.approx(history[-1][key]), key
 
 
+@pytest.mark.slow
 def test_fedper_with_fixmatch_personalizes_labeled_and_unlabeled_clients_together(tiny_recipe, tmp_path):
     cfg = load_recipe(tiny_recipe, ["algorithm.name=fedper", "algorithm.personal.ssl=true",
                                     "algorithm.ssl.unlabeled_ratio=2", "algorithm.ssl.tau=0.000001",
@@ -85,6 +88,7 @@ MIXED = ["algorithm.ssl.unlabeled_ratio=2", "data.labels.mode=mixed", "data.labe
     ("ditto", ["algorithm.personal.ssl=true", "algorithm.ssl.threshold=flexmatch", *MIXED, "federation.rounds=3"]),
     ("perfedavg", ["algorithm.meta.variant=hf", "model.name=fedavg_cnn_bn", "train.local_steps=2", "federation.rounds=1"]),
 ], ids=["fedrep-ssl", "fedbn-ssl", "ditto-ssl-flexmatch", "perfedavg-hf-batchnorm"])
+@pytest.mark.slow
 def test_other_combinations_run(tiny_recipe, tmp_path, algorithm, overrides):
     cfg = load_recipe(tiny_recipe, [f"algorithm.name={algorithm}", *overrides])
     summary = run_federation(cfg, tmp_path / "run")

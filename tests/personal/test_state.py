@@ -111,6 +111,7 @@ def test_without_a_directory_a_temporary_one_is_used(tmp_path):
     assert torch.equal(store.get(3)["count"], torch.tensor([3]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedper", "ditto"])
 def test_a_resumed_run_with_spilled_states_ends_exactly_as_an_uninterrupted_one(tiny_recipe, tmp_path, algorithm):
     spill = [f"algorithm.name={algorithm}", "federation.states_in_memory=1", "train.local_steps=2"]

@@ -77,6 +77,7 @@ def faces(tmp_path, write_faces) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_personalize_head_then_predict_end_to_end(tiny_run, faces, tmp_path):
     out = tmp_path / "personal"
     result = fedssl("personalize", str(tiny_run), "--data", str(faces), "--out", str(out), "--epochs", "3",
@@ -295,6 +296,7 @@ def test_cuda_without_a_gpu_is_a_user_error(tiny_run, faces, capsys):
     assert_user_error(code, err, "--accelerator", "no CUDA device")
 
 
+@pytest.mark.slow
 def test_onnx_export_and_predict(tiny_run, faces, tmp_path):
     for package in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(package)

@@ -9,6 +9,7 @@ from dp_accounting import pld, rdp
 from fedssl.privacy.accountant import epsilon, noise_for_epsilon
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rdp", "pld"])
 def test_epsilon_is_dp_accountings_own_for_the_same_mechanism_and_steps(kind):
     # Poisson-sampled Gaussian, q = 5/10, z = 1.1, 7 rounds, delta = 1e-3, composed
@@ -34,6 +35,7 @@ def test_no_noise_is_no_privacy_and_no_round_costs_nothing():
     assert epsilon(1.0, 0.5, 0, 1e-5) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, target", [("rdp", 3.0), ("rdp", 1.0), ("pld", 3.0)])
 def test_target_epsilon_gives_a_noise_multiplier_just_within_it(kind, target):
     z = noise_for_epsilon(target, 0.5, 10, 1e-3, kind)

@@ -25,6 +25,7 @@ def dp_run(recipe, run_dir, *overrides):
     return summary, read_metrics(run_dir / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_logged_epsilon_is_the_accountants_grows_over_rounds_and_shrinks_with_more_noise(tiny_recipe, tmp_path):
     summary, rounds = dp_run(tiny_recipe, tmp_path / "z1", "privacy.noise_multiplier=1.0")
     eps = [m["epsilon"] for m in rounds]
@@ -38,6 +39,7 @@ def test_logged_epsilon_is_the_accountants_grows_over_rounds_and_shrinks_with_mo
     assert all(b < a for a, b in zip(eps, [m["epsilon"] for m in noisier]))
 
 
+@pytest.mark.slow
 def test_target_epsilon_sets_the_noise_so_the_run_ends_just_within_it(tiny_recipe, tmp_path):
     summary, rounds = dp_run(tiny_recipe, tmp_path / "run", "privacy.target_epsilon=2.0")
     assert summary["epsilon"] <= 2.0 and summary["epsilon"] == pytest.approx(2.0, rel=0.01)
@@ -67,6 +69,7 @@ def test_dp_rounds_are_poisson_sampled_at_the_accounted_rate(tiny_recipe):
     assert len(set(sizes)) > 3  # the cohort size varies, as Poisson sampling does
 
 
+@pytest.mark.slow
 def test_adaptive_clipping_moves_the_bound_and_a_resumed_run_matches(tiny_recipe, tmp_path):
     adaptive = ["privacy.adaptive_clip=true", "privacy.clip=0.05", "privacy.noise_multiplier=0.5", "federation.rounds=3"]
     _, rounds = dp_run(tiny_recipe, tmp_path / "full", *adaptive)
@@ -83,6 +86,7 @@ def test_adaptive_clipping_moves_the_bound_and_a_resumed_run_matches(tiny_recipe
     assert resumed["epsilon"] == pytest.approx(rounds[-1]["epsilon"])
 
 
+@pytest.mark.slow
 def test_a_target_epsilon_run_cannot_be_extended(tiny_recipe, tmp_path):
     run_federation(load_recipe(tiny_recipe, [*DP, "privacy.target_epsilon=5", "federation.rounds=1"]), tmp_path / "run")
     with pytest.raises(UserError, match="privacy.target_epsilon"):

@@ -52,6 +52,7 @@ def test_the_table_sets_the_leaderboard_figure_beside_the_pooled_columns(bench):
     assert [c.strip() for c in mocha.strip("|").split("|")][6] == "—"  # PFLlib publishes no figure
 
 
+@pytest.mark.slow
 def test_a_finished_run_with_fewer_rounds_is_extended_from_its_checkpoint(bench, tiny_recipe, tmp_path):
     """--rounds raised across sessions: the run continues where it ended, and ends
     where a run of that many rounds from the start ends."""

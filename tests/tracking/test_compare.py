@@ -20,6 +20,7 @@ def fedssl(*args):
     return subprocess.run([sys.executable, "-m", "fedssl.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_local_sweep_then_compare(tiny_recipe, tmp_path):
     runs = tmp_path / "runs"
     sweep = fedssl("sweep", str(tiny_recipe), "federation.rounds=2", "--param", "train.lr=0.01,0.1", "--seeds", "2", "--local")
