@@ -135,7 +135,7 @@ def test_algorithms_that_do_not_average_dense_updates_are_refused(tiny_recipe):
         Federation.build(cfg)
 
 
-@pytest.mark.slow
+# Not marked slow: the fast tier's one Flower simulation, codecs and channel on both backends
 def test_codecs_and_a_lossy_channel_on_the_flower_simulation_end_as_in_process(tiny_recipe):
     from fedssl.launch import launch
 
