@@ -1,5 +1,5 @@
 """Each feature has a shipped recipe a researcher launches (codecs, a lossy link,
-device profiles with a deadline, FedNova, FedBuff, unseen people): each resolves to
+device profiles with a deadline, FedNova, FedBuff, unseen people, central DP): each resolves to
 what it says and runs one shrunk round, on the synthetic faces where it is written
 for Fashion-MNIST (the Debian package may be absent)."""
 
@@ -20,6 +20,8 @@ FEATURES = {
                                       and cfg.federation.system.policy == "partial"),
     "fedbuff_fashion_mnist": ("sim_time", lambda cfg: cfg.algorithm.name == "fedbuff"),
     "fedavg_unseen_faces": ("unseen_acc", lambda cfg: cfg.federation.holdout_clients == 2),
+    "personal_fedper_dp_faces": ("epsilon", lambda cfg: cfg.privacy.mechanism == "central"
+                                 and cfg.privacy.target_epsilon == 8.0),
 }
 ON_FACES = ["data.source=synthetic_faces", "data.num_identities=20", "data.image_size=24",
             "data.channels=1", "data.partition.scheme=natural"]
