@@ -11,8 +11,9 @@ norm of the updates accepted in the last `federation.update_clip.window` rounds
 they have all arrived). An update longer than the bound is scaled down to it
 (clipped, not dropped: an honest client with a large step still helps), and
 counted in the round's `clipped_clients`. With one rogue among five sampled the
-median is honest, so the rogue moves the mean by at most 1/5 of 1.5 honest step
-lengths (the default multiple), whatever its scale or sign.
+median is honest, so the rogue moves the mean by at most its example share (1/5
+with equal counts) of 1.5 honest step lengths (the default multiple), whatever its
+scale or sign.
 
 `faults.check_update` still drops what no bound makes usable (non-finite values,
 an update past `federation.max_update_ratio`). The norm is `faults.update_distance`,
