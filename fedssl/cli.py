@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import shutil
 import sys
+import textwrap
 from contextlib import nullcontext
 from pathlib import Path
 
+from fedssl import __version__
 from fedssl.errors import UserError
 
 
@@ -25,8 +29,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
     recipes = shipped_recipes()
     width = max((len(p.stem) for p in recipes), default=0)
+    # On a terminal, descriptions wrap under themselves; piped, one line a recipe (for grep).
+    columns = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
     for path in recipes:
-        print(f"{path.stem:<{width}}  {recipe_description(path)}")
+        description = recipe_description(path)
+        if columns > width + 20:
+            description = ("\n" + " " * (width + 2)).join(textwrap.wrap(description, columns - width - 2))
+        print(f"{path.stem:<{width}}  {description}")
     return 0
 
 
@@ -172,9 +181,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedssl", description="Semi-supervised and personalized federated learning.")
+    parser.add_argument("--version", action="version", version=f"fedssl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="train a recipe across simulated clients")
+    run = commands.add_parser("run", help="train a recipe across simulated clients",
+                              epilog="fedssl recipes lists the shipped recipes; fedssl config RECIPE [key=value ...] "
+                                     "prints one fully resolved; docs/recipe-reference.md gives every key, its default "
+                                     "and its meaning.")
     run.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. federation.rounds=5")
     run.add_argument("--resume", action="store_true", help="continue the run in output_dir/name from its last checkpoint")
@@ -280,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     configure_logging()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a reader that went away is handled, not at exit
+        return code
     except UserError as error:
         print(f"fedssl: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`fedssl recipes | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        return 141  # as a shell reports a process ended by SIGPIPE
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -36,6 +36,45 @@ def test_recipes_lists_one_line_each():
     assert any(line.startswith("quickstart ") for line in lines)
 
 
+def test_recipes_wrap_to_a_terminals_width():
+    import pty
+
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "COLUMNS": "80"}
+    process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "recipes"], stdout=secondary,
+                               stderr=subprocess.PIPE, env=env)
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    lines = output.decode().splitlines()
+    assert len(lines) > len(shipped_recipes()) and all(len(line) <= 80 for line in lines)
+
+
+def test_a_reader_that_goes_away_is_no_error():
+    process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "recipes"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, bufsize=0)
+    process.stdout.read(10)  # `fedssl recipes | head -c 10`
+    process.stdout.close()
+    assert process.wait(timeout=120) in (0, 141)
+    assert process.stderr.read() == b""
+
+
+def test_version_and_run_help_say_where_to_look():
+    from fedssl import __version__
+
+    assert fedssl("--version").stdout.strip() == f"fedssl {__version__}"
+    help_text = " ".join(fedssl("run", "--help").stdout.split())
+    assert "fedssl config RECIPE" in help_text and "docs/recipe-reference.md" in help_text
+
+
 @pytest.mark.slow
 def test_misspelt_key_exits_2_with_one_line(tiny_recipe):
     assert_user_error(fedssl("run", str(tiny_recipe), "federation.roundz=2"), "federation.roundz", "federation.rounds")
