@@ -10,20 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_support import assert_user_error, run_cli
 from fedssl.cli import main
-
-
-def run_cli(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture

@@ -4,21 +4,9 @@ nothing, and a run that failed before its first round is simply run again."""
 
 import pytest
 
+from cli_support import assert_user_error, run_cli
 from fedssl.cli import main
 from fedssl.run_dir import RUN_MARKER
-
-
-def run_cli(capsys, *args):
-    capsys.readouterr()
-    code = main(list(args))
-    return code, capsys.readouterr().err
-
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.mark.parametrize("name", [".", "..", "", "a/b", "../outside", "a\\b"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_support import assert_user_error, run_cli
 from fedssl.cli import main
 from fedssl.errors import UserError
 from fedssl.run_dir import LOCK, prepare_run_dir
@@ -23,19 +24,6 @@ from fedssl.run_lock import hold_run_dir
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="run directory locks need POSIX fcntl")
 
 NAME = "tiny-rounds=3-seed=0"  # the name `sweep --param federation.rounds=3 --local` gives its one run
-
-
-def run_cli(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def start(*args, cwd):
