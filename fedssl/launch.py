@@ -62,7 +62,7 @@ def launch(
 
             return cfg, run_dir, simulate(cfg, run_dir, resume=resume)
 
-        from fedssl.federation.run import run_federation
+        from fedssl.engine.run import run_federation
 
         return cfg, run_dir, run_federation(cfg, run_dir, resume=resume)
 

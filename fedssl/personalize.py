@@ -49,7 +49,7 @@ from fedssl.data.dataset import ImageDataset
 from fedssl.data.labeled_subset import holdout_split, load_labeled, match_classes
 from fedssl.data.transforms import augment_batch, build_transform, check_augmentation, to_tensor
 from fedssl.errors import UserError
-from fedssl.federation.evaluate import Score, score
+from fedssl.evaluation.score import Score, score
 from fedssl.io import atomic_write_text
 from fedssl.learners.base import Batch
 from fedssl.learners.supervised import build_optimizer

@@ -21,7 +21,7 @@ from fedssl.config.schema import RecipeConfig
 from fedssl.config.validate import MAX_CLASSES, validate_model_input
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import ServerState
-from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.run_dir import CHECKPOINT
 from fedssl.models.factory import build_model
 

@@ -6,8 +6,8 @@ for Fashion-MNIST (the Debian package may be absent)."""
 import pytest
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.run import run_federation
 from fedssl.tracking.run_logger import read_metrics
 
 FEATURES = {

@@ -27,8 +27,9 @@ from fedssl.config.load import all_keys
 from fedssl.config.schema import DataConfig
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
-from fedssl.federation.faults import ROW_KEYS, Holding, accept_rows
-from fedssl.federation.profiles import TRACE_COLUMNS, read_trace
+from fedssl.clients import Holding
+from fedssl.engine.checks import ROW_KEYS, accept_rows
+from fedssl.simulation.profiles import TRACE_COLUMNS, read_trace
 
 
 def budget(examples: int) -> settings:

@@ -10,7 +10,7 @@ FEDSSL = Path(__file__).resolve().parents[1] / "fedssl"
 # Lowest first. A package may import from packages on a strictly lower floor.
 FLOORS = [
     {"fedssl", "errors", "messages", "sampling"},  # the root (its __version__), plain data, pure helpers
-    {"io", "registry", "extras", "csvfile"},  # io: atomic writes; csvfile: the one reader of user CSVs
+    {"io", "registry", "extras", "csvfile", "clients"},  # io: atomic writes; csvfile: the one reader of user CSVs; clients: the interface to where clients run
     {"run_dir", "choices"},  # choices: registries config validates, filled from above (fedssl/choices.py)
     {"run_lock", "ssl"},  # run_lock: one writer per run directory; ssl: pseudo-labeling pieces, threshold rules
     {"config"},  # the recipe schema, loading, range checks
@@ -18,7 +18,10 @@ FLOORS = [
     {"data", "models", "codecs"},  # codecs: update compression stages, pure tensor functions
     {"export", "learners", "privacy"},
     {"algorithms"},  # one module per algorithm: learner choice, aggregation, server state, config section
-    {"federation"},  # the round engine and the in-process clients
+    {"evaluation"},  # scores, per-client and per-class metrics, personalized and unseen clients' evaluation
+    {"inprocess"},  # the clients in this process: trainer, client data, state store, vmap and worker executors
+    {"simulation"},  # device profiles, round policies, simulated time, the lossy channel
+    {"engine"},  # the round's stages, the synchronous round, checks, norm bound, evaluation, checkpoints, the run
     {"backends", "trained"},
     {"launch", "personalize"},
     {"cli"},

@@ -18,9 +18,9 @@ process, so its peak memory is its own.
     python tools/bench.py --device cpu --populations 20 --concurrency sequential --precision bf16-mixed
     python tools/bench.py --device cpu --populations 20 --concurrency none --workers 2 --memory-format contiguous
 
-`--concurrency vmap` trains a round's clients together (fedssl.federation.concurrent);
+`--concurrency vmap` trains a round's clients together (fedssl.inprocess.vmap);
 `sequential` one after another; `workers` in `--workers` forked worker processes of
-one torch thread each (fedssl.federation.workers; on a CPU the default run adds
+one torch thread each (fedssl.inprocess.workers; on a CPU the default run adds
 this row with one worker per core). The ideal loop runs in the row's own process
 on torch's default threads. Also printed: the albumentations pipelines' images/s
 (data.augment weak/strong), to compare with the loop's training images/s.
@@ -48,11 +48,11 @@ from fedssl.data.dataset import ImageDataset, SourceData
 from fedssl.data.federated import build_federated_data
 from fedssl.data.transforms import augment_batch, build_transform
 from fedssl.errors import UserError
-from fedssl.federation.client import Tally, round_steps
-from fedssl.federation.clients import resolve_device
-from fedssl.federation.engine import Federation
-from fedssl.federation.tensors import cycle_batches
-from fedssl.federation.workers import usable_cores
+from fedssl.inprocess.trainer import Tally, round_steps
+from fedssl.inprocess.clients import resolve_device
+from fedssl.engine.federation import Federation
+from fedssl.data.tensors import cycle_batches
+from fedssl.inprocess.workers import usable_cores
 from fedssl.models.factory import build_model
 from fedssl.tracking.run_logger import read_metrics
 
@@ -202,7 +202,7 @@ def fabric_call_costs(calls: int = 20_000) -> dict[str, float]:
     """Microseconds per call of what the Fabric path adds to each step, on a 2x2
     linear model (so that the Python overhead, not the arithmetic, is timed): each
     Fabric call against its plain counterpart, and `self.log` with Fabric attached."""
-    from fedssl.federation.client import RoundFabric
+    from fedssl.inprocess.trainer import RoundFabric
     from fedssl.learners.supervised import SupervisedLearner
 
     fabric = RoundFabric(accelerator="cpu", devices=1, precision="32")
@@ -262,7 +262,7 @@ def flower_cost(rounds: int, device: str, num_cpus: float) -> dict:
     data from the recipe, so the images are synthetic faces drawn at 28x28x1
     (75,000, of which 60,000 train), not a handed-in random source."""
     from fedssl.backends.flower.simulation import simulate
-    from fedssl.federation.run import run_federation
+    from fedssl.engine.run import run_federation
 
     cfg = merge_config([workload(20, device, "sequential"), {
         "data": {"source": "synthetic_faces", "num_samples": TOTAL_IMAGES * 5 // 4, "test_fraction": 0.2, "channels": 1},

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.engine import Federation
+from fedssl.engine.federation import Federation
 
 
 def run(recipe: str, seed: int, rounds: int, drop_last: bool, out: Path) -> None:

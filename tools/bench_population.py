@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from fedssl.config.load import merge_config
-from fedssl.federation.checkpoint import save_checkpoint
-from fedssl.federation.engine import Federation
+from fedssl.engine.checkpoint import save_checkpoint
+from fedssl.engine.federation import Federation
 from fedssl.run_dir import CHECKPOINT, CLIENT_STATES, PARTITION
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"

@@ -33,7 +33,7 @@ from fedssl.algorithms.base import ALGORITHMS
 from fedssl.algorithms.fedavg import FedAvg
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.run import run_federation
+from fedssl.engine.run import run_federation
 from fedssl.io import atomic_write_text
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.sampling import sample_cohort

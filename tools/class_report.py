@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedssl.federation.class_metrics import f1_macro, f1_per_class, precision_per_class, recall_per_class
+from fedssl.evaluation.class_metrics import f1_macro, f1_per_class, precision_per_class, recall_per_class
 from fedssl.run_dir import CONFUSION_PNG, SUMMARY
 
 

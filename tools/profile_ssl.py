@@ -35,8 +35,8 @@ from typing import Callable
 import torch
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.checkpoint import save_checkpoint
-from fedssl.federation.engine import Federation
+from fedssl.engine.checkpoint import save_checkpoint
+from fedssl.engine.federation import Federation
 
 RECIPES = ("ssl_fedmatch_client_fashion_mnist", "ssl_fedmatch_server_fashion_mnist", "ssl_fedprox_fixmatch_fashion_mnist")
 
@@ -90,10 +90,10 @@ class PhaseClock:
 def instrument(clock: PhaseClock, federation: Federation) -> None:
     """Wrap the functions that do each phase's work (old and new fedssl alike)."""
     import lightning_fabric
-    import fedssl.federation.client_data as client_data
-    import fedssl.federation.engine as engine
-    import fedssl.federation.clients as clients
-    import fedssl.federation.tensors as tensors
+    import fedssl.inprocess.client_data as client_data
+    import fedssl.engine.federation as engine
+    import fedssl.inprocess.clients as clients
+    import fedssl.data.tensors as tensors
     import fedssl.learners.fedmatch as fedmatch_learner
 
     aug = federation.trainer.augmentations

@@ -17,6 +17,8 @@ from torch import nn
 
 from fedssl.config.schema import RecipeConfig
 from fedssl.algorithms.aggregate import ServerState
+from fedssl.algorithms.capabilities import Capabilities, check_compatible
+from fedssl.algorithms.rounds import RoundEngine
 from fedssl.messages import Arrays, Payload, Scalar, Update
 from fedssl.learners.base import FederatedLearner
 from fedssl.registry import Registry
@@ -40,32 +42,12 @@ class LocalClient:
 class Algorithm:
     """Base class: share everything, override the learner and the aggregation."""
 
-    # Whether a client's personalized model (`personal_weights`) can differ from the
-    # global model; when not, the global model's local scores stand for it.
-    personalized = False
-    # Whether every update holds each shared array densely (the FedAvg family). When
-    # not, an update may send arrays as sparse deltas and leave unchanged ones out
-    # (FedMatch); `faults.check_update` checks updates accordingly.
-    dense_updates = False
-    # Whether `aggregate` is `robust.combine` of the updates followed by a server step,
-    # so that `federation.aggregator` can replace the average and `privacy.mechanism`
-    # can hand it one private update in place of the cohort's.
-    averages_updates = False
-    # Whether `aggregate` reads each update's `local_steps` metric (FedNova's tau_i),
-    # which the server adds from the steps it asked for (fedssl.federation.policies).
-    counts_local_steps = False
-    # Whether the server runs asynchronously (FedBuff): the engine hands its rounds
-    # to `fedssl.federation.buffered` instead of sampling a synchronous cohort.
-    asynchronous = False
+    # What it needs from a round and allows around it (`capabilities.Capabilities`);
+    # a property where the recipe decides (FixMatch's threshold rule keeps state).
+    capabilities = Capabilities(reads_each_update="its server step is its own")
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
-
-    @property
-    def keeps_client_state(self) -> bool:
-        """Whether clients keep state between rounds (their learner's `end_round`):
-        a backend that holds it on the clients' side cannot restore it on resume."""
-        return self.personalized
 
     def make_learner(self, model: nn.Module) -> FederatedLearner:
         raise NotImplementedError
@@ -89,6 +71,13 @@ class Algorithm:
         """Before the broadcast: training on the server's labeled data, where there is
         any (`train_on_server` is None otherwise)."""
         return state
+
+    def round(self, engine: RoundEngine, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, float]]:
+        """One round after `server_round`: the server state it ends with and its
+        metrics. By default the engine's synchronous round (a cohort drawn, trained,
+        checked and `aggregate`d); an algorithm with rounds of its own (FedBuff)
+        drives the engine's stages itself (`fedssl.algorithms.rounds`)."""
+        return engine.synchronous(state)
 
     def aggregate(self, updates: Sequence[Update], state: ServerState) -> ServerState:
         raise NotImplementedError
@@ -127,4 +116,7 @@ ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", entry_points="feds
 
 
 def build_algorithm(cfg: RecipeConfig) -> Algorithm:
-    return ALGORITHMS.get(cfg.algorithm.name, key="algorithm.name")(cfg)
+    """The recipe's algorithm, once the recipe asks nothing of it that it cannot do (`check_compatible`)."""
+    algorithm = ALGORITHMS.get(cfg.algorithm.name, key="algorithm.name")(cfg)
+    check_compatible(cfg, algorithm.capabilities)
+    return algorithm

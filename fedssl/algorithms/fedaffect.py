@@ -23,10 +23,11 @@ stay with each client, in its state.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import check_choice, require
 from fedssl.errors import UserError
@@ -107,11 +108,12 @@ class FedAffect(FedAvg):
         self.section: SelfSupConfig = cfg.algorithm.selfsup
         self.personal: list[str] = []
         self.initial: Arrays = {}
-        self.personalized = bool(self.section.personal)
 
     @property
-    def keeps_client_state(self) -> bool:
-        return self.section.method == "byol" or self.section.update == "fedema" or self.personalized
+    def capabilities(self) -> Capabilities:
+        personal = bool(self.section.personal)
+        keeps = self.section.method == "byol" or self.section.update == "fedema" or personal
+        return replace(FedAvg.capabilities, personalized=personal, keeps_client_state=keeps)
 
     def make_learner(self, model: nn.Module) -> SelfSupervisedLearner:
         s = self.section

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from torch import nn
 
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import ServerState, server_step
@@ -27,8 +28,7 @@ class FedAvg(Algorithm):
     `algorithm.server_momentum > 0` makes it FedAvgM.
     """
 
-    dense_updates = True
-    averages_updates = True
+    capabilities = Capabilities(averages_updates=True, dense_updates=True)
 
     def make_learner(self, model: nn.Module) -> SupervisedLearner:
         return SupervisedLearner(model, self.cfg.train, proximal_mu=self.cfg.algorithm.proximal_mu)

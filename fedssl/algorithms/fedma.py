@@ -45,6 +45,7 @@ from torch import nn
 
 from fedssl.algorithms.aggregate import ServerState, weighted_average
 from fedssl.algorithms.base import ALGORITHMS, Algorithm, ServerTrainer
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.algorithms.matching import match_layer, matched_average, patch_inputs
 from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import require
@@ -142,7 +143,8 @@ class FedMA(Algorithm):
     """FedMA (Wang et al., ICLR 2020): layer-wise matched averaging of conv/linear
     layers, then FedAvg on the matched model (see the module docstring)."""
 
-    dense_updates = True  # an update holds exactly the layers it was sent to train
+    # an update holds exactly the layers it was sent to train; the server matches each one's units
+    capabilities = Capabilities(dense_updates=True, reads_each_update="FedMA matches each client's units")
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)

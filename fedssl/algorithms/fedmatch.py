@@ -37,6 +37,7 @@ from scipy.spatial import cKDTree
 from torch import nn
 from torch.func import functional_call
 
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import require
 from fedssl.errors import UserError
@@ -108,6 +109,8 @@ class FedMatch(Algorithm):
     sigma on them before each broadcast. Averaging is plain (`algorithm.server_lr`
     and `server_momentum` are not used).
     """
+
+    capabilities = Capabilities(reads_each_update="FedMatch keeps each client's model to choose its helpers")
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)

@@ -27,6 +27,7 @@ import torch
 
 from fedssl.algorithms.aggregate import ServerState, server_step
 from fedssl.algorithms.base import ALGORITHMS
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.algorithms.fedavg import FedAvg
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
@@ -68,8 +69,9 @@ def normalized_average(params: Arrays, updates: Sequence[tuple[Arrays, int, floa
 class FedNova(FedAvg):
     """FedNova (Wang et al., NeurIPS 2020): FedAvg's clients, normalized averaging."""
 
-    averages_updates = False  # its aggregate is not the examples-weighted mean
-    counts_local_steps = True
+    # its aggregate is not the examples-weighted mean: each update is normalized by its own steps
+    capabilities = Capabilities(dense_updates=True, counts_local_steps=True,
+                                reads_each_update="FedNova normalizes each update by its own local steps")
 
     def __init__(self, cfg: RecipeConfig):
         if cfg.train.optimizer != "sgd":

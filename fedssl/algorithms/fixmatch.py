@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.algorithms.base import ALGORITHMS
@@ -23,9 +26,10 @@ class FixMatch(FedAvg):
     teacher = "local"
 
     @property
-    def keeps_client_state(self) -> bool:
+    def capabilities(self) -> Capabilities:
         ssl = self.cfg.algorithm.ssl  # e.g. FlexMatch's learning status, distribution alignment's running mean
-        return THRESHOLDS.get(ssl.threshold, key="algorithm.ssl.threshold").keeps_client_state or ssl.distribution_alignment
+        keeps = THRESHOLDS.get(ssl.threshold, key="algorithm.ssl.threshold").keeps_client_state or ssl.distribution_alignment
+        return replace(FedAvg.capabilities, keeps_client_state=keeps)
 
     def make_learner(self, model: nn.Module) -> FixMatchLearner:
         algo = self.cfg.algorithm

@@ -8,7 +8,7 @@ scored on its own local test split. The server side is FedAvg's averaging.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -46,7 +46,7 @@ class MetaConfig:
 class MetaLearned(FedAvg):
     """FedAvg whose clients personalize by adapting the global model at `adapt_lr`."""
 
-    personalized = True
+    capabilities = replace(FedAvg.capabilities, personalized=True, keeps_client_state=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)

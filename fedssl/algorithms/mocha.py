@@ -79,6 +79,7 @@ from torch import nn
 
 from fedssl.algorithms.aggregate import ServerState, weighted_average
 from fedssl.algorithms.base import ALGORITHMS, Algorithm, LocalClient, ServerTrainer
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.algorithms.personal import readers
 from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import require
@@ -168,8 +169,9 @@ class Mocha(Algorithm):
     """MOCHA (see the module docstring): per-client models coupled through a learned
     task-relationship matrix Omega."""
 
-    personalized = True
-    dense_updates = True  # every update holds every array: the server needs w_t to relate the tasks
+    # every update holds every array: the server needs each w_t to relate the tasks
+    capabilities = Capabilities(dense_updates=True, personalized=True, keeps_client_state=True,
+                                reads_each_update="MOCHA relates each client's model to the others'")
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)

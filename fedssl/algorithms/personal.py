@@ -15,7 +15,7 @@ shared arrays with its own personal ones) is what `personal_acc` scores.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -67,7 +67,7 @@ class Personalized(FedAvg):
     """FedAvg's aggregation; a client's personalized model is the global one with the
     personal arrays it kept."""
 
-    personalized = True
+    capabilities = replace(FedAvg.capabilities, personalized=True, keeps_client_state=True)
 
     def base_learner(self, model: nn.Module, proximal_mu: float) -> SupervisedLearner:
         """The client's ordinary learner: supervised, or FixMatch with `personal.ssl`."""

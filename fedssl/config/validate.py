@@ -12,13 +12,13 @@ from fedssl.registry import did_you_mean
 from fedssl.ssl.thresholds import THRESHOLDS
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names; the device is checked where it is known
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # fedssl.federation.client_data.training_layout
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")  # fedssl.inprocess.client_data.training_layout
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("inprocess", "flower")
 PRIVACY_MECHANISMS = ("none", "central")
 DEVICES = ("cpu", "cuda", "auto")
-CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.federation.concurrent
-CHANNEL_MODELS = ("independent", "gilbert_elliott")  # fedssl.federation.channel
+CONCURRENCY = ("sequential", "vmap", "auto")  # fedssl.inprocess.vmap
+CHANNEL_MODELS = ("independent", "gilbert_elliott")  # fedssl.simulation.channel
 CHANNEL_STRATEGIES = ("drop", "mean", "fill")
 # The input and output sizes fedssl builds a network for, from a recipe, a checkpoint
 # someone sent or an exported model's description (20000 pixels a side once asked for TBs).

@@ -45,7 +45,7 @@ class FederatedLearner(pl.LightningModule):
     (the loop scores them against labels the learner never sees).
 
     As under a Lightning Trainer (which can fit one client through
-    `fedssl.federation.client_data.ClientDataModule`): `batch_idx` counts the
+    `fedssl.inprocess.client_data.ClientDataModule`): `batch_idx` counts the
     batches of the current local epoch; `training_step` runs under the precision's
     autocast; `self.log` works (the loop sends the round's mean of each logged
     value up with the update); `configure_optimizers` may return Lightning's dict

@@ -104,18 +104,13 @@ class CentralDP:
     clip: float
 
     @classmethod
-    def build(cls, cfg: RecipeConfig, algorithm_name: str, supported: bool) -> CentralDP | None:
-        """None unless `privacy.mechanism` is central; a `UserError` where the
-        algorithm cannot be made private this way."""
+    def build(cls, cfg: RecipeConfig) -> CentralDP | None:
+        """None unless `privacy.mechanism` is central (which algorithms allow it:
+        `fedssl.algorithms.capabilities.check_compatible`)."""
         privacy = cfg.privacy
         if privacy.mechanism == "none":
             return None
         accountant.make_accountant(privacy.accountant)  # the `privacy` extra, before any round runs
-        if not supported:
-            raise UserError(
-                f"privacy.mechanism: {privacy.mechanism} is not available for algorithm.name={algorithm_name}: its "
-                "server does not average full client weights (e.g. FedMatch's sparse sigma/psi deltas, and the "
-                "per-client models it keeps and sends to other clients as helpers)")
         m = clients_per_round(cfg.federation)
         q = m / cfg.federation.clients
         z = privacy.noise_multiplier

@@ -16,8 +16,8 @@ from fedssl.data.dataset import FER2013_CLASSES, SourceData
 from fedssl.data.federated import node_federated_data
 from fedssl.data.sources.synthetic_faces import generate_synthetic_faces
 from fedssl.errors import UserError
-from fedssl.federation.clients import InProcessClients, data_holdings
-from fedssl.federation.engine import Federation
+from fedssl.inprocess.clients import InProcessClients, data_holdings
+from fedssl.engine.federation import Federation
 from fedssl.messages import Payload, Update
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.tracking.run_logger import RunLogger

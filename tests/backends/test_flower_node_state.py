@@ -9,8 +9,8 @@ from fedssl.backends.flower.codec import decode_update, encode_payload
 from fedssl.backends.flower.node import commit_state, load_state, pending_key
 from fedssl.config.load import load_recipe, to_yaml
 from fedssl.algorithms.base import ALGORITHMS
-from fedssl.federation.faults import check_update
-from fedssl.federation.engine import Federation
+from fedssl.engine.checks import check_update
+from fedssl.engine.federation import Federation
 from fedssl.algorithms.personal import FedPer
 from fedssl.learners.personal import PersonalLayersLearner
 

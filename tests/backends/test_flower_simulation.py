@@ -12,8 +12,8 @@ from fedssl.backends.flower.server import check_resumable
 from fedssl.backends.flower.simulation import simulate
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
 from fedssl.launch import launch
 
 SCORES = ("global_acc", "global_f1_macro", "client_acc_mean", "personal_acc", "personal_acc_p10", "personal_f1_macro",

@@ -33,9 +33,9 @@ from flwr.clientapp import ClientApp
 from fedssl.backends.flower import client as fedssl_client
 from fedssl.backends.flower.simulation import simulate
 from fedssl.config.load import load_recipe
-from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.algorithms.fedmatch import FedMatch
-from fedssl.federation.engine import Federation
+from fedssl.engine.federation import Federation
 from fedssl.tracking.run_logger import read_metrics
 
 OVERRIDES = ["federation.rounds=2", "federation.clients_per_round=6", "data.labels.mode=client",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedssl.config.load import shipped_recipes
-from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.engine.checkpoint import load_checkpoint
 
 
 def fedssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -9,10 +9,10 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.config.schema import ChannelConfig
-from fedssl.federation.channel import (Delivery, MaskedAverage, Tally, arrived, channel_rng, draw_losses, fill,
+from fedssl.simulation.channel import (Delivery, MaskedAverage, Tally, arrived, channel_rng, draw_losses, fill,
                                        packets_of, transmit)
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.run import run_federation
 from fedssl.sampling import sample_clients
 
 

@@ -12,11 +12,11 @@ import torch
 from fedssl.backends.flower.server import check_resumable as check_flower_resumable
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.clients import InProcessClients
-from fedssl.federation.engine import Federation, in_process
-from fedssl.federation.links import RESIDUAL
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.inprocess.clients import InProcessClients
+from fedssl.engine.federation import Federation, in_process
+from fedssl.codecs.links import RESIDUAL
+from fedssl.engine.run import run_federation
 
 FAST = ["train.local_steps=2"]
 TOPK = "federation.uplink.codecs=[{name: topk, fraction: 0.05}]"

@@ -170,7 +170,7 @@ def test_encoded_bytes_are_the_bytes_of_the_parts_sent(entries, want, over_flowe
 
 
 def test_error_feedback_keeps_exactly_what_was_not_sent():
-    from fedssl.federation.links import RESIDUAL, Links
+    from fedssl.codecs.links import RESIDUAL, Links
     from fedssl.messages import Update
 
     links = Links(0, pipeline({"name": "topk", "fraction": 0.25}), Pipeline([]))

@@ -130,7 +130,7 @@ def test_a_clients_views_come_from_seed_round_and_client_with_either_backend(tin
     """The unlabeled views of a client's round: the same when the round is drawn
     again (a resumed run, another order of clients), different for another client."""
     from fedssl.config.load import load_recipe
-    from fedssl.federation.engine import Federation
+    from fedssl.engine.federation import Federation
 
     cfg = load_recipe(tiny_recipe, ["algorithm.name=fixmatch", "data.labels.mode=client", "data.labels.per_class=2",
                                     f"data.augment_backend={backend}", "data.augment=strong"])

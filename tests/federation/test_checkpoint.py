@@ -10,7 +10,7 @@ import torch
 
 from fedssl.cli import main
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import FORMAT_VERSION, load_checkpoint, restore_rng_states, save_checkpoint
+from fedssl.engine.checkpoint import FORMAT_VERSION, load_checkpoint, restore_rng_states, save_checkpoint
 
 
 class RunsACommand:

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torchmetrics.functional.classification import multiclass_f1_score, multiclass_recall
 
-from fedssl.federation.class_metrics import (confusion_counts, f1_macro, global_class_metrics, precision_per_class,
+from fedssl.evaluation.class_metrics import (confusion_counts, f1_macro, global_class_metrics, precision_per_class,
                                              recall_per_class)
-from fedssl.federation.evaluate import score
+from fedssl.evaluation.score import score
 
 # 4 classes; class 3 is neither present nor predicted, class 2 is present and never predicted.
 TARGETS = torch.tensor([0, 0, 0, 1, 1, 2, 2])

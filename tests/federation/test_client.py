@@ -13,10 +13,10 @@ from lightning_fabric.plugins.precision import MixedPrecision
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation import client as client_module
-from fedssl.federation.client import ClientTrainer, RoundFabric
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.inprocess import trainer as client_module
+from fedssl.inprocess.trainer import ClientTrainer, RoundFabric
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.learners.supervised import SupervisedLearner, build_optimizer
 from fedssl.tracking.run_logger import read_metrics
 

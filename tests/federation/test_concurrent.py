@@ -1,5 +1,5 @@
 """Clients trained together (torch.func.vmap) end where sequential training ends:
-the loop's Lightning Fabric path at train.precision 32 (fedssl.federation.client)."""
+the loop's Lightning Fabric path at train.precision 32 (fedssl.inprocess.trainer)."""
 
 import logging
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.run_dir import CHECKPOINT
 
 # The cohort trains contiguous weights; the sequential path it is compared with does
@@ -94,7 +94,7 @@ def test_a_two_round_run_ends_with_the_same_weights_either_way(tiny_recipe, tmp_
     (["train.precision=bf16-mixed"], "train.precision=bf16-mixed; only 32 is vectorized"),
 ])
 def test_what_cannot_be_vectorized_trains_one_at_a_time_and_says_why(tiny_recipe, caplog, overrides, reason):
-    with caplog.at_level(logging.WARNING, logger="fedssl.federation.concurrent"):
+    with caplog.at_level(logging.WARNING, logger="fedssl.inprocess.vmap"):
         federation = build(tiny_recipe, *VMAP, *overrides)
     assert federation.clients.cohort is None
     lines = [r.getMessage() for r in caplog.records if "one at a time" in r.getMessage()]

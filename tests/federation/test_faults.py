@@ -10,11 +10,12 @@ from fedssl.cli import main
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.algorithms.base import ALGORITHMS
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.faults import Holding, accept_rows, check_row, check_update
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.clients import Holding
+from fedssl.engine.checks import accept_rows, check_row, check_update
 from fedssl.algorithms.fedavg import FedAvg
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.messages import Update
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.tracking.run_logger import read_metrics
@@ -208,7 +209,7 @@ EXPECTED = {"raise": "it raised ValueError: disk on fire", "nan": "non-finite va
 def test_a_faulty_update_is_dropped_named_and_counted(tiny_recipe, tmp_path, register, caplog, fault):
     register("faulty", faulty_fedavg(fault))
     cfg = load_recipe(tiny_recipe, [*ALL_SAMPLED, "federation.rounds=2"])
-    with caplog.at_level(logging.WARNING, logger="fedssl.federation.engine"):
+    with caplog.at_level(logging.WARNING, logger="fedssl.engine.federation"):
         summary = run_federation(cfg, tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(w.startswith(f"round 1: dropped the update of client 5: {EXPECTED[fault]}") for w in warnings), warnings
@@ -246,7 +247,7 @@ def test_a_round_with_too_few_updates_is_redrawn_from_clients_that_did_not_fail(
     cfg = load_recipe(tiny_recipe, ["algorithm.name=faulty", "federation.clients_per_round=1",
                                     "federation.round_retries=5"])
     federation = Federation.build(cfg)
-    with caplog.at_level(logging.WARNING, logger="fedssl.federation.engine"):
+    with caplog.at_level(logging.WARNING, logger="fedssl.engine.federation"):
         _, metrics = federation.fit_round(1, federation.initial_state())
     # each retry draws from the clients that have not failed, so 5 retries always reach client 5
     assert metrics["clients"] == 1 and metrics["dropped_clients"] >= 1

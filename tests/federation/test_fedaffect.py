@@ -11,9 +11,9 @@ import torch
 from fedssl.algorithms.fedaffect import stage
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.learners.selfsup import FEDEMA, FEDEMA_LAMBDA, TARGET, SelfSupervisedLearner, lightly_modules
 from fedssl.run_dir import CHECKPOINT
 from fedssl.ssl.probe import linear_probe

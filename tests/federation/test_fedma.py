@@ -15,9 +15,9 @@ from fedssl.algorithms.matching import assignment_cost, match_layer, patch_input
 from fedssl.config.load import load_recipe
 from fedssl.config.schema import ModelConfig
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.models.chain import layer_chain
 from fedssl.models.factory import build_model
 

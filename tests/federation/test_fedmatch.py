@@ -15,8 +15,8 @@ from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import ServerState
 from fedssl.algorithms.base import build_algorithm
 from fedssl.algorithms.fedmatch import nearest_helpers
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.messages import Payload, Update, array_bytes
 from fedssl.learners.base import ClientContext
 from fedssl.learners.fedmatch import FedMatchLearner, agreement_labels, decode_delta, encode_delta, encode_update

@@ -7,7 +7,7 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.engine import Federation
+from fedssl.engine.federation import Federation
 from fedssl.sampling import held_out_clients
 
 FEW_LABELS = ["data.labels.mode=client", "data.labels.per_class=2", "algorithm.ssl.unlabeled_ratio=1",

@@ -38,9 +38,9 @@ from fedssl.backends.flower.server import FlowerClients
 from fedssl.config.load import load_recipe
 from fedssl.algorithms.aggregate import ServerState
 from fedssl.algorithms.base import ALGORITHMS
-from fedssl.federation.faults import ROW_KEYS
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import add_evaluation
+from fedssl.engine.checks import ROW_KEYS
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import add_evaluation
 from fedssl.learners.selfsup import HEADS
 from fedssl.messages import Arrays, Update, array_bytes
 

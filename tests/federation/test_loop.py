@@ -7,9 +7,9 @@ import torch
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import weighted_average
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.messages import Payload
 from fedssl.learners.base import ClientContext
 

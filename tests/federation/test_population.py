@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.engine import Federation
+from fedssl.engine.federation import Federation
 
 DRAW = ["data.partition.scheme=draw", "data.partition.samples_per_client=12", "train.batch_size=8"]
 

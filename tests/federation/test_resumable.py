@@ -5,7 +5,7 @@ import pytest
 
 from fedssl.config.load import recipe_defaults, saved_defaults
 from fedssl.errors import UserError
-from fedssl.federation.run import check_resumable
+from fedssl.engine.run import check_resumable
 
 
 def test_a_key_added_since_the_run_started_is_unchanged_at_its_default():

@@ -9,7 +9,7 @@ from fedssl.choices import AGGREGATORS
 from fedssl.errors import UserError
 from fedssl.algorithms.base import ALGORITHMS
 from fedssl.algorithms.fedavg import FedAvg
-from fedssl.federation.engine import Federation
+from fedssl.engine.federation import Federation
 from fedssl.messages import Update
 from fedssl.algorithms.robust import combine, coordinate_median, krum, krum_scores, multi_krum, trimmed_mean
 from fedssl.learners.supervised import SupervisedLearner
@@ -153,5 +153,5 @@ def test_one_sign_flipping_client_ruins_fedavg_but_not_the_robust_aggregators(ti
 
 @pytest.mark.slow
 def test_the_default_update_clip_keeps_the_mean_learning_under_the_sign_flip(tiny_recipe, poisoned_fedavg):
-    accs, majority = accuracies(tiny_recipe, "mean", bounds=())  # fedssl.federation.update_bound
+    accs, majority = accuracies(tiny_recipe, "mean", bounds=())  # fedssl.engine.update_bound
     assert max(accs[-2:]) >= majority + 0.05, (accs, majority)

@@ -1,6 +1,6 @@
 """One rogue client among five sampled never wins (issue 29): by default its update,
 at any scale or sign-flipped, is clipped to a multiple of the recent median norm
-(`fedssl.federation.update_bound`) or, beyond `federation.max_update_ratio`,
+(`fedssl.engine.update_bound`) or, beyond `federation.max_update_ratio`,
 dropped, and either way counted. These tests use only what a run writes, so that
 they say the same of a fedssl without the bound (where they fail)."""
 
@@ -14,8 +14,8 @@ from fedssl.algorithms.fedavg import FedAvg
 from fedssl.algorithms.fedbuff import FedBuff
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.run import run_federation
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.tracking.run_logger import read_metrics
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from fedssl.config.schema import FederationConfig, TrainConfig
-from fedssl.federation.client import round_steps
+from fedssl.inprocess.trainer import round_steps
 from fedssl.sampling import clients_per_round, evaluation_cohort, nth_remaining, sample_clients, sample_cohort
-from fedssl.federation.tensors import batches_per_pass, cycle_batches
+from fedssl.data.tensors import batches_per_pass, cycle_batches
 
 
 def test_sampling_is_seeded_and_distinct():

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from fedssl.config.load import load_recipe
 from fedssl.algorithms.base import ALGORITHMS
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.messages import Update
-from fedssl.federation.metrics import round_metrics
+from fedssl.evaluation.metrics import round_metrics
 from fedssl.tracking.run_logger import read_metrics
 
 SMALL = ["algorithm.ssl.unlabeled_ratio=2"]

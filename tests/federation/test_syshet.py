@@ -19,14 +19,14 @@ from fedssl.cli import main
 from fedssl.config.schema import SystemConfig
 from fedssl.errors import UserError
 from fedssl.config.load import load_recipe
-from fedssl.federation.buffered import Buffer, InFlight, next_arrival
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.client_data import STEP_BUDGET
-from fedssl.federation.engine import Federation
-from fedssl.federation.profiles import build_profiles
-from fedssl.federation.policies import plan_round, round_seconds
-from fedssl.federation.run import run_federation
-from fedssl.federation.simtime import Work
+from fedssl.engine.buffered import Buffer, InFlight, next_arrival
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.inprocess.client_data import STEP_BUDGET
+from fedssl.engine.federation import Federation
+from fedssl.simulation.profiles import build_profiles
+from fedssl.simulation.policies import plan_round, round_seconds
+from fedssl.engine.run import run_federation
+from fedssl.simulation.simtime import Work
 from fedssl.messages import Update
 
 # --- simulated time and policies (pure) ---

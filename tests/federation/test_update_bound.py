@@ -7,8 +7,8 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.engine import Federation
-from fedssl.federation.update_bound import RoundClip, UpdateBound, clip_update, median_bound
+from fedssl.engine.federation import Federation
+from fedssl.engine.update_bound import RoundClip, UpdateBound, clip_update, median_bound
 from fedssl.messages import Update
 
 SENT = {"w": torch.tensor([1.0, 1.0]), "b": torch.tensor([0.0]), "n": torch.tensor(3)}

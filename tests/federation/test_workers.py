@@ -19,10 +19,10 @@ from fedssl.algorithms.base import ALGORITHMS
 from fedssl.algorithms.fedavg import FedAvg
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
-from fedssl.federation.workers import MIN_AUTO_STEPS, worker_count
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
+from fedssl.inprocess.workers import MIN_AUTO_STEPS, worker_count
 from fedssl.learners.supervised import SupervisedLearner
 from fedssl.tracking.run_logger import read_metrics
 

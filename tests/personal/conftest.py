@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from fedssl.config.schema import RecipeConfig
-from fedssl.federation.client import Augmentations, ClientTrainer
-from fedssl.federation.tensors import TensorPool
+from fedssl.inprocess.trainer import Augmentations, ClientTrainer
+from fedssl.data.tensors import TensorPool
 from fedssl.learners.base import FederatedLearner
 
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from fedssl.algorithms.mocha import OMEGA, REPORTED, TASKS, closed_form_omega, coupling, gram_matrix, learned_omega
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.learners.mocha import MU, WORK
 from fedssl.learners.personal import PERSONAL
 from fedssl.run_dir import CHECKPOINT

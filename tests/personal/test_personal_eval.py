@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedssl.config.load import load_recipe
-from fedssl.federation.engine import Federation
-from fedssl.federation.metrics import mean_acc, pooled_acc
-from fedssl.federation.personal_eval import labeled_batches, personal_metrics, personal_summary, worst_share_mean
+from fedssl.engine.federation import Federation
+from fedssl.evaluation.metrics import mean_acc, pooled_acc
+from fedssl.evaluation.personal import labeled_batches, personal_metrics, personal_summary, worst_share_mean
 
 
 def rows(accs, samples=None, f1s=None):

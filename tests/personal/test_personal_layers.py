@@ -8,7 +8,7 @@ from torch import nn
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.algorithms.base import build_algorithm
-from fedssl.federation.engine import Federation
+from fedssl.engine.federation import Federation
 from fedssl.messages import Payload
 from fedssl.algorithms.base import LocalClient
 from fedssl.learners.base import ClientContext

@@ -6,8 +6,8 @@ import math
 import pytest
 
 from fedssl.config.load import load_recipe, shipped_recipes
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.tracking.run_logger import read_metrics
 
 PERSONAL_ALGORITHMS = {"fedper", "fedrep", "fedbn", "ditto", "perfedavg", "reptile", "mocha"}

@@ -5,9 +5,9 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.run import run_federation
-from fedssl.federation.state import MANIFEST, ClientStateStore, checkpointed_states
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.run import run_federation
+from fedssl.inprocess.state import MANIFEST, ClientStateStore, checkpointed_states
 from fedssl.run_dir import CHECKPOINT, CLIENT_STATES
 
 

@@ -17,7 +17,7 @@ from fedssl.data.dataset import FER2013_CLASSES
 from fedssl.data.sources.synthetic_faces import generate_synthetic_faces
 from fedssl.data.transforms import to_tensor
 from fedssl.export import load_exported
-from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.launch import launch
 from fedssl.personalize import FineTuneOptions, personalize
 from fedssl.trained import load_trained
@@ -169,7 +169,7 @@ def test_csv_with_its_own_test_rows(tiny_run, tmp_path, capsys):
 def test_the_rebuilt_model_scores_what_the_run_reported(tiny_run):
     from fedssl.data.federated import build_federated_data
     from fedssl.data.sources import load_source
-    from fedssl.federation.evaluate import score
+    from fedssl.evaluation.score import score
 
     trained = load_trained(tiny_run)
     cfg = trained.cfg
@@ -357,7 +357,7 @@ def test_a_folder_run_keeps_its_class_names_after_the_folder_is_gone(tiny_recipe
 
 
 def test_a_runs_normalization_is_trained_with_exported_and_predicted_with(tiny_recipe, faces, tmp_path):
-    from fedssl.federation.engine import Federation
+    from fedssl.engine.federation import Federation
     from fedssl.config.load import load_recipe
 
     normalization = ["model.mean=[0.4]", "model.std=[0.2]"]

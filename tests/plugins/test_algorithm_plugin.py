@@ -11,7 +11,7 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.launch import launch
 
 HERE = Path(__file__).parent

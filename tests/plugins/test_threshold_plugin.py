@@ -11,7 +11,7 @@ import pytest
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.algorithms.base import build_algorithm
-from fedssl.federation.engine import Federation
+from fedssl.engine.federation import Federation
 
 HERE = Path(__file__).parent
 
@@ -25,7 +25,7 @@ def half_tau(monkeypatch):
 def test_a_registered_rule_runs_from_a_recipe_and_keeps_its_state(tiny_recipe, half_tau):
     cfg = load_recipe(tiny_recipe, ["algorithm.name=fixmatch", "algorithm.ssl.threshold=half_tau",
                                     "data.labels.mode=client", "data.labels.per_class=2", "train.local_steps=2"])
-    assert build_algorithm(cfg).keeps_client_state  # so a Flower run will not resume without it
+    assert build_algorithm(cfg).capabilities.keeps_client_state  # so a Flower run will not resume without it
     federation = Federation.build(cfg)
     state, _ = federation.fit_round(1, federation.initial_state())
     _, metrics = federation.fit_round(2, state)
@@ -54,4 +54,4 @@ def test_another_package_registers_through_its_entry_point(tiny_recipe, tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "toy_rules" not in sys.modules
     cfg = load_recipe(tiny_recipe, ["algorithm.name=fixmatch", "algorithm.ssl.threshold=from_entry_point"])
-    assert "toy_rules" in sys.modules and not build_algorithm(cfg).keeps_client_state
+    assert "toy_rules" in sys.modules and not build_algorithm(cfg).capabilities.keeps_client_state

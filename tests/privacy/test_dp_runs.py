@@ -7,9 +7,9 @@ import torch
 
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.engine.checkpoint import load_checkpoint
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.privacy.accountant import epsilon
 from fedssl.privacy.clipping import global_norm, update_delta
 from fedssl.tracking.run_logger import read_metrics
@@ -138,10 +138,10 @@ def test_a_clip_known_to_diverge_is_warned_about_with_the_settings_to_use(tiny_r
 
     cfg = load_recipe("quickstart", ["privacy.mechanism=central", "privacy.clip=1.0"])
     with caplog.at_level("WARNING", logger="fedssl.privacy.mechanism"):
-        dp = CentralDP.build(cfg, "fedavg", True)
+        dp = CentralDP.build(cfg)
     assert dp.clip == 1.0
     assert "noise on each weight is 0.2 a round" in caplog.text and "privacy.clip <= 0.1" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="fedssl.privacy.mechanism"):
-        dp = CentralDP.build(load_recipe("quickstart", ["privacy.mechanism=central"]), "fedavg", True)
+        dp = CentralDP.build(load_recipe("quickstart", ["privacy.mechanism=central"]))
     assert dp.clip == pytest.approx(0.02) and caplog.text == ""  # 0.004 * 5 clients / z 1

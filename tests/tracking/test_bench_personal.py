@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.run_dir import CHECKPOINT
 from fedssl.tracking.runs import RunRecord, read_run_dir
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fedssl.cli import main
-from fedssl.federation.class_metrics import f1_macro
-from fedssl.federation.checkpoint import load_checkpoint
+from fedssl.evaluation.class_metrics import f1_macro
+from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.launch import launch
 from fedssl.personalize import FineTuneOptions, personalize
 

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from fedssl.backends.flower.codec import decode_evaluate, decode_payload, encode_rows, encode_update
 from fedssl.backends.flower.node import (DATA_PATH_KEY, clients_for, commit_state, hold_state, load_state,
                                         node_partitions)
-from fedssl.federation.clients import InProcessClients
+from fedssl.inprocess.clients import InProcessClients
 
 RUN = "run"  # the ConfigRecord that carries the resolved recipe and the server's class names
 # The ConfigRecord naming a train message's draw (a round is redrawn after too few

@@ -26,7 +26,7 @@ from fedssl.data.dataset import SourceData
 from fedssl.data.federated import FederatedData, build_federated_data, node_federated_data
 from fedssl.data.sources import load_source
 from fedssl.errors import UserError
-from fedssl.federation.clients import InProcessClients
+from fedssl.inprocess.clients import InProcessClients
 
 PARTITION_KEY = "partition-id"  # Flower's own name: the simulation engine sets it on each virtual node
 DATA_PATH_KEY = "data-path"  # the node's own images, in the recipe's data.source format

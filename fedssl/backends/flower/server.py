@@ -10,7 +10,7 @@ state or another client's arrays. Every message also tells the node which of its
 clients' updates the server used (`accept` notes them), so that nodes keep only
 what their clients learned with those. Nothing a node sends back is trusted: a
 malformed or implausible update or evaluation row is dropped with a warning and
-counted (`fedssl.federation.faults`). Sampling, the fault checks, retries,
+counted (`fedssl.engine.checks`). Sampling, the fault checks, retries,
 aggregation, central DP, evaluation, checkpoints and logging (metrics.jsonl,
 summary.json, W&B) are the engine's and `run_federation`'s, run on the server.
 """
@@ -32,11 +32,12 @@ from fedssl.config.load import load_recipe, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.algorithms.base import build_algorithm
-from fedssl.config.validate import codec_stages
-from fedssl.federation.faults import Holding, accept_rows
-from fedssl.federation.clients import Scored, data_holdings
-from fedssl.federation.engine import Federation
-from fedssl.federation.run import run_federation
+from fedssl.algorithms.capabilities import check_compatible
+from fedssl.clients import Holding, Scored
+from fedssl.engine.checks import accept_rows
+from fedssl.inprocess.clients import data_holdings
+from fedssl.engine.federation import Federation
+from fedssl.engine.run import run_federation
 from fedssl.messages import Arrays, Payload, Update, array_bytes
 from fedssl.run_lock import hold_run_dir
 
@@ -215,17 +216,11 @@ def node_answer(content: RecordDict, node: int) -> dict[int, Holding | None]:
 
 
 def check_resumable(cfg: RecipeConfig, resume: bool) -> None:
-    """Refuse to resume a run whose clients keep state between rounds (personal
-    layers, FlexMatch's learning status, ...): it lived on the nodes, not in the
-    server's checkpoint, and would silently start afresh."""
-    if resume and build_algorithm(cfg).keeps_client_state:
-        raise UserError(f"cannot resume: with algorithm.name={cfg.algorithm.name} (and its algorithm.ssl settings) "
-                        f"each client keeps state between rounds on its Flower node, which the server's checkpoint "
-                        f"does not hold; start a new run, or run it with federation.backend=inprocess")
-    if resume and any(not stage.stateless for stage in codec_stages(cfg.federation.uplink.codecs, "federation.uplink.codecs")):
-        raise UserError("cannot resume: with error feedback (federation.uplink.codecs) each client keeps its residual "
-                        "on its Flower node, which the server's checkpoint does not hold; start a new run, or run it "
-                        "with federation.backend=inprocess")
+    """Refuse, before the engine starts, what the algorithm cannot do on Flower, and to
+    resume a run whose clients keep state between rounds (personal layers, FlexMatch's
+    learning status, error feedback's residuals): it lived on the nodes, not in the
+    server's checkpoint, and would silently start afresh (`check_compatible`)."""
+    check_compatible(cfg, build_algorithm(cfg).capabilities, resume=resume)
 
 
 def serve(grid: Grid, cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:

@@ -1,13 +1,8 @@
-"""The clients interface between the round engine and where clients run.
-
-The engine (`fedssl.federation.engine`) asks a `Clients` three things: fit these
-clients on these payloads, keep what the clients whose updates were used learned,
-and score these weights on these clients. `InProcessClients` does it in this
-process (one client after another, a cohort at once with
-`federation.concurrency: vmap`, or in worker processes with `federation.workers`,
-`fedssl.federation.workers`); `fedssl.backends.flower.server.FlowerClients` does
-it on Flower nodes, each of which runs an `InProcessClients` of its own clients and
-nothing of the server's.
+"""The run's clients in this process (`fedssl.clients.Clients`): one learner reused
+for every client, trained one client after another, a cohort at once with
+`federation.concurrency: vmap` (`fedssl.inprocess.vmap`), or in worker processes
+with `federation.workers` (`fedssl.inprocess.workers`). A Flower node runs one of
+these over its own clients and nothing of the server's.
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ import multiprocessing
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping, Protocol
+from typing import Any, Collection, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -26,17 +21,17 @@ from fedssl.algorithms.base import Algorithm, LocalClient, build_algorithm
 from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData
 from fedssl.errors import UserError
-from fedssl.federation.client import Augmentations, ClientTrainer, round_steps
-from fedssl.federation.concurrent import CohortTrainer, cohort_trainer
-from fedssl.federation.evaluate import Score, score
-from fedssl.federation.faults import Holding
-from fedssl.federation.links import Links, split_state
-from fedssl.federation.metrics import client_kind
-from fedssl.federation.personal_eval import labeled_batches
-from fedssl.federation.state import ClientStateStore
-from fedssl.federation.unseen import fine_tune_head, scored_indices
-from fedssl.federation.tensors import TensorPool
-from fedssl.federation.workers import WorkerPool, worker_count
+from fedssl.inprocess.trainer import Augmentations, ClientTrainer, round_steps
+from fedssl.inprocess.vmap import CohortTrainer, cohort_trainer
+from fedssl.evaluation.score import Score, score
+from fedssl.clients import Holding, Scored
+from fedssl.codecs.links import Links, split_state
+from fedssl.evaluation.metrics import client_kind
+from fedssl.evaluation.personal import labeled_batches
+from fedssl.inprocess.state import ClientStateStore
+from fedssl.evaluation.unseen import fine_tune_head, scored_indices
+from fedssl.data.tensors import TensorPool
+from fedssl.inprocess.workers import WorkerPool, worker_count
 from fedssl.messages import Arrays, Payload, Update, array_bytes
 from fedssl.models.factory import build_model, input_normalization
 from fedssl.sampling import clients_per_round, held_out_clients
@@ -44,50 +39,6 @@ from fedssl.sampling import clients_per_round, held_out_clients
 log = logging.getLogger(__name__)
 
 Kept = dict[str, torch.Tensor]  # what a client keeps until its next round
-
-
-@dataclass(frozen=True)
-class Scored:
-    """Clients' evaluation rows, and what scoring them cost: the bytes of the arrays
-    sent to the nodes that scored them (in process, as if each client were its own
-    node; the rows that come back are scalars, no arrays), and `dropped`, the rows
-    that were unusable or never came."""
-
-    rows: list[dict[str, Any]]
-    bytes_down: int = 0
-    dropped: int = 0
-
-
-class Clients(Protocol):
-    """Where a run's clients train and are scored."""
-
-    @property
-    def holdings(self) -> Mapping[int, Holding]:
-        """What the server knows each client holds (replies are checked against it)."""
-
-    def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
-        """Train each client from its payload: its update as it comes, or the exception
-        that stands for it and why it is unusable (it raised, it did not answer, its
-        reply was malformed). The engine checks every update it receives."""
-
-    def accept(self, client_ids: Collection[int]) -> None:
-        """The clients of the last `fit` whose updates the server used: they keep what
-        they learned in it; every other client of that fit keeps nothing from it."""
-
-    def score(self, weights: Arrays, client_ids: list[int]) -> Scored:
-        """Per client, the global model (`weights`) and its personalized model on its own
-        local test split: {client, kind, test_samples, acc, loss, personal_acc, personal_loss, personal_f1}."""
-
-    def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
-        """What the clients keep, for the server's checkpoint of `round_index` (empty
-        where it lives elsewhere): every client's, or once they are too many to hold,
-        a manifest of the files under `directory` that hold them (`ClientStateStore`)."""
-
-    def load_state_dict(self, states: dict, directory: Path | None = None) -> None:
-        """Restore what `state_dict` returned (its files under `directory`)."""
-
-    def close(self) -> None:
-        """Release what the clients hold outside this process (worker processes), if anything."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,22 +87,6 @@ class DataHoldings(Mapping[int, Holding]):
         return len(self.data.clients)
 
 
-class Kinds(Mapping[int, str]):
-    """Each client's kind (labeled, unlabeled, mixed), read from `holdings` when asked for."""
-
-    def __init__(self, holdings: Mapping[int, Holding]):
-        self.holdings = holdings
-
-    def __getitem__(self, client_id: int) -> str:
-        return self.holdings[client_id].kind
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.holdings)
-
-    def __len__(self) -> int:
-        return len(self.holdings)
-
-
 def data_holdings(data: FederatedData, held_out: Collection[int] = ()) -> DataHoldings:
     """What each client of `data` holds (`DataHoldings`)."""
     return DataHoldings(data, held_out)
@@ -180,14 +115,14 @@ class InProcessClients:
         if trainer is None:
             algorithm, trainer = build_trainer(cfg, data, device)
         store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
-        clients = cls(cfg, data, algorithm, trainer, store, Links.build(cfg, algorithm), cohort_trainer(cfg, trainer, device))
+        clients = cls(cfg, data, algorithm, trainer, store, Links.build(cfg), cohort_trainer(cfg, trainer, device))
         count = clients.worker_count(device)
         if count > 1:  # forked when the first round trains (a Flower node, which never calls `fit`, starts none)
             clients.workers = WorkerPool(clients.train, count)
         return clients
 
     def worker_count(self, device: torch.device) -> int:
-        """`federation.workers` resolved (`fedssl.federation.workers.worker_count`);
+        """`federation.workers` resolved (`fedssl.inprocess.workers.worker_count`);
         a count above 1 where workers cannot train is a `UserError`."""
         fed = self.cfg.federation
         per_round = min(clients_per_round(fed), fed.clients - len(self.held_out))
@@ -355,7 +290,7 @@ class InProcessClients:
                 tune = lambda arrays: fine_tune_head(self.model, arrays, client.batches(steps), self.cfg.train.lr)
                 self.trainer.learner.load_arrays(self.algorithm.unseen_weights(weights, client, tune))
                 local = self.score_local(row["client"])
-            elif self.algorithm.personalized:
+            elif self.algorithm.capabilities.personalized:
                 client = self.local_client(row["client"])
                 self.trainer.learner.load_arrays(self.algorithm.personal_weights(weights, client))
                 local = self.score_local(row["client"])

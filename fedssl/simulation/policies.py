@@ -1,6 +1,6 @@
 """Round policies under system heterogeneity: who a synchronous round waits for.
 
-Given each sampled client's simulated `Work` (fedssl.federation.simtime) the server
+Given each sampled client's simulated `Work` (fedssl.simulation.simtime) the server
 plans the round before anyone trains (`plan_round`, pure):
 
 - `wait_all`: every online client; the round lasts as long as the slowest.
@@ -26,9 +26,9 @@ from typing import Mapping
 from fedssl.config.schema import RecipeConfig, SystemConfig
 from fedssl.data.federated import FederatedData
 from fedssl.errors import UserError
-from fedssl.federation.client_data import STEP_BUDGET, round_steps
-from fedssl.federation.profiles import DeviceProfile, build_profiles, is_online
-from fedssl.federation.simtime import Work, client_work
+from fedssl.inprocess.client_data import STEP_BUDGET, round_steps
+from fedssl.simulation.profiles import DeviceProfile, build_profiles, is_online
+from fedssl.simulation.simtime import Work, client_work
 from fedssl.learners.base import FederatedLearner
 from fedssl.messages import Payload, Update, array_bytes
 

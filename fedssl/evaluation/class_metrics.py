@@ -4,7 +4,7 @@ Facial-expression data is imbalanced (FER2013's "disgust" is about 1.5% of its
 images), so FER papers report macro-F1 and per-class recall beside accuracy: a
 model that never predicts a rare class keeps a high accuracy and loses there.
 Everything here is a pure function of the confusion matrix `[true, predicted]`
-that evaluation accumulates anyway (`fedssl.federation.evaluate.score`), so these
+that evaluation accumulates anyway (`fedssl.evaluation.score.score`), so these
 metrics cost no second pass over the test set.
 
 Macro-F1 averages the per-class F1 = 2 TP / (2 TP + FP + FN) over the classes that

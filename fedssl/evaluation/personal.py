@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from fedssl.algorithms.base import LabeledBatch
-from fedssl.federation.metrics import mean_acc, pooled_acc
-from fedssl.federation.tensors import client_seed, cycle_batches
+from fedssl.evaluation.metrics import mean_acc, pooled_acc
+from fedssl.data.tensors import client_seed, cycle_batches
 
 WORST_SHARE = 0.1  # personal_acc_p10: the worst 10% of clients
 

@@ -11,10 +11,10 @@ model to take a delta from) and keeps what the client will decode, which is what
 its update is a delta from. Every random draw comes from (seed, round, client,
 array), on both ends (`codecs.pipeline.array_seed`).
 
-Codecs need an update that holds every shared array densely and is averaged
-(`Algorithm.averages_updates and dense_updates`: the FedAvg family, the
-personalized ones included); FedMatch sends sparse deltas of its own decomposition
-and is refused.
+Codecs need an update that holds every shared array densely and is averaged (the
+FedAvg family, the personalized ones included) or applied as a change (FedBuff);
+FedMatch sends sparse deltas of its own decomposition and is refused
+(`fedssl.algorithms.capabilities.check_compatible`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedssl.algorithms.base import Algorithm
 from fedssl.codecs.pipeline import Pipeline, array_seed, decode_arrays, encode_arrays
 from fedssl.config.schema import RecipeConfig
 from fedssl.config.validate import codec_stages
-from fedssl.errors import UserError
 from fedssl.messages import Arrays, Payload, Update
 
 UP, DOWN = 1, 2  # the directions' seed streams
@@ -43,16 +41,9 @@ class Links:
     down: Pipeline
 
     @classmethod
-    def build(cls, cfg: RecipeConfig, algorithm: Algorithm) -> Links:
+    def build(cls, cfg: RecipeConfig) -> Links:
         up = Pipeline(codec_stages(cfg.federation.uplink.codecs, "federation.uplink.codecs"))
         down = Pipeline(codec_stages(cfg.federation.downlink.codecs, "federation.downlink.codecs"))
-        if (up or down) and not (algorithm.averages_updates and algorithm.dense_updates):
-            raise UserError(f"federation.uplink.codecs: algorithm.name={cfg.algorithm.name} does not average dense "
-                            f"updates (FedMatch sends sparse deltas of its own decomposition); codecs apply to the "
-                            f"FedAvg family and the personalized algorithms")
-        if (up or down) and algorithm.asynchronous:
-            raise UserError(f"federation.uplink.codecs: algorithm.name={cfg.algorithm.name} runs asynchronous rounds "
-                            f"(FedBuff), which do not take codecs yet")
         return cls(cfg.seed, up, down)
 
     def seeds(self, round_index: int, client_id: int, direction: int, pipeline: Pipeline):

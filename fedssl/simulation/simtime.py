@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedssl.federation.profiles import DeviceProfile
+from fedssl.simulation.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """One client's round as Lightning data: the batches a learner trains on, in order.
 
-The federation loop (`fedssl.federation.client.ClientTrainer`) and a plain Lightning
+The federation loop (`fedssl.inprocess.trainer.ClientTrainer`) and a plain Lightning
 Trainer read the same `ClientDataModule`, so one client trains the same way inside
 and outside the federation:
 
@@ -30,11 +30,11 @@ from fedssl.config.schema import DataConfig, TrainConfig
 from fedssl.data.batch_augment import TorchAugment
 from fedssl.data.transforms import augment_batch, build_transform, normalize, reseed
 from fedssl.messages import Payload, Update
-from fedssl.federation.tensors import TensorPool, batches_per_pass, client_seed, cycle_batches
+from fedssl.data.tensors import TensorPool, batches_per_pass, client_seed, cycle_batches
 from fedssl.learners.base import Batch, ClientContext, FederatedLearner
 
 # Payload config key: at most this many local steps this round (a round policy's
-# partial work, fedssl.federation.policies); absent, the recipe's budget.
+# partial work, fedssl.simulation.policies); absent, the recipe's budget.
 STEP_BUDGET = "step_budget"
 
 

@@ -24,9 +24,9 @@ from pytorch_lightning.utilities.types import LRSchedulerConfig
 
 from fedssl.config.schema import SSLConfig, TrainConfig
 from fedssl.errors import UserError
-from fedssl.federation.client_data import Augmentations, BatchSource, ClientDataModule, round_steps
+from fedssl.inprocess.client_data import Augmentations, BatchSource, ClientDataModule, round_steps
 from fedssl.messages import Payload, Update
-from fedssl.federation.tensors import TensorPool
+from fedssl.data.tensors import TensorPool
 from fedssl.learners.base import Batch, FederatedLearner
 
 __all__ = ["Augmentations", "ClientTrainer", "RoundFabric", "Tally", "client_fabric", "round_steps"]
@@ -154,7 +154,7 @@ class ClientTrainer:
 
     def client_data(self, client_id: int, labeled: np.ndarray, unlabeled: np.ndarray, payload: Payload,
                     state: dict[str, torch.Tensor] | None = None, steps: int | None = None) -> ClientDataModule:
-        """One client's round as a LightningDataModule (see `fedssl.federation.client_data`)."""
+        """One client's round as a LightningDataModule (see `fedssl.inprocess.client_data`)."""
         return ClientDataModule(self.source, client_id, labeled, unlabeled, payload, state, steps)
 
     def optimizer(self) -> tuple[torch.optim.Optimizer, Schedules]:

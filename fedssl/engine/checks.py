@@ -14,11 +14,11 @@ model or the metrics. A round left with too few usable updates is retried or sto
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
 import torch
 
+from fedssl.clients import Holding
 from fedssl.messages import Arrays, Update
 
 SPARSE = ("/index", "/value")  # an array sent as a sparse delta: NAME/index + NAME/value (FedMatch)
@@ -27,17 +27,6 @@ ROW_KEYS = ("client", "kind", "test_samples", "acc", "loss", "personal_acc", "pe
 SCORE_KEYS = ("acc", "personal_acc", "personal_f1")  # in [0, 1] (personal_f1: the personal model's macro-F1)
 LOSS_KEYS = ("loss", "personal_loss")  # finite, >= 0
 PSEUDO_LABEL_COUNTS = ("pl_correct", "pl_masked", "pl_seen")  # each at most the next
-
-
-@dataclass(frozen=True)
-class Holding:
-    """What the server knows a client holds: `examples`, the most it can train on in
-    a round (its labeled and unlabeled samples), `test_samples`, its local test
-    split, and its `kind` (labeled, unlabeled or mixed)."""
-
-    examples: int
-    test_samples: int
-    kind: str
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedssl.config.schema import RecipeConfig
-from fedssl.federation.client import ClientTrainer, round_steps
-from fedssl.federation.client_data import capped
+from fedssl.inprocess.trainer import ClientTrainer, round_steps
+from fedssl.inprocess.client_data import capped
 from fedssl.messages import Payload, Update
-from fedssl.federation.tensors import client_seed, cycle_batches
+from fedssl.data.tensors import client_seed, cycle_batches
 from fedssl.learners.supervised import SupervisedLearner
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,12 @@
 """A whole run: build the federation, resume it if asked, run its rounds, log,
 checkpoint after every round and write the summary. The round itself is the
-engine's (`fedssl.federation.engine`); where clients run is the clients'."""
+engine's (`fedssl.engine.federation`); where clients run is the clients'."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,10 @@ from fedssl.algorithms.aggregate import ServerState
 from fedssl.config.load import BEHAVIOUR_BEFORE_THE_KEY, saved_defaults, to_dict, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.federation.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
-from fedssl.federation.engine import ClientsFactory, Federation
-from fedssl.federation.personal_eval import personal_summary
-from fedssl.federation.state import MANIFEST
+from fedssl.engine.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
+from fedssl.engine.federation import ClientsFactory, Federation
+from fedssl.evaluation.personal import personal_summary
+from fedssl.inprocess.state import MANIFEST
 from fedssl.io import atomic_write_text
 from fedssl.privacy.mechanism import CentralDP
 from fedssl.run_dir import BEST_CHECKPOINT, CHECKPOINT, CLIENT_STATES, CONFIG, PARTITION
@@ -26,7 +27,7 @@ from fedssl.tracking.run_logger import RunLogger, read_metrics
 
 # What a round sent, received and dropped, training and evaluation together; summed over the run.
 TRAFFIC = ("bytes_up", "bytes_down", "dropped_clients")
-CLIPPED = "clipped_clients"  # updates a round clipped to its norm bound (fedssl.federation.update_bound); summed too
+CLIPPED = "clipped_clients"  # updates a round clipped to its norm bound (fedssl.engine.update_bound); summed too
 # Keys that may differ between a killed run and its resumption.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir",
                      "federation.states_in_memory", "federation.state_dir")
@@ -92,6 +93,18 @@ def add_evaluation(metrics: dict[str, Any], evaluated: dict[str, Any]) -> dict[s
     return metrics | evaluated | {key: metrics[key] + evaluated[key] for key in TRAFFIC}
 
 
+@dataclass
+class Progress:
+    """What a run carries from one round to the next, and from a killed run to its resumption."""
+
+    state: ServerState
+    start: int = 1  # the next round
+    elapsed: float = 0.0  # seconds spent in rounds so far
+    wandb_id: str | None = None
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys((*TRAFFIC, CLIPPED), 0))
+    best: tuple[float, int] | None = None  # the best global_acc so far and its round (best.pt)
+
+
 def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
                    clients: ClientsFactory | None = None) -> dict[str, Any]:
     """Run (or resume) a federation; returns the summary also written to summary.json.
@@ -107,78 +120,105 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
     atomic_write_text(run_dir / CONFIG, to_yaml(cfg))
     federation = Federation.build(cfg, clients=clients)
     federation.data.save(run_dir / PARTITION)
-    state, start, elapsed, wandb_id = federation.initial_state(), 1, 0.0, None
-    totals = dict.fromkeys((*TRAFFIC, CLIPPED), 0)
-    if checkpoint:
-        state = ServerState(**checkpoint["server_state"])
-        try:
-            federation.clients.load_state_dict(checkpoint["client_states"], run_dir / CLIENT_STATES)
-        except ValueError as error:
-            raise UserError(f"{run_dir / CHECKPOINT}: cannot resume: client_states: {error}") from None
-        restore_rng_states(checkpoint["rng"])
-        start, elapsed, wandb_id = checkpoint["round"] + 1, checkpoint["seconds"], checkpoint["wandb_id"]
-        totals = {"dropped_clients": 0, CLIPPED: 0, **checkpoint["totals"]}
-        if federation.privacy is not None:
-            federation.privacy.load_state_dict(checkpoint["privacy"])
-        if checkpoint.get("update_clip") is not None:  # a checkpoint written before the bound existed clipped nothing
-            try:
-                federation.bound.load_state_dict(checkpoint["update_clip"])
-            except ValueError as error:
-                raise UserError(f"{run_dir / CHECKPOINT}: cannot resume: {error}") from None
-
+    progress = resumed(federation, checkpoint, run_dir) if checkpoint else Progress(federation.initial_state())
     fed = cfg.federation
-    logger = RunLogger(cfg, run_dir, config_dict, resume_after=start - 1, wandb_id=wandb_id)
-    progress = tqdm(range(start, fed.rounds + 1), desc=cfg.name, unit="round", disable=not cfg.logging.progress,
-                    initial=start - 1, total=fed.rounds)
+    logger = RunLogger(cfg, run_dir, config_dict, resume_after=progress.start - 1, wandb_id=progress.wandb_id)
+    bar = tqdm(range(progress.start, fed.rounds + 1), desc=cfg.name, unit="round", disable=not cfg.logging.progress,
+               initial=progress.start - 1, total=fed.rounds)
     metrics, rows = {}, []
-    best = best_round(read_metrics(logger.metrics_path))  # of the rounds kept on resume, as best.pt holds
+    progress.best = best_round(read_metrics(logger.metrics_path))  # of the rounds kept on resume, as best.pt holds
     try:
-        for round_index in progress:
-            began = time.perf_counter()
-            state, metrics = federation.fit_round(round_index, state)
-            if round_index % fed.eval_every == 0 or round_index == fed.rounds:
-                evaluated, rows = federation.evaluate(state, round_index)
-                metrics = add_evaluation(metrics, evaluated)
-                progress.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
-            for key in TRAFFIC:
-                totals[key] += metrics[key]
-            totals[CLIPPED] += metrics[CLIPPED]
-            if "sim_seconds" in metrics:  # simulated time (federation.system), summed as the run goes
-                totals["sim_time"] = metrics["sim_time"] = totals.get("sim_time", 0.0) + metrics["sim_seconds"]
-            elapsed += time.perf_counter() - began
-            metrics["seconds"] = elapsed
+        for round_index in bar:
+            metrics, rows = run_round(federation, progress, round_index, bar)
             logger.log_round(round_index, metrics)
-            saved = {
-                "round": round_index,
-                "config": config_dict,
-                "class_names": list(federation.data.class_names),
-                "server_state": {"params": state.params, "momentum": state.momentum, "extras": state.extras},
-                "client_states": federation.clients.state_dict(run_dir / CLIENT_STATES, round_index),
-                "seconds": elapsed,
-                "totals": totals,
-                "wandb_id": logger.wandb_id,
-                "privacy": federation.privacy.state_dict() if federation.privacy else None,
-                "update_clip": federation.bound.state_dict(),
-            }
-            # best.pt before checkpoint.pt: killed between the two, the round is run again, identically.
-            if math.isfinite(metrics.get("global_acc", math.nan)) and (best is None or metrics["global_acc"] > best[0]):
-                # clients' states held in snapshot files are checkpoint.pt's: later rounds replace those files
-                spilled = MANIFEST in saved["client_states"]
-                save_checkpoint(run_dir / BEST_CHECKPOINT, saved | {"client_states": {}} if spilled else saved)
-                best = metrics["global_acc"], round_index
-            save_checkpoint(run_dir / CHECKPOINT, saved)
+            save_round(federation, progress, round_index, metrics, config_dict, logger.wandb_id, run_dir)
     except BaseException:
         logger.abort()
         federation.close()
         raise
     federation.close()  # the worker processes, if any: only evaluation is left
     if not rows:  # resumed after the last round: nothing trained, evaluate what is there
-        evaluated, rows = federation.evaluate(state, fed.rounds)  # outside any round: its traffic is in no round's total
+        evaluated, rows = federation.evaluate(progress.state, fed.rounds)  # outside any round: in no round's total
         metrics |= evaluated
-    summary = {
+    summary = run_summary(federation, progress, metrics, read_metrics(logger.metrics_path))
+    logger.finish(summary, rows, last_round=fed.rounds)
+    return summary
+
+
+def resumed(federation: Federation, checkpoint: dict[str, Any], run_dir: Path) -> Progress:
+    """Where the killed run stopped: its server, clients', privacy and norm bound's
+    state restored from its checkpoint (untrusted: a malformed part is a `UserError`)."""
+    try:
+        federation.clients.load_state_dict(checkpoint["client_states"], run_dir / CLIENT_STATES)
+    except ValueError as error:
+        raise UserError(f"{run_dir / CHECKPOINT}: cannot resume: client_states: {error}") from None
+    restore_rng_states(checkpoint["rng"])
+    if federation.privacy is not None:
+        federation.privacy.load_state_dict(checkpoint["privacy"])
+    if checkpoint.get("update_clip") is not None:  # a checkpoint written before the bound existed clipped nothing
+        try:
+            federation.bound.load_state_dict(checkpoint["update_clip"])
+        except ValueError as error:
+            raise UserError(f"{run_dir / CHECKPOINT}: cannot resume: {error}") from None
+    return Progress(ServerState(**checkpoint["server_state"]), checkpoint["round"] + 1, checkpoint["seconds"],
+                    checkpoint["wandb_id"], {"dropped_clients": 0, CLIPPED: 0, **checkpoint["totals"]})
+
+
+def run_round(federation: Federation, progress: Progress, round_index: int, bar: tqdm
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train round `round_index`, evaluate it when due, and add it to the run's totals:
+    its metrics and (evaluated) the clients' rows."""
+    fed, rows = federation.cfg.federation, []
+    began = time.perf_counter()
+    progress.state, metrics = federation.fit_round(round_index, progress.state)
+    if round_index % fed.eval_every == 0 or round_index == fed.rounds:
+        evaluated, rows = federation.evaluate(progress.state, round_index)
+        metrics = add_evaluation(metrics, evaluated)
+        bar.set_postfix(acc=f"{evaluated['global_acc']:.3f}")
+    totals = progress.totals
+    for key in (*TRAFFIC, CLIPPED):
+        totals[key] += metrics[key]
+    if "sim_seconds" in metrics:  # simulated time (federation.system), summed as the run goes
+        totals["sim_time"] = metrics["sim_time"] = totals.get("sim_time", 0.0) + metrics["sim_seconds"]
+    progress.elapsed += time.perf_counter() - began
+    metrics["seconds"] = progress.elapsed
+    return metrics, rows
+
+
+def save_round(federation: Federation, progress: Progress, round_index: int, metrics: dict[str, Any],
+               config_dict: dict[str, Any], wandb_id: str | None, run_dir: Path) -> None:
+    """Checkpoint the round (and best.pt when it is the best so far)."""
+    saved = {
+        "round": round_index,
+        "config": config_dict,
+        "class_names": list(federation.data.class_names),
+        "server_state": {"params": progress.state.params, "momentum": progress.state.momentum,
+                         "extras": progress.state.extras},
+        "client_states": federation.clients.state_dict(run_dir / CLIENT_STATES, round_index),
+        "seconds": progress.elapsed,
+        "totals": progress.totals,
+        "wandb_id": wandb_id,
+        "privacy": federation.privacy.state_dict() if federation.privacy else None,
+        "update_clip": federation.bound.state_dict(),
+    }
+    # best.pt before checkpoint.pt: killed between the two, the round is run again, identically.
+    best = progress.best
+    if math.isfinite(metrics.get("global_acc", math.nan)) and (best is None or metrics["global_acc"] > best[0]):
+        # clients' states held in snapshot files are checkpoint.pt's: later rounds replace those files
+        spilled = MANIFEST in saved["client_states"]
+        save_checkpoint(run_dir / BEST_CHECKPOINT, saved | {"client_states": {}} if spilled else saved)
+        progress.best = metrics["global_acc"], round_index
+    save_checkpoint(run_dir / CHECKPOINT, saved)
+
+
+def run_summary(federation: Federation, progress: Progress, metrics: dict[str, Any],
+                history: list[dict[str, Any]]) -> dict[str, Any]:
+    """summary.json: the last round's metrics, the best round, the run's totals and privacy spent."""
+    cfg, best = federation.cfg, progress.best
+    return {
         "name": cfg.name,
         "algorithm": cfg.algorithm.name,
-        "rounds": fed.rounds,
+        "rounds": cfg.federation.rounds,
         "global_acc": metrics["global_acc"],
         "global_loss": metrics["global_loss"],
         **{k: v for k, v in metrics.items() if k.startswith(("global_f1_macro", "global_recall/"))},
@@ -186,12 +226,10 @@ def run_federation(cfg: RecipeConfig, run_dir: Path, resume: bool = False,
         "client_acc_mean": metrics["client_acc_mean"],
         **{k: v for k, v in metrics.items()
            if k.startswith(("client_acc_pooled", "client_acc_mean/", "pl_", "unseen_", "linear_acc"))},
-        **personal_summary(metrics, read_metrics(logger.metrics_path)),
-        **totals,
-        **privacy_summary(federation.privacy, fed.rounds),
-        "seconds": elapsed,
+        **personal_summary(metrics, history),
+        **progress.totals,
+        **privacy_summary(federation.privacy, cfg.federation.rounds),
+        "seconds": progress.elapsed,
         "class_names": list(federation.data.class_names),
         "global_confusion": metrics["global_confusion"],
     }
-    logger.finish(summary, rows, last_round=fed.rounds)
-    return summary

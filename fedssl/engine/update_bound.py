@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fedssl.federation.faults import update_distance
+from fedssl.engine.checks import update_distance
 from fedssl.messages import Arrays, Update
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedssl.federation.class_metrics import confusion_counts, f1_macro
+from fedssl.evaluation.class_metrics import confusion_counts, f1_macro
 
 
 @dataclass(frozen=True)
