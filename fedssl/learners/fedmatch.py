@@ -42,7 +42,7 @@ array whose delta would take more bytes than the array itself is sent dense.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +54,16 @@ from fedssl.learners.base import Batch, ClientContext, FederatedLearner, batch_s
 from fedssl.messages import Arrays, Payload
 from fedssl.learners.supervised import build_optimizer
 
-if TYPE_CHECKING:  # the algorithm module owns its config section
-    from fedssl.algorithms.fedmatch import FedMatchConfig
+
+class FedMatchConfig(Protocol):
+    """What the learner reads of `algorithm.fedmatch` (`fedssl.algorithms.fedmatch.FedMatchConfig`)."""
+
+    lambda_s: float  # the labeled loss on sigma
+    lambda_iccs: float  # the inter-client consistency
+    lambda_l1: float  # L1 sparsity of psi
+    lambda_l2: float  # L2 tie of psi to the frozen sigma
+    tau: float  # the agreement-based pseudo-labels' confidence threshold
+    sparsity: float  # delta entries below this are not sent
 
 SIGMA, PSI = "sigma/", "psi/"
 HELPER = re.compile(r"helper(\d+)/(.+)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -12,8 +12,13 @@ from fedssl.learners.base import Batch
 from fedssl.learners.maml import MAML, FunctionalLearner, Params, cross_entropy
 from fedssl.learners.supervised import SupervisedLearner
 
-if TYPE_CHECKING:  # the algorithm module owns its config section
-    from fedssl.algorithms.meta import MetaConfig
+
+class MetaConfig(Protocol):
+    """What the learner reads of `algorithm.meta` (`fedssl.algorithms.meta.MetaConfig`)."""
+
+    variant: str  # fo | hf
+    inner_lr: float  # alpha
+    hf_delta: float  # hf: the finite-difference step of the Hessian-vector product
 
 
 def perfedavg_gradient(learner: FunctionalLearner, inner: tuple, outer: tuple, hessian: tuple | None,

@@ -11,6 +11,7 @@ import torch
 
 from fedssl.backends.flower.server import check_resumable as check_flower_resumable
 from fedssl.config.load import load_recipe
+from fedssl.engine.stages import Traffic, check, draw, receive
 from fedssl.errors import UserError
 from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.inprocess.clients import InProcessClients
@@ -75,7 +76,7 @@ def test_a_hostile_encoded_update_is_dropped_and_counted(tiny_recipe, tmp_path, 
 
     def clients(federation):
         built = in_process(federation)
-        victim = sorted(federation.sample(1, 0, set()))[0]
+        victim = sorted(draw(federation, 1, 0, set()))[0]
         init = {field.name: getattr(built, field.name) for field in fields(built) if field.init}  # not cached properties
         return Tampering(**init, tamper=tamper, victim=victim)
 
@@ -181,8 +182,8 @@ def test_a_flower_node_decodes_its_payload_and_encodes_its_update_as_in_process(
     assert on_node.arrays.keys() == local.arrays.keys()
     for name, value in local.arrays.items():  # the same encoding (float sums may differ in the last bits)
         torch.testing.assert_close(on_node.arrays[name], value, rtol=1e-5, atol=1e-6)
-    opened, problem, _, _ = server.receive(1, 2, on_node, replace(payload, arrays=sent))
-    assert problem is None and server.check(2, opened, replace(payload, arrays=sent)) is None
+    received = receive(server, 1, 2, on_node, replace(payload, arrays=sent), Traffic())
+    assert received.problem is None and check(server, 2, received.update, replace(payload, arrays=sent)) is None
     # the residual is held on the node, and becomes the client's state once the server accepts draw 1
     assert load_state(context, 2) == {}
     commit_state(context, 2, "1")

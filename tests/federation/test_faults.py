@@ -8,6 +8,7 @@ import torch
 
 from fedssl.cli import main
 from fedssl.config.load import load_recipe
+from fedssl.engine.stages import draw
 from fedssl.errors import UserError
 from fedssl.algorithms.base import ALGORITHMS
 from fedssl.engine.checkpoint import load_checkpoint
@@ -227,7 +228,7 @@ def test_the_global_model_is_the_average_of_the_good_updates_only(tiny_recipe, r
     state, _ = federation.fit_round(1, federation.initial_state())
     register("faulty", faulty_fedavg("nan", clients=()))  # the same round, all honest, client 5 left out by hand
     honest = Federation.build(load_recipe(tiny_recipe, ALL_SAMPLED))
-    sampled = honest.sample(1, attempt=0, failed=set())
+    sampled = draw(honest, 1, attempt=0, failed=set())
     payloads = {c: honest.algorithm.payload(1, honest.initial_state(), c) for c in sampled}
     good = [update for _, update, _ in honest.clients.fit(1, payloads)]
     expected = honest.algorithm.aggregate([u for u in good if u.client_id != 5], honest.initial_state())

@@ -5,6 +5,8 @@ import pytorch_lightning as pl
 import torch
 
 from fedssl.config.load import load_recipe
+from fedssl.engine.stages import Traffic, draw
+from fedssl.engine.synchronous import Draws, train_cohort
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import weighted_average
 from fedssl.engine.checkpoint import load_checkpoint
@@ -77,21 +79,23 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
 def test_a_round_averages_updates_as_they_come_only_where_its_aggregate_is_the_mean(tiny_recipe, aggregator):
     federation = Federation.build(load_recipe(tiny_recipe, [f"federation.aggregator={aggregator}"]))
     state = federation.initial_state()
-    sampled = federation.sample(1, attempt=0, failed=set())
+    sampled = draw(federation, 1, attempt=0, failed=set())
     payloads = {c: federation.algorithm.payload(1, state, c) for c in sampled}
     each = [update for _, update, _ in federation.clients.fit(1, payloads)]
-    collected = federation.collect(1, state)
+    traffic = Traffic()
+    _, fold, _ = train_cohort(federation, 1, 0, state, traffic, Draws())
+    updates = fold.updates(state.params)
 
-    assert [r.client_id for r in collected.receipts] == sampled
-    assert [r.metrics for r in collected.receipts] == [u.metrics for u in each]
-    assert collected.bytes_up == sum(u.num_bytes for u in each) > 0
+    assert [r.client_id for r in fold.receipts] == sampled
+    assert [r.metrics for r in fold.receipts] == [u.metrics for u in each]
+    assert traffic.bytes_up == sum(u.num_bytes for u in each) > 0
     if aggregator == "mean":  # one running average, weighted by every client's examples
-        assert federation.averages_as_they_come and all(not r.arrays for r in collected.receipts)
-        [average] = collected.updates
+        assert federation.averages_as_they_come and all(not r.arrays for r in fold.receipts)
+        [average] = updates
         assert average.num_examples == sum(u.num_examples for u in each)
         want = weighted_average(each)
         assert all(torch.allclose(average.arrays[n], want[n], atol=1e-7) for n in want)
     else:  # the median needs every update
         assert not federation.averages_as_they_come
-        assert [u.client_id for u in collected.updates] == sampled
-        assert all(torch.equal(got.arrays[n], u.arrays[n]) for got, u in zip(collected.updates, each) for n in u.arrays)
+        assert [u.client_id for u in updates] == sampled
+        assert all(torch.equal(got.arrays[n], u.arrays[n]) for got, u in zip(updates, each) for n in u.arrays)

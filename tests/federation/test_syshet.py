@@ -17,9 +17,10 @@ from fedssl.algorithms.fedbuff import flush, staleness_weight
 from fedssl.algorithms.fednova import normalized_average, step_norm
 from fedssl.cli import main
 from fedssl.config.schema import SystemConfig
+from fedssl.engine.stages import draw
 from fedssl.errors import UserError
 from fedssl.config.load import load_recipe
-from fedssl.engine.buffered import Buffer, InFlight, next_arrival
+from fedssl.algorithms.fedbuff import Buffer, InFlight, next_arrival
 from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.inprocess.client_data import STEP_BUDGET
 from fedssl.engine.federation import Federation
@@ -164,7 +165,7 @@ def test_every_policy_with_uniform_profiles_and_no_binding_deadline_is_fedavg(ti
         assert all(m["late_clients"] == 0 and m["partial_clients"] == 0 for m in metrics)
     # the last one's simulated time is the max over its round's clients, by hand
     model_bytes = sum(a.numel() * a.element_size() for a in plain.params.values())
-    sampled = federation.sample(1, 0, set())
+    sampled = draw(federation, 1, 0, set())
     steps = {c: len(federation.data.clients[c].labeled) // 16 for c in sampled}  # one epoch of full batches of 16 (train.drop_last)
     by_hand = max(model_bytes / 2e6 + steps[c] * 16 / 50 + model_bytes / 1e6 for c in sampled)
     assert metrics[0]["sim_seconds"] == pytest.approx(by_hand)

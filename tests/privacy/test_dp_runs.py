@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedssl.config.load import load_recipe
+from fedssl.engine.stages import draw
 from fedssl.errors import UserError
 from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.engine.federation import Federation
@@ -64,7 +65,7 @@ def test_clipping_bounds_how_far_one_round_moves_the_global_model(tiny_recipe):
 
 def test_dp_rounds_are_poisson_sampled_at_the_accounted_rate(tiny_recipe):
     federation = Federation.build(load_recipe(tiny_recipe, DP))
-    sizes = [len(federation.sample(r, 0, set())) for r in range(1, 401)]
+    sizes = [len(draw(federation, r, 0, set())) for r in range(1, 401)]
     assert sum(sizes) / len(sizes) == pytest.approx(3, rel=0.05)  # q * clients = 0.5 * 6
     assert len(set(sizes)) > 3  # the cohort size varies, as Poisson sampling does
 
