@@ -59,10 +59,11 @@ class Capabilities:
         return self.averages_updates and self.dense_updates
 
 
-def check_compatible(cfg: RecipeConfig, can: Capabilities, resume: bool = False) -> None:
+def check_compatible(cfg: RecipeConfig, can: Capabilities, resume_on_nodes: bool = False) -> None:
     """Refuse, in one line naming the key, a recipe that asks `algorithm.name` (whose
-    capabilities are `can`) for what it cannot do. `resume`: the run continues from
-    a checkpoint."""
+    capabilities are `can`) for what it cannot do. `resume_on_nodes`: the run
+    continues from a checkpoint with its clients on Flower nodes, which hold what
+    the clients keep."""
     name, fed = cfg.algorithm.name, cfg.federation
     codecs = bool(fed.uplink.codecs or fed.downlink.codecs)
 
@@ -95,7 +96,7 @@ def check_compatible(cfg: RecipeConfig, can: Capabilities, resume: bool = False)
                    f"{fed.system.policy}")
     if cfg.algorithm.server_momentum != 0 and not can.server_momentum:
         refuse("algorithm.server_momentum", f"{name} applies its server step without momentum (0)")
-    if resume and fed.backend == "flower":
+    if resume_on_nodes:
         if can.keeps_client_state:
             refuse("cannot resume", f"with algorithm.name={name} (and its algorithm.ssl settings) each client keeps "
                    "state between rounds on its Flower node, which the server's checkpoint does not hold; start a new "

@@ -220,7 +220,7 @@ def check_resumable(cfg: RecipeConfig, resume: bool) -> None:
     resume a run whose clients keep state between rounds (personal layers, FlexMatch's
     learning status, error feedback's residuals): it lived on the nodes, not in the
     server's checkpoint, and would silently start afresh (`check_compatible`)."""
-    check_compatible(cfg, build_algorithm(cfg).capabilities, resume=resume)
+    check_compatible(cfg, build_algorithm(cfg).capabilities, resume_on_nodes=resume)
 
 
 def serve(grid: Grid, cfg: RecipeConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
