@@ -92,6 +92,37 @@ def update_distance(update: Update, reference: Arrays) -> float:
     return math.sqrt(total)
 
 
+def _arrays_problem(arrays: Arrays, reference: Arrays, dense: bool) -> str | None:
+    """Why an update's arrays do not fit the `reference` arrays it was sent (see `check_update`)."""
+    sparse: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in arrays.items():
+        if not isinstance(value, torch.Tensor):
+            return f"array {name!r} is a {type(value).__name__}, not a tensor"
+        base, suffix = name.rsplit("/", 1) if "/" in name else (name, "")
+        if not dense and name not in reference and f"/{suffix}" in SPARSE and base in reference:
+            sparse.setdefault(base, {})[suffix] = value
+            continue
+        if name not in reference:
+            return f"unexpected array {name!r} (not among the {len(reference)} arrays sent)"
+        if value.shape != reference[name].shape:
+            return f"array {name!r} has shape {tuple(value.shape)}, expected {tuple(reference[name].shape)}"
+        if value.dtype != reference[name].dtype:
+            return f"array {name!r} is {dtype_name(value.dtype)}, expected {dtype_name(reference[name].dtype)}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"non-finite values in {name!r}"
+    for base, parts in sparse.items():
+        if base in arrays:
+            return f"array {base!r} sent both dense and sparse"
+        problem = _sparse_problem(base, reference[base], parts.get("index"), parts.get("value"))
+        if problem:
+            return problem
+    if dense:
+        missing = [name for name in reference if name not in arrays]
+        if missing:
+            return f"missing array {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    return None
+
+
 def check_update(update: Update, reference: Arrays, dense: bool = True, max_examples: int | None = None,
                  max_ratio: float = math.inf) -> str | None:
     """Why `update` cannot be aggregated against the `reference` arrays the client
@@ -112,35 +143,9 @@ def check_update(update: Update, reference: Arrays, dense: bool = True, max_exam
         return f"num_examples must be a count, got {n!r}"
     if max_examples is not None and n > max_examples:
         return f"num_examples {n} exceeds the {max_examples} examples the client holds"
-    problem = _metrics_problem(update.metrics)
+    problem = _metrics_problem(update.metrics) or _arrays_problem(update.arrays, reference, dense)
     if problem:
         return problem
-    sparse: dict[str, dict[str, torch.Tensor]] = {}
-    for name, value in update.arrays.items():
-        if not isinstance(value, torch.Tensor):
-            return f"array {name!r} is a {type(value).__name__}, not a tensor"
-        base, suffix = name.rsplit("/", 1) if "/" in name else (name, "")
-        if not dense and name not in reference and f"/{suffix}" in SPARSE and base in reference:
-            sparse.setdefault(base, {})[suffix] = value
-            continue
-        if name not in reference:
-            return f"unexpected array {name!r} (not among the {len(reference)} arrays sent)"
-        if value.shape != reference[name].shape:
-            return f"array {name!r} has shape {tuple(value.shape)}, expected {tuple(reference[name].shape)}"
-        if value.dtype != reference[name].dtype:
-            return f"array {name!r} is {dtype_name(value.dtype)}, expected {dtype_name(reference[name].dtype)}"
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"non-finite values in {name!r}"
-    for base, parts in sparse.items():
-        if base in update.arrays:
-            return f"array {base!r} sent both dense and sparse"
-        problem = _sparse_problem(base, reference[base], parts.get("index"), parts.get("value"))
-        if problem:
-            return problem
-    if dense:
-        missing = [name for name in reference if name not in update.arrays]
-        if missing:
-            return f"missing array {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
     if math.isfinite(max_ratio):
         distance, scale = update_distance(update, reference), max(weights_norm(reference), 1.0)
         if not distance <= max_ratio * scale:  # `not <=`: an infinite distance fails too
