@@ -1,7 +1,8 @@
 """The run's clients in this process (`fedssl.clients.Clients`): one learner reused
 for every client, trained one client after another, a cohort at once with
 `federation.concurrency: vmap` (`fedssl.inprocess.vmap`), or in worker processes
-with `federation.workers` (`fedssl.inprocess.workers`). A Flower node runs one of
+with `federation.workers` (`fedssl.inprocess.workers`), and scored on it
+(`fedssl.inprocess.scoring`). A Flower node runs one of
 these over its own clients and nothing of the server's.
 """
 
@@ -17,19 +18,18 @@ from typing import Any, Collection, Iterator, Mapping
 import numpy as np
 import torch
 
-from fedssl.algorithms.base import Algorithm, LocalClient, build_algorithm
+from fedssl.algorithms.base import Algorithm, build_algorithm
 from fedssl.config.schema import RecipeConfig
 from fedssl.data.federated import FederatedData
 from fedssl.errors import UserError
 from fedssl.inprocess.trainer import Augmentations, ClientTrainer, round_steps
 from fedssl.inprocess.vmap import CohortTrainer, cohort_trainer
-from fedssl.evaluation.score import Score, score
 from fedssl.clients import Holding, Scored
 from fedssl.codecs.links import Links, split_state
 from fedssl.evaluation.metrics import client_kind
-from fedssl.evaluation.personal import labeled_batches
+from fedssl.inprocess.scoring import Scorer
 from fedssl.inprocess.state import ClientStateStore
-from fedssl.evaluation.unseen import fine_tune_head, scored_indices
+from fedssl.evaluation.unseen import scored_indices
 from fedssl.data.tensors import TensorPool
 from fedssl.inprocess.workers import WorkerPool, worker_count
 from fedssl.messages import Arrays, Payload, Update, array_bytes
@@ -153,6 +153,10 @@ class InProcessClients:
     def holdings(self) -> Mapping[int, Holding]:
         return data_holdings(self.data, self.held_out)
 
+    @cached_property
+    def scorer(self) -> Scorer:
+        return Scorer(self.cfg, self.data, self.algorithm, self.trainer, self.store, self.held_out)
+
     @property
     def pool(self) -> TensorPool:
         return self.trainer.pool
@@ -247,54 +251,8 @@ class InProcessClients:
         return Scored(self.score_rows(weights, client_ids), bytes_down=len(client_ids) * array_bytes(weights))
 
     def score_rows(self, weights: Arrays, client_ids: list[int]) -> list[dict[str, Any]]:
-        """Per client, the global model (`weights`, the algorithm's `global_weights`)
-        and the client's personalized model on the client's own local test split.
-        This is all a node needs to score its clients: the global weights, not the
-        server's state."""
-        self.trainer.learner.load_arrays(weights)
-        rows, scores = [], []
-        for client_id in client_ids:
-            scores.append(self.score_local(client_id))
-            rows.append({"client": client_id, "kind": client_kind(self.data.clients[client_id]),
-                         "test_samples": scores[-1].count, "acc": scores[-1].accuracy, "loss": scores[-1].loss})
-        self.score_personal(weights, rows, scores)
-        return rows
-
-    def score_local(self, client_id: int) -> Score:
-        """The live model on the client's own local test split (a held-out client's:
-        all but its labeled samples)."""
-        client = self.data.clients[client_id]
-        scored = scored_indices(client.labeled, client.unlabeled, client.test, client_id in self.held_out)
-        index = torch.from_numpy(scored).to(self.pool.labels.device)
-        return score(self.model, self.pool.images[index], self.pool.labels[index])
-
-    def local_client(self, client_id: int, kept: bool = True) -> LocalClient:
-        """What the client's personalization may use: its kept state (none, `kept`
-        False) and its labeled training data."""
-        labeled = self.data.clients[client_id].labeled
-        train = self.cfg.train
-        batches = lambda steps: labeled_batches(self.pool.images, self.pool.labels, labeled, train.batch_size,
-                                                self.cfg.seed, client_id, steps, drop_last=train.drop_last)
-        return LocalClient(client_id, self.store.peek(client_id) if kept else {}, batches)
-
-    def score_personal(self, weights: Arrays, rows: list[dict[str, Any]], scores: list[Score]) -> None:
-        """Add each client's personalized model's scores on its own local test split to
-        its row: accuracy, loss and macro-F1 (without personalization that model is the
-        global one, whose `scores` are those of the rows); a held-out client's model is
-        the one it adapts with its labeled images (`Algorithm.unseen_weights`), scored
-        on the rest of its data."""
-        for row, local in zip(rows, scores):
-            if row["client"] in self.held_out:
-                client = self.local_client(row["client"], kept=False)  # it never trained: it kept nothing
-                steps = self.cfg.federation.holdout_steps
-                tune = lambda arrays: fine_tune_head(self.model, arrays, client.batches(steps), self.cfg.train.lr)
-                self.trainer.learner.load_arrays(self.algorithm.unseen_weights(weights, client, tune))
-                local = self.score_local(row["client"])
-            elif self.algorithm.capabilities.personalized:
-                client = self.local_client(row["client"])
-                self.trainer.learner.load_arrays(self.algorithm.personal_weights(weights, client))
-                local = self.score_local(row["client"])
-            row |= {"personal_acc": local.accuracy, "personal_loss": local.loss, "personal_f1": local.f1_macro}
+        """Each client's row (`Scorer.rows`): what a node answers an evaluate message with."""
+        return self.scorer.rows(weights, client_ids)
 
     def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
         return self.store.state_dict(directory, round_index)
