@@ -105,6 +105,7 @@ class InProcessClients:
     pending: dict[int, Kept] = field(default_factory=dict)  # what the last fit's clients would keep
 
     def __post_init__(self) -> None:
+        """Clients built without `build` (a test's) train one after another."""
         if self.executor is None:
             self.executor = Sequential(self)
 
@@ -132,6 +133,7 @@ class InProcessClients:
 
     @cached_property
     def scorer(self) -> Scorer:
+        """Scores clients on the same learner and with the same kept state as they train."""
         return Scorer(self.cfg, self.data, self.algorithm, self.trainer, self.store, self.held_out)
 
     @property
