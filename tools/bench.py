@@ -50,6 +50,7 @@ from fedssl.data.transforms import augment_batch, build_transform
 from fedssl.errors import UserError
 from fedssl.inprocess.trainer import Tally, round_steps
 from fedssl.inprocess.clients import resolve_device
+from fedssl.inprocess.executors import Vmap, Workers
 from fedssl.engine.federation import Federation
 from fedssl.data.tensors import cycle_batches
 from fedssl.inprocess.workers import usable_cores
@@ -141,11 +142,11 @@ def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: in
         fl_times.append(time.perf_counter() - began)
         ideal_times.append(ideal_loop(cfg, pool.images, pool.labels, batches))
     federation.close()
-    pool_size = federation.clients.workers.size if federation.clients.workers else 0
+    executor = federation.clients.executor
     return {
         "clients": clients, "samples": TOTAL_IMAGES // clients, "steps": sum(steps),
-        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if federation.clients.cohort
-        else f"workers ({pool_size} processes)" if pool_size else "sequential",
+        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if isinstance(executor, Vmap)
+        else f"workers ({executor.pool.size} processes)" if isinstance(executor, Workers) else "sequential",
         "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
         "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
     }

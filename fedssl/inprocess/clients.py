@@ -1,44 +1,42 @@
 """The run's clients in this process (`fedssl.clients.Clients`): one learner reused
-for every client, trained one client after another, a cohort at once with
-`federation.concurrency: vmap` (`fedssl.inprocess.vmap`), or in worker processes
-with `federation.workers` (`fedssl.inprocess.workers`). A Flower node runs one of
-these over its own clients and nothing of the server's.
+for every client, trained by an executor (`fedssl.inprocess.executors`: one client
+after another, a cohort at once with `federation.concurrency: vmap`, or in worker
+processes with `federation.workers`) and scored on it (`fedssl.inprocess.scoring`).
+Each client's round decodes its payload and encodes its update as it would on a
+node of its own (`federation.downlink`, `federation.uplink`). A Flower node runs one
+of these over its own clients and nothing of the server's.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from fedssl.algorithms.base import Algorithm, LocalClient, build_algorithm
-from fedssl.config.schema import RecipeConfig
-from fedssl.data.federated import FederatedData
-from fedssl.errors import UserError
-from fedssl.inprocess.trainer import Augmentations, ClientTrainer, round_steps
-from fedssl.inprocess.vmap import CohortTrainer, cohort_trainer
-from fedssl.evaluation.score import Score, score
+from fedssl.algorithms.base import Algorithm, build_algorithm
 from fedssl.clients import Holding, Scored
 from fedssl.codecs.links import Links, split_state
-from fedssl.evaluation.metrics import client_kind
-from fedssl.evaluation.personal import labeled_batches
-from fedssl.inprocess.state import ClientStateStore
-from fedssl.evaluation.unseen import fine_tune_head, scored_indices
+from fedssl.config.schema import RecipeConfig
+from fedssl.data.federated import FederatedData
 from fedssl.data.tensors import TensorPool
-from fedssl.inprocess.workers import WorkerPool, worker_count
+from fedssl.errors import UserError
+from fedssl.evaluation.metrics import client_kind
+from fedssl.evaluation.unseen import scored_indices
+from fedssl.inprocess.executors import Executor, Sequential, executor_for
+from fedssl.inprocess.scoring import Scorer
+from fedssl.inprocess.state import ClientStateStore
+from fedssl.inprocess.trainer import Augmentations, ClientTrainer
+from fedssl.inprocess.workers import Kept
 from fedssl.messages import Arrays, Payload, Update, array_bytes
 from fedssl.models.factory import build_model, input_normalization
-from fedssl.sampling import clients_per_round, held_out_clients
+from fedssl.sampling import held_out_clients
 
 log = logging.getLogger(__name__)
-
-Kept = dict[str, torch.Tensor]  # what a client keeps until its next round
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,7 +92,8 @@ def data_holdings(data: FederatedData, held_out: Collection[int] = ()) -> DataHo
 
 @dataclass
 class InProcessClients:
-    """The clients of `data`, trained in this process on one reused learner."""
+    """The clients of `data`, trained in this process on one reused learner by an
+    executor (`fedssl.inprocess.executors`) and scored on it (`fedssl.inprocess.scoring`)."""
 
     cfg: RecipeConfig
     data: FederatedData
@@ -102,9 +101,13 @@ class InProcessClients:
     trainer: ClientTrainer
     store: ClientStateStore
     links: Links  # the codecs on each link: payloads are decoded here, updates encoded
-    cohort: CohortTrainer | None = None  # trains clients together (federation.concurrency), None: one at a time
-    workers: WorkerPool | None = None  # trains clients in worker processes (federation.workers), None: in this one
+    executor: Executor | None = None  # how `fit` trains the clients; None: one after another (`Sequential`)
     pending: dict[int, Kept] = field(default_factory=dict)  # what the last fit's clients would keep
+
+    def __post_init__(self) -> None:
+        """Clients built without `build` (a test's) train one after another."""
+        if self.executor is None:
+            self.executor = Sequential(self)
 
     @classmethod
     def build(cls, cfg: RecipeConfig, data: FederatedData, algorithm: Algorithm | None = None,
@@ -115,34 +118,9 @@ class InProcessClients:
         if trainer is None:
             algorithm, trainer = build_trainer(cfg, data, device)
         store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
-        clients = cls(cfg, data, algorithm, trainer, store, Links.build(cfg), cohort_trainer(cfg, trainer, device))
-        count = clients.worker_count(device)
-        if count > 1:  # forked when the first round trains (a Flower node, which never calls `fit`, starts none)
-            clients.workers = WorkerPool(clients.train, count)
+        clients = cls(cfg, data, algorithm, trainer, store, Links.build(cfg))
+        clients.executor = executor_for(clients, device)
         return clients
-
-    def worker_count(self, device: torch.device) -> int:
-        """`federation.workers` resolved (`fedssl.inprocess.workers.worker_count`);
-        a count above 1 where workers cannot train is a `UserError`."""
-        fed = self.cfg.federation
-        per_round = min(clients_per_round(fed), fed.clients - len(self.held_out))
-        learner = self.trainer.learner
-        unlabeled_batch = self.trainer.source.unlabeled_batch(learner)
-        steps = sum(round_steps(len(c.labeled), len(c.unlabeled) if learner.uses_unlabeled else 0, self.cfg.train,
-                                unlabeled_batch) for c in self.data.clients) * per_round // max(len(self.data.clients), 1)
-        count = worker_count(fed.workers, device, per_round, steps)
-        if count > 1 and device.type != "cpu":
-            raise UserError(f"federation.workers: {count} worker processes train on the CPU, and federation.device is "
-                            f"{device.type}; there, federation.concurrency: vmap trains clients together (or set workers: 0)")
-        if count > 1 and multiprocessing.current_process().daemon:  # which multiprocessing forbids children
-            if fed.workers == "auto":
-                return 0
-            raise UserError(f"federation.workers: {count} worker processes cannot be started from a daemonic process "
-                            f"(a multiprocessing pool's worker); set workers: 0 there")
-        if count > 1 and self.cohort is not None:
-            raise UserError(f"federation.workers: {count} worker processes train clients one at a time, and "
-                            f"federation.concurrency is {fed.concurrency}, which trains them together; set one of the two")
-        return count if count > 1 else 0
 
     @cached_property
     def held_out(self) -> frozenset[int]:
@@ -152,6 +130,11 @@ class InProcessClients:
     @cached_property
     def holdings(self) -> Mapping[int, Holding]:
         return data_holdings(self.data, self.held_out)
+
+    @cached_property
+    def scorer(self) -> Scorer:
+        """Scores clients on the same learner and with the same kept state as they train."""
+        return Scorer(self.cfg, self.data, self.algorithm, self.trainer, self.store, self.held_out)
 
     @property
     def pool(self) -> TensorPool:
@@ -167,16 +150,24 @@ class InProcessClients:
         what it kept from earlier rounds (default: read from the store; a worker
         process is sent it)."""
         client = self.data.clients[client_id]
+        fit = lambda opened, own: self.trainer.fit(client_id, client.labeled, client.unlabeled, opened, own)
         try:
-            payload = self.open_payload(client_id, payload)
-            own, residuals = split_state(self.store.get(client_id) if state is None else state)
-            update, kept = self.trainer.fit(client_id, client.labeled, client.unlabeled, payload, own)
-            return self.send(update, payload, kept, own, residuals)
+            return self.round(client_id, payload, fit, state)
         except UserError:
             raise  # a mistake in the recipe, not a faulty client
         except Exception as error:
             log.debug("client %d raised", client_id, exc_info=True)
             return error, {}
+
+    def round(self, client_id: int, payload: Payload, fit: Callable[[Payload, Kept], tuple[Update, Kept]],
+              state: Kept | None = None) -> tuple[Update, Kept]:
+        """A client's round around `fit(decoded payload, own state) -> (update, kept)`:
+        the payload decoded as the client decodes it, the update encoded as it travels
+        back, and what the client keeps (`send`). `state` as for `train`."""
+        payload = self.open_payload(client_id, payload)
+        own, residuals = split_state(self.store.get(client_id) if state is None else state)
+        update, kept = fit(payload, own)
+        return self.send(update, payload, kept, own, residuals)
 
     def open_payload(self, client_id: int, payload: Payload) -> Payload:
         """The payload with the weights the client decodes from it (`federation.downlink`)."""
@@ -194,46 +185,12 @@ class InProcessClients:
         return encoded, (kept or own) | new_residuals if new_residuals else kept
 
     def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[tuple[int, Update | Exception, str | None]]:
-        """One client after another, with a cohort trainer `federation.concurrent_clients`
-        at a time, or in worker processes; in the payloads' order whichever."""
+        """Each client trained by the executor, in the payloads' order; what each would
+        keep waits for `accept`."""
         self.pending = {}
-        if self.workers is not None:
-            replies = self.workers.map(list(payloads), lambda c: (payloads[c], self.store.get(c)))
-            for client_id, update, kept in replies:
-                self.pending[client_id] = kept
-                yield client_id, update, raised(update)
-            return
-        chunk = self.cfg.federation.concurrent_clients if self.cohort else 1
-        ids = list(payloads)
-        for start in range(0, len(ids), chunk):
-            chunk_payloads = {c: payloads[c] for c in ids[start : start + chunk]}
-            together = self.fit_together(round_index, chunk_payloads) if self.cohort else {}
-            for client_id, payload in chunk_payloads.items():
-                if client_id in together:  # trained from the decoded payload; encoded as `train` would
-                    opened = self.open_payload(client_id, payload)
-                    own, residuals = split_state(self.store.get(client_id))
-                    update, kept = self.send(together[client_id], opened, {}, own, residuals)
-                else:
-                    update, kept = self.train(client_id, payload)
-                self.pending[client_id] = kept
-                yield client_id, update, raised(update)
-
-    def fit_together(self, round_index: int, payloads: dict[int, Payload]) -> dict[int, Update]:
-        """The updates of the clients the cohort trainer trains at once. Clients without
-        labeled data are left to `train` (they have nothing to stack); so is the whole
-        chunk if training it together raises, for `train` to isolate a faulty client."""
-        clients = [(c, self.data.clients[c].labeled, self.open_payload(c, p)) for c, p in payloads.items()
-                   if len(self.data.clients[c].labeled)]
-        if not clients:
-            return {}
-        try:
-            return {u.client_id: u for u in self.cohort.fit(clients)}
-        except UserError:
-            raise
-        except Exception as error:
-            log.warning("round %d: training %d clients together raised %s: %s; training them one at a time",
-                        round_index, len(clients), type(error).__name__, error)
-            return {}
+        for client_id, update, kept in self.executor.fit(round_index, payloads):
+            self.pending[client_id] = kept
+            yield client_id, update, raised(update)
 
     def accept(self, client_ids: Collection[int]) -> None:
         for client_id in client_ids:
@@ -247,54 +204,8 @@ class InProcessClients:
         return Scored(self.score_rows(weights, client_ids), bytes_down=len(client_ids) * array_bytes(weights))
 
     def score_rows(self, weights: Arrays, client_ids: list[int]) -> list[dict[str, Any]]:
-        """Per client, the global model (`weights`, the algorithm's `global_weights`)
-        and the client's personalized model on the client's own local test split.
-        This is all a node needs to score its clients: the global weights, not the
-        server's state."""
-        self.trainer.learner.load_arrays(weights)
-        rows, scores = [], []
-        for client_id in client_ids:
-            scores.append(self.score_local(client_id))
-            rows.append({"client": client_id, "kind": client_kind(self.data.clients[client_id]),
-                         "test_samples": scores[-1].count, "acc": scores[-1].accuracy, "loss": scores[-1].loss})
-        self.score_personal(weights, rows, scores)
-        return rows
-
-    def score_local(self, client_id: int) -> Score:
-        """The live model on the client's own local test split (a held-out client's:
-        all but its labeled samples)."""
-        client = self.data.clients[client_id]
-        scored = scored_indices(client.labeled, client.unlabeled, client.test, client_id in self.held_out)
-        index = torch.from_numpy(scored).to(self.pool.labels.device)
-        return score(self.model, self.pool.images[index], self.pool.labels[index])
-
-    def local_client(self, client_id: int, kept: bool = True) -> LocalClient:
-        """What the client's personalization may use: its kept state (none, `kept`
-        False) and its labeled training data."""
-        labeled = self.data.clients[client_id].labeled
-        train = self.cfg.train
-        batches = lambda steps: labeled_batches(self.pool.images, self.pool.labels, labeled, train.batch_size,
-                                                self.cfg.seed, client_id, steps, drop_last=train.drop_last)
-        return LocalClient(client_id, self.store.peek(client_id) if kept else {}, batches)
-
-    def score_personal(self, weights: Arrays, rows: list[dict[str, Any]], scores: list[Score]) -> None:
-        """Add each client's personalized model's scores on its own local test split to
-        its row: accuracy, loss and macro-F1 (without personalization that model is the
-        global one, whose `scores` are those of the rows); a held-out client's model is
-        the one it adapts with its labeled images (`Algorithm.unseen_weights`), scored
-        on the rest of its data."""
-        for row, local in zip(rows, scores):
-            if row["client"] in self.held_out:
-                client = self.local_client(row["client"], kept=False)  # it never trained: it kept nothing
-                steps = self.cfg.federation.holdout_steps
-                tune = lambda arrays: fine_tune_head(self.model, arrays, client.batches(steps), self.cfg.train.lr)
-                self.trainer.learner.load_arrays(self.algorithm.unseen_weights(weights, client, tune))
-                local = self.score_local(row["client"])
-            elif self.algorithm.capabilities.personalized:
-                client = self.local_client(row["client"])
-                self.trainer.learner.load_arrays(self.algorithm.personal_weights(weights, client))
-                local = self.score_local(row["client"])
-            row |= {"personal_acc": local.accuracy, "personal_loss": local.loss, "personal_f1": local.f1_macro}
+        """Each client's row (`Scorer.rows`): what a node answers an evaluate message with."""
+        return self.scorer.rows(weights, client_ids)
 
     def state_dict(self, directory: Path | None = None, round_index: int = 0) -> dict:
         return self.store.state_dict(directory, round_index)
@@ -303,9 +214,8 @@ class InProcessClients:
         self.store.load_state_dict(states, directory)
 
     def close(self) -> None:
-        """End the worker processes, if any (the run is over)."""
-        if self.workers is not None:
-            self.workers.close()
+        """Release the executor's worker processes, if any (the run is over)."""
+        self.executor.close()
 
 
 def raised(update: Update | Exception) -> str | None:

@@ -44,7 +44,7 @@ from fedssl.messages import Payload, Update
 
 log = logging.getLogger(__name__)
 
-Kept = dict[str, torch.Tensor]
+Kept = dict[str, torch.Tensor]  # what a client keeps until its next round
 # What a worker trains: a client's round from its payload and its stored state; what it returns.
 Train = Callable[[int, Payload, Kept], tuple[Update | Exception, Kept]]
 

@@ -10,6 +10,7 @@ from fedssl.config.load import load_recipe
 from fedssl.engine.checkpoint import load_checkpoint
 from fedssl.engine.federation import Federation
 from fedssl.engine.run import run_federation
+from fedssl.inprocess.executors import Sequential, Vmap
 from fedssl.run_dir import CHECKPOINT
 
 # The cohort trains contiguous weights; the sequential path it is compared with does
@@ -25,7 +26,8 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
     """(vectorized updates, sequential updates) of `clients` from the same round-1 payloads."""
     state = federation.initial_state()
     payloads = {c: federation.algorithm.payload(1, state, c) for c in clients}
-    together = federation.clients.cohort.fit([(c, federation.data.clients[c].labeled, payloads[c]) for c in clients])
+    cohort = federation.clients.executor.cohort
+    together = cohort.fit([(c, federation.data.clients[c].labeled, payloads[c]) for c in clients])
     one_by_one = [federation.trainer.fit(c, federation.data.clients[c].labeled, federation.data.clients[c].unlabeled,
                                          payloads[c])[0] for c in clients]
     return together, one_by_one
@@ -47,7 +49,7 @@ def train_both_ways(federation: Federation, clients=(0, 1, 2, 3)):
 ], ids=["sgd", "momentum+weight_decay", "fedprox", "augmented", "augmented-torch", "local_steps", "short_batches", "one_short_batch"])
 def test_vectorized_training_equals_sequential_training(tiny_recipe, overrides):
     federation = build(tiny_recipe, *VMAP, *overrides)
-    assert federation.clients.cohort is not None
+    assert isinstance(federation.clients.executor, Vmap)
     assert federation.trainer.fabric.strategy.precision.precision == "32-true"  # the path compared against
     sizes = [len(federation.data.clients[c].labeled) for c in range(4)]
     assert len(set(sizes)) > 1 and any(n % 16 for n in sizes)  # unequal clients, short remainders
@@ -96,13 +98,13 @@ def test_a_two_round_run_ends_with_the_same_weights_either_way(tiny_recipe, tmp_
 def test_what_cannot_be_vectorized_trains_one_at_a_time_and_says_why(tiny_recipe, caplog, overrides, reason):
     with caplog.at_level(logging.WARNING, logger="fedssl.inprocess.vmap"):
         federation = build(tiny_recipe, *VMAP, *overrides)
-    assert federation.clients.cohort is None
+    assert isinstance(federation.clients.executor, Sequential)
     lines = [r.getMessage() for r in caplog.records if "one at a time" in r.getMessage()]
     assert len(lines) == 1 and reason in lines[0], lines
 
 
 def test_auto_trains_one_at_a_time_on_the_cpu(tiny_recipe):
-    assert build(tiny_recipe, "federation.concurrency=auto").clients.cohort is None
+    assert isinstance(build(tiny_recipe, "federation.concurrency=auto").clients.executor, Sequential)
 
 
 def test_a_failing_cohort_is_retrained_one_client_at_a_time(tiny_recipe, monkeypatch, caplog):
@@ -112,7 +114,7 @@ def test_a_failing_cohort_is_retrained_one_client_at_a_time(tiny_recipe, monkeyp
     def fail(clients):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(federation.clients.cohort, "fit", fail)
+    monkeypatch.setattr(federation.clients.executor.cohort, "fit", fail)
     state, metrics = federation.fit_round(1, federation.initial_state())
     reference, reference_metrics = expected.fit_round(1, expected.initial_state())
     assert "training 4 clients together raised RuntimeError: CUDA out of memory; training them one at a time" in caplog.text
@@ -122,14 +124,14 @@ def test_a_failing_cohort_is_retrained_one_client_at_a_time(tiny_recipe, monkeyp
 
 def test_a_non_finite_vectorized_update_is_dropped(tiny_recipe, monkeypatch, caplog):
     federation = build(tiny_recipe, *VMAP, "federation.clients_per_round=4")
-    fit = federation.clients.cohort.fit
+    fit = federation.clients.executor.cohort.fit
 
     def poison(clients):
         updates = fit(clients)
         next(iter(updates[0].arrays.values())).fill_(float("nan"))
         return updates
 
-    monkeypatch.setattr(federation.clients.cohort, "fit", poison)
+    monkeypatch.setattr(federation.clients.executor.cohort, "fit", poison)
     _, metrics = federation.fit_round(1, federation.initial_state())
     assert metrics["dropped_clients"] == 1 and metrics["clients"] == 3
     assert "non-finite values" in caplog.text
@@ -141,7 +143,7 @@ def test_vectorized_training_equals_sequential_training_on_the_gpu(tiny_recipe, 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     federation = build(tiny_recipe, "federation.device=cuda", "train.momentum=0.9", "train.weight_decay=0.001")
-    assert federation.clients.cohort is not None  # federation.concurrency: auto picks vmap on CUDA
+    assert isinstance(federation.clients.executor, Vmap)  # federation.concurrency: auto picks vmap on CUDA
     together, one_by_one = train_both_ways(federation)
     for vectorized, sequential in zip(together, one_by_one):
         assert vectorized.arrays["fc.weight"].is_cuda

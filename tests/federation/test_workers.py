@@ -182,7 +182,7 @@ def test_a_worker_count_above_the_clients_per_round_is_capped_and_said_once(tiny
     with caplog.at_level(logging.WARNING, logger="fedssl"):
         federation = Federation.build(load_recipe(tiny_recipe, ["federation.workers=99"]))
     try:
-        assert federation.clients.workers.size == 3  # tiny: 3 clients a round
+        assert federation.clients.executor.pool.size == 3  # tiny: 3 clients a round
     finally:
         federation.close()
     capped = [r.getMessage() for r in caplog.records if "capped" in r.getMessage()]

@@ -108,7 +108,7 @@ def test_meta_learners_are_scored_after_adapting_on_their_training_data(tiny_rec
     cfg = load_recipe(tiny_recipe, ["algorithm.name=reptile", "algorithm.meta.adapt_steps=3"])
     federation = Federation.build(cfg)
     state = federation.initial_state()
-    client = federation.clients.local_client(0)
+    client = federation.clients.scorer.local_client(0)
     adapted = federation.algorithm.personal_weights(state.params, client)
     assert not torch.equal(adapted["fc.weight"], state.params["fc.weight"])
     assert torch.equal(federation.algorithm.personal_weights(state.params, client)["fc.weight"], adapted["fc.weight"])
