@@ -17,23 +17,43 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
+from fedssl.config.schema import RecipeConfig
+from fedssl.data.federated import FederatedData
 from fedssl.errors import UserError
-from fedssl.inprocess.trainer import round_steps
+from fedssl.inprocess.state import ClientStateStore
+from fedssl.inprocess.trainer import ClientTrainer, round_steps
 from fedssl.inprocess.vmap import CohortTrainer, cohort_trainer
 from fedssl.inprocess.workers import Kept, WorkerPool, worker_count
 from fedssl.messages import Payload, Update
 from fedssl.sampling import clients_per_round
 
-if TYPE_CHECKING:
-    from fedssl.inprocess.clients import InProcessClients
-
 log = logging.getLogger(__name__)
 
 Fitted = tuple[int, Update | Exception, Kept]  # a client, its update (or the exception it raised), what it would keep
+
+
+class InProcessClients(Protocol):
+    """What an executor needs of the clients it trains (`fedssl.inprocess.clients.InProcessClients`)."""
+
+    cfg: RecipeConfig
+    data: FederatedData
+    trainer: ClientTrainer
+    store: ClientStateStore
+    held_out: frozenset[int]
+
+    def train(self, client_id: int, payload: Payload, state: Kept | None = None) -> tuple[Update | Exception, Kept]:
+        """One client's round from its payload as it travelled."""
+
+    def round(self, client_id: int, payload: Payload, fit: Callable[[Payload, Kept], tuple[Update, Kept]],
+              state: Kept | None = None) -> tuple[Update, Kept]:
+        """A client's round around `fit`: its payload decoded, its update encoded."""
+
+    def open_payload(self, client_id: int, payload: Payload) -> Payload:
+        """The payload with the weights the client decodes from it."""
 
 
 class Executor(Protocol):
