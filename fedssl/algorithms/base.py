@@ -23,6 +23,11 @@ from fedssl.messages import Arrays, Payload, Scalar, Update
 from fedssl.learners.base import FederatedLearner
 from fedssl.registry import Registry
 
+# `Algorithm.smoke` of an algorithm that learns from each client's labeled and unlabeled
+# images: 2 labels per class on every client, the rest unlabeled, and 2 unlabeled images
+# per labeled one in a step (FixMatch's 7 would make a tiny run slow).
+SMOKE_FEW_LABELS_PER_CLIENT = ("data.labels.mode=client", "data.labels.per_class=2", "algorithm.ssl.unlabeled_ratio=2")
+
 # A labeled batch: images and labels.
 LabeledBatch = tuple[torch.Tensor, torch.Tensor]
 # Runs the algorithm's learner on the server's labeled set from a payload.
@@ -40,11 +45,23 @@ class LocalClient:
 
 
 class Algorithm:
-    """Base class: share everything, override the learner and the aggregation."""
+    """Base class: share everything, override the learner and the aggregation.
+
+    Attributes:
+        smoke: The recipe overrides (key=value) that a tiny two-round run of this
+            algorithm needs beyond a plain labeled federation, to run at all and to
+            take its own paths within two rounds: where its labels are, its
+            section's keys made small (FedProx: `("algorithm.proximal_mu=0.01",)`).
+            The tests parametrized over the registry read it, so that an algorithm
+            is smoke-tested from its own module, with no list kept elsewhere; the
+            default, (), runs it on the plain federation.
+    """
 
     # What it needs from a round and allows around it (`capabilities.Capabilities`);
     # a property where the recipe decides (FixMatch's threshold rule keeps state).
     capabilities = Capabilities(reads_each_update="its server step is its own")
+
+    smoke: tuple[str, ...] = ()
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg

@@ -32,7 +32,7 @@ from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import check_choice, require
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import ServerState
-from fedssl.algorithms.base import ALGORITHMS, LocalClient
+from fedssl.algorithms.base import ALGORITHMS, SMOKE_FEW_LABELS_PER_CLIENT, LocalClient
 from fedssl.algorithms.fedavg import FedAvg
 from fedssl.learners.personal import personal_arrays
 from fedssl.learners.selfsup import HEADS, METHODS, SelfSupervisedLearner
@@ -102,6 +102,9 @@ class FedAffect(FedAvg):
     projection and prediction heads travel beside it but are neither evaluated nor
     exported (`global_weights`).
     """
+
+    # both stages in two rounds: a self-supervised round, then a few-shot one on the clients' labels
+    smoke = (*SMOKE_FEW_LABELS_PER_CLIENT, "algorithm.selfsup.pretrain_rounds=1")
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)

@@ -54,6 +54,8 @@ class FedProx(FedAvg):
     """FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys
     2020): FedAvg whose clients add mu/2 * ||w - w_global||^2 to their loss."""
 
+    smoke = ("algorithm.proximal_mu=0.01",)  # it refuses mu = 0, the recipe's default
+
     def __init__(self, cfg: RecipeConfig):
         if cfg.algorithm.proximal_mu <= 0:
             raise UserError("algorithm.proximal_mu: fedprox needs mu > 0 (e.g. 0.01)")

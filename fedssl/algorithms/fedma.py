@@ -145,6 +145,7 @@ class FedMA(Algorithm):
 
     # an update holds exactly the layers it was sent to train; the server matches each one's units
     capabilities = Capabilities(dense_updates=True, reads_each_update="FedMA matches each client's units")
+    smoke = ("algorithm.fedma.iterations=1",)  # one re-matching sweep, not 5: the same code, sooner
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)

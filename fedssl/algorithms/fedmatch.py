@@ -42,7 +42,7 @@ from fedssl.config.schema import ALGORITHM_SECTIONS, RecipeConfig
 from fedssl.config.validate import require
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import ServerState, weighted_average
-from fedssl.algorithms.base import ALGORITHMS, Algorithm, ServerTrainer
+from fedssl.algorithms.base import ALGORITHMS, SMOKE_FEW_LABELS_PER_CLIENT, Algorithm, ServerTrainer
 from fedssl.messages import Arrays, Payload, Update
 from fedssl.learners.fedmatch import PSI, SIGMA, FedMatchLearner, decode_delta
 
@@ -111,6 +111,7 @@ class FedMatch(Algorithm):
     """
 
     capabilities = Capabilities(reads_each_update="FedMatch keeps each client's model to choose its helpers")
+    smoke = SMOKE_FEW_LABELS_PER_CLIENT  # both sigma and psi train; helpers are first chosen before round 2
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)

@@ -9,7 +9,7 @@ from torch import nn
 from fedssl.algorithms.capabilities import Capabilities
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
-from fedssl.algorithms.base import ALGORITHMS
+from fedssl.algorithms.base import ALGORITHMS, SMOKE_FEW_LABELS_PER_CLIENT
 from fedssl.algorithms.fedavg import FedAvg
 from fedssl.learners.fixmatch import FixMatchLearner
 from fedssl.ssl.thresholds import THRESHOLDS
@@ -24,6 +24,7 @@ class FixMatch(FedAvg):
     fine-tunes the global model on them before each broadcast."""
 
     teacher = "local"
+    smoke = SMOKE_FEW_LABELS_PER_CLIENT
 
     @property
     def capabilities(self) -> Capabilities:
@@ -45,6 +46,9 @@ class SemiFL(FixMatch):
     the server averages."""
 
     teacher = "global"
+    # every client unlabeled, the server with 3 labels per class and a few steps on them, which it refuses to go without
+    smoke = ("data.labels.mode=server", "data.labels.server_per_class=3", "algorithm.ssl.server_steps=3",
+             "algorithm.ssl.unlabeled_ratio=2")
 
     def __init__(self, cfg: RecipeConfig):
         if cfg.algorithm.ssl.server_steps <= 0 or cfg.data.labels.server_per_class <= 0:

@@ -172,6 +172,7 @@ class Mocha(Algorithm):
     # every update holds every array: the server needs each w_t to relate the tasks
     capabilities = Capabilities(dense_updates=True, personalized=True, keeps_client_state=True,
                                 reads_each_update="MOCHA relates each client's model to the others'")
+    smoke = ("algorithm.mocha.work_min=0.5",)  # each client runs its own share of the steps
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__(cfg)

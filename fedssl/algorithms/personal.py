@@ -147,6 +147,8 @@ class FedBN(PersonalLayers):
     normalization layers (affine weights and running statistics) stays local; the
     rest is averaged. Use a model with normalization layers (`fedavg_cnn_bn`)."""
 
+    smoke = ("model.name=fedavg_cnn_bn",)  # the tests' model has no normalization layers, which it refuses
+
     def default_personal(self, model: nn.Module) -> list[str]:
         names = norm_array_names(model)
         if not names:

@@ -44,20 +44,15 @@ from fedssl.engine.run import add_evaluation
 from fedssl.learners.selfsup import HEADS
 from fedssl.messages import Arrays, Update, array_bytes
 
-MIXED_CLIENTS = ["data.labels.mode=client", "data.labels.per_class=2", "algorithm.ssl.unlabeled_ratio=2"]
-# What each algorithm needs beyond the tiny recipe (as in test_ssl_learning's smoke cases);
-# every client here holds labeled and unlabeled data, so every learner path runs.
-SETTINGS = {
-    "fedprox": ["algorithm.proximal_mu=0.01"],
-    "fixmatch": MIXED_CLIENTS,
-    "semifl": ["data.labels.mode=server", "data.labels.server_per_class=3", "algorithm.ssl.server_steps=3"],
-    "fedmatch": [*MIXED_CLIENTS, "algorithm.fedmatch.helper_every=1"],  # helpers chosen before round 2
-    "fedbn": ["model.name=fedavg_cnn_bn"],
-    # both stages, with BYOL's target network and FedEMA's last online network kept per client
-    "fedaffect": [*MIXED_CLIENTS, "algorithm.selfsup.pretrain_rounds=1", "algorithm.selfsup.update=fedema"],
-    "fedma": ["algorithm.fedma.iterations=1"],  # round 2 sends the matched conv1 as extras, each client its own layers
-    "fedbuff": ["algorithm.fedbuff.buffer_size=6"],  # every client in flight arrives each round: 12 trainings
-    "mocha": ["algorithm.mocha.work_min=0.5"],  # each client is sent its own anchor (from round 2) and share of the steps
+# Each algorithm runs with its own smoke settings (`Algorithm.smoke`), so that its paths
+# run within two rounds: labels where its learner reads them, FedMatch's helpers, FedMA's
+# matched conv1 sent as extras, MOCHA's anchor and share of the steps for each client.
+# What this test adds, for its own subject (an algorithm needs no entry here):
+FOR_LOCALITY = {
+    # FedEMA's last online network kept per client too, beside BYOL's target network
+    "fedaffect": ["algorithm.selfsup.update=fedema"],
+    # every client in flight arrives each round, so that every training sent comes back: 12 trainings
+    "fedbuff": ["algorithm.fedbuff.buffer_size=6"],
 }
 NODES = {100: "0,3", 101: "1,4", 102: "2,5"}  # Flower: three nodes, two clients each
 
@@ -197,7 +192,8 @@ def own_layers(state: ServerState, client_id: int) -> set[tuple]:
 @pytest.mark.parametrize("algorithm", registered_algorithms())
 def test_a_node_receives_only_what_its_clients_need_and_sends_back_only_updates_and_scores(
         tiny_recipe, over_flower_wire, loopback_grid, algorithm, backend):
-    cfg = load_recipe(tiny_recipe, [f"algorithm.name={algorithm}", *SETTINGS.get(algorithm, []),
+    cfg = load_recipe(tiny_recipe, [f"algorithm.name={algorithm}", *ALGORITHMS.get(algorithm).smoke,
+                                    *FOR_LOCALITY.get(algorithm, []),
                                     "federation.clients_per_round=6", "train.local_steps=1"])
     federation, traffic = (inprocess_traffic(cfg) if backend == "inprocess" else flower_traffic(cfg, loopback_grid))
     learner = federation.trainer.learner

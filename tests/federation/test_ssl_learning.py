@@ -438,17 +438,8 @@ def registered_algorithms() -> list[str]:
     return ALGORITHMS.names()
 
 
-# What each algorithm needs beyond the tiny recipe; algorithms not named here run as is.
-ALGORITHM_SETTINGS = {
-    "fedprox": ["algorithm.proximal_mu=0.01"],
-    "fixmatch": MIXED_CLIENTS,
-    "semifl": [*UNLABELED_ONLY, "algorithm.ssl.server_steps=3"],
-    "fedmatch": MIXED_CLIENTS,
-    "fedbn": ["model.name=fedavg_cnn_bn"],  # FedBN keeps normalization layers local: it needs a model with some
-    "fedaffect": [*MIXED_CLIENTS, "algorithm.selfsup.pretrain_rounds=1"],  # a BYOL round, then a few-shot one
-    "mocha": ["algorithm.mocha.work_min=0.5"],  # each client runs its own share of the steps
-}
-# Further settings worth a run, for algorithms that are registered.
+# Further settings worth a run, for algorithms that are registered (each algorithm's own
+# settings, beyond the tiny recipe, are its `Algorithm.smoke`).
 EXTRA_CASES = [
     ("fixmatch", "fedprox-fixmatch", [*MIXED_CLIENTS, "algorithm.proximal_mu=0.01"]),
     ("fixmatch", "labels-at-server", [*UNLABELED_ONLY, "algorithm.ssl.server_steps=3"]),
@@ -468,7 +459,7 @@ EXTRA_CASES = [
 
 def smoke_cases():
     names = registered_algorithms()
-    cases = [pytest.param(name, ALGORITHM_SETTINGS.get(name, []), id=name) for name in names]
+    cases = [pytest.param(name, list(ALGORITHMS.get(name).smoke), id=name) for name in names]
     cases += [pytest.param(name, overrides, id=f"{name}-{label}")
               for name, label, overrides in EXTRA_CASES if name in names]
     return cases

@@ -1,14 +1,19 @@
 """An algorithm added from outside the package is one module: installed as another
 package's `fedssl.algorithms` entry point, a recipe names it and sets its own keys,
-and it runs with its own server state on both backends."""
+it runs with its own server state on both backends, and the tests parametrized over
+the registry smoke-test it with no list of algorithms to edit."""
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedssl.algorithms.base import ALGORITHMS
 from fedssl.config.load import load_recipe
 from fedssl.errors import UserError
 from fedssl.engine.checkpoint import load_checkpoint
@@ -50,3 +55,18 @@ def test_it_runs_from_a_recipe_with_its_own_server_state(tiny_recipe, toy_instal
     assert int(state["extras"]["averaged"]) == 2 * 3  # two rounds of three clients
     assert all(bool(torch.isfinite(v).all()) for v in state["params"].values() if v.is_floating_point())
     assert json.loads((run_dir / "summary.json").read_text())["global_acc"] == summary["global_acc"]
+
+
+@pytest.mark.slow
+def test_the_tests_parametrized_over_the_registry_smoke_test_it_with_no_settings(toy_installed, tmp_path):
+    """Installed, it is one more case of each registry-parametrized test, run with its
+    `smoke` settings, the default (): no test keeps a list of algorithms to edit. A
+    pytest of its own, since those tests read the registry when they are collected."""
+    assert ALGORITHMS.get("toy").smoke == ()
+    tests = HERE.parent
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
+                          "-k", "toy", str(tests / "federation" / "test_ssl_learning.py"),
+                          str(tests / "federation" / "test_locality.py")],
+                         cwd=tests.parent, capture_output=True, text=True)
+    # test_ssl_learning's two rounds; test_locality's, in process and on Flower
+    assert run.returncode == 0 and re.search(r"\b3 passed\b", run.stdout), run.stdout[-4000:] + run.stderr[-2000:]

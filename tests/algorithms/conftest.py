@@ -1,6 +1,6 @@
-"""Small models, data and hand-computed gradients shared by the personalization tests,
-handed to tests as the `kit` fixture (tests are imported with --import-mode=importlib,
-so they cannot import a helper module by name)."""
+"""Small models, data and hand-computed gradients shared by the algorithms' tests (the
+personalized and meta-learned ones), handed to tests as the `kit` fixture (tests are
+imported with --import-mode=importlib, so they cannot import a helper module by name)."""
 
 from __future__ import annotations
 
