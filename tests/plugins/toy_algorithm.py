@@ -8,6 +8,7 @@ import torch
 
 from fedssl.algorithms.aggregate import weighted_average
 from fedssl.algorithms.base import ALGORITHMS, Algorithm
+from fedssl.algorithms.capabilities import Capabilities
 from fedssl.config.schema import ALGORITHM_SECTIONS
 from fedssl.config.validate import require
 from fedssl.learners.supervised import SupervisedLearner
@@ -24,7 +25,8 @@ class ToyConfig:
 
 @ALGORITHMS.register("toy")
 class Toy(Algorithm):
-    dense_updates = True
+    # every update holds every array; its server step is its own, which reads each update
+    capabilities = Capabilities(dense_updates=True, reads_each_update="the toy's own server step")
 
     def make_learner(self, model):
         return SupervisedLearner(model, self.cfg.train)
