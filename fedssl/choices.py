@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from fedssl.registry import Registry
 
-# federation.aggregator: how FedAvg-family servers combine updates (fedssl/algorithms/robust.py)
+# federation.robust.aggregator: how FedAvg-family servers combine updates (fedssl/algorithms/robust.py)
 AGGREGATORS: Registry[Callable[..., Any]] = Registry("aggregator", imports=("fedssl.algorithms.robust",))
 # privacy.accountant: the privacy accountants (fedssl/privacy/accountant.py)
 ACCOUNTANTS: Registry[Callable[[], Any]] = Registry("accountant", imports=("fedssl.privacy.accountant",))

@@ -51,8 +51,8 @@ def launch(
     """
     cfg = named_after(load_recipe(recipe, overrides), name_from)
     ensure_dir(Path(cfg.output_dir), "output_dir")
-    if cfg.federation.state_dir:  # else a file there fails only when the first state spills
-        ensure_dir(Path(cfg.federation.state_dir), "federation.state_dir")
+    if cfg.federation.execution.state_dir:  # else a file there fails only when the first state spills
+        ensure_dir(Path(cfg.federation.execution.state_dir), "federation.execution.state_dir")
     run_dir = Path(cfg.output_dir) / cfg.name
     with hold_run_dir(run_dir):
         prepare_run_dir(run_dir, resume, overwrite)  # config.yaml is written once a resume is known to be allowed

@@ -77,10 +77,11 @@ def poisson_sample(candidates: list[int], rate: float, seed: int, round_index: i
 
 
 def held_out_clients(cfg: FederationConfig, seed: int) -> frozenset[int]:
-    """The clients that never train (`federation.holdout_clients`: a share of the
+    """The clients that never train (`federation.evaluation.holdout_clients`: a share of the
     clients if below 1, else a count), drawn from the seed alone, so the server and
     every node agree on them without being told."""
-    count = round(cfg.holdout_clients * cfg.clients) if cfg.holdout_clients < 1 else int(cfg.holdout_clients)
+    holdout = cfg.evaluation.holdout_clients
+    count = round(holdout * cfg.clients) if holdout < 1 else int(holdout)
     if count <= 0:
         return frozenset()
     rng = np.random.default_rng([seed, 0x401D])

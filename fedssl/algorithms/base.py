@@ -118,7 +118,7 @@ class Algorithm:
 
     def unseen_weights(self, global_weights: Arrays, client: LocalClient,
                        fine_tune_head: Callable[[Arrays], Arrays]) -> Arrays:
-        """The model of a held-out client (`federation.holdout_clients`), which never
+        """The model of a held-out client (`federation.evaluation.holdout_clients`), which never
         trained and adapts with its labeled images alone (`client.batches`; its state
         is empty): by default the global model with its classifier fine-tuned on
         them (`fine_tune_head`); an algorithm with an adaptation of its own

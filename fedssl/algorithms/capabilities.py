@@ -22,7 +22,7 @@ class Capabilities:
 
     Attributes:
         averages_updates: its `aggregate` is `robust.combine` of the updates followed
-            by a server step, so `federation.aggregator` can replace the average and
+            by a server step, so `federation.robust.aggregator` can replace the average and
             `privacy.mechanism` can hand it one private update for the cohort's.
         dense_updates: every update holds each shared array densely (the FedAvg
             family); otherwise an update may send sparse deltas and leave unchanged
@@ -70,8 +70,8 @@ def check_compatible(cfg: RecipeConfig, can: Capabilities, resume_on_nodes: bool
     def refuse(key: str, why: str) -> None:
         raise UserError(f"{key}: {why}")
 
-    if fed.aggregator != "mean" and not can.averages_updates:
-        refuse("federation.aggregator", f"{fed.aggregator} is not available for algorithm.name={name}, whose server "
+    if fed.robust.aggregator != "mean" and not can.averages_updates:
+        refuse("federation.robust.aggregator", f"{fed.robust.aggregator} is not available for algorithm.name={name}, whose server "
                "does not average full client weights")
     if cfg.privacy.mechanism != "none" and not can.linear:
         refuse("privacy.mechanism", f"{cfg.privacy.mechanism} is not available for algorithm.name={name}: its server "

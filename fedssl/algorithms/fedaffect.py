@@ -11,7 +11,7 @@ self-supervision, then few-shot rounds) or, after the pretraining rounds, share 
 round (`schedule: interleaved`).
 
 The server averages every shared array (FedAvg of encoders, as FedU, Zhuang et al.,
-ICCV 2021, does of its online networks), so `federation.aggregator` and
+ICCV 2021, does of its online networks), so `federation.robust.aggregator` and
 `privacy.mechanism` apply. With `update: fedema`, clients apply FedEMA's
 divergence-aware update (Zhuang, Wen and Zhang, "Divergence-aware Federated
 Self-Supervised Learning", ICLR 2022): each moves its previous online network toward

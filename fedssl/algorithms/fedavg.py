@@ -23,7 +23,7 @@ class FedAvg(Algorithm):
     Networks from Decentralized Data", AISTATS 2017).
 
     Clients run local SGD on their labeled data; the server averages the returned
-    weights by example count (or combines them robustly, `federation.aggregator`).
+    weights by example count (or combines them robustly, `federation.robust.aggregator`).
     `algorithm.proximal_mu > 0` adds FedProx's proximal term on the clients;
     `algorithm.server_momentum > 0` makes it FedAvgM.
     """
@@ -45,7 +45,7 @@ class FedAvg(Algorithm):
         if not trained:  # e.g. only unlabeled clients were sampled: nothing to learn from
             return state
         algo = self.cfg.algorithm
-        average = combine(trained, self.cfg.federation)
+        average = combine(trained, self.cfg.federation.robust)
         return server_step(state, average, lr=algo.server_lr, momentum=algo.server_momentum)
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from fedssl.config.schema import FederationConfig
+from fedssl.config.schema import RobustConfig
 from fedssl.errors import UserError
 from fedssl.algorithms.aggregate import weighted_average
 from fedssl.choices import AGGREGATORS
@@ -72,7 +72,7 @@ def krum_scores(updates: Sequence[Update], byzantine: int) -> list[float]:
     its n - f - 2 nearest other updates."""
     n = len(updates)
     if n < 2 * byzantine + 3:
-        raise UserError(f"federation.byzantine: krum with f={byzantine} needs at least 2f + 3 = "
+        raise UserError(f"federation.robust.byzantine: krum with f={byzantine} needs at least 2f + 3 = "
                         f"{2 * byzantine + 3} updates, got {n}")
     names = [k for k, v in updates[0].arrays.items() if v.is_floating_point()]
     flat = torch.stack([torch.cat([u.arrays[k].double().flatten() for k in names]) for u in updates])
@@ -89,7 +89,7 @@ def multi_krum(updates: Sequence[Update], byzantine: int, select: int) -> Arrays
     go to the earlier update); `select` = 1 is Krum itself."""
     scores = krum_scores(updates, byzantine)
     if not 1 <= select <= len(updates):
-        raise UserError(f"federation.krum_select: must be between 1 and the {len(updates)} updates, got {select}")
+        raise UserError(f"federation.robust.krum_select: must be between 1 and the {len(updates)} updates, got {select}")
     chosen = sorted(range(len(updates)), key=lambda i: (scores[i], i))[:select]
     return weighted_average([Update(updates[i].client_id, updates[i].arrays, 1) for i in chosen])
 
@@ -106,17 +106,17 @@ AGGREGATORS.register("krum")(lambda updates, cfg: krum(updates, cfg.byzantine))
 
 
 @AGGREGATORS.register("multi_krum")
-def _multi_krum(updates: Sequence[Update], cfg: FederationConfig) -> Arrays:
+def _multi_krum(updates: Sequence[Update], cfg: RobustConfig) -> Arrays:
     # Blanchard et al. average at most n - f updates; with clients dropped this round, n is smaller.
     most = len(updates) - cfg.byzantine
     return multi_krum(updates, cfg.byzantine, min(cfg.krum_select or most, most))
 
 
-def combine(updates: Sequence[Update], cfg: FederationConfig) -> Arrays:
+def combine(updates: Sequence[Update], cfg: RobustConfig) -> Arrays:
     """The updates combined by `cfg.aggregator` (one of `AGGREGATORS`)."""
-    return AGGREGATORS.get(cfg.aggregator, key="federation.aggregator")(updates, cfg)
+    return AGGREGATORS.get(cfg.aggregator, key="federation.robust.aggregator")(updates, cfg)
 
 
-def minimum_updates(cfg: FederationConfig) -> int:
+def minimum_updates(cfg: RobustConfig) -> int:
     """How many updates the aggregator needs to mean anything: Krum's 2f + 3."""
     return 2 * cfg.byzantine + 3 if cfg.aggregator in ("krum", "multi_krum") else 1

@@ -22,6 +22,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from fedssl.config.moved import move_keys
 from fedssl.config.schema import CodecConfig, recipe_schema, RecipeConfig
 from fedssl.config.validate import validate
 from fedssl.errors import UserError
@@ -89,6 +90,7 @@ def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         raise UserError(f"{path}: {str(error).splitlines()[0]}") from None
     if not isinstance(recipe_cfg, DictConfig):
         raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+    recipe_cfg = move_keys(recipe_cfg, str(path), announce=True)  # each file alone: its base may use the other paths
     if "base" not in recipe_cfg:
         return recipe_cfg
     base = recipe_cfg.pop("base")
@@ -197,7 +199,7 @@ def parse_overrides(overrides: Sequence[str]) -> DictConfig:
         except yaml.YAMLError as error:  # OmegaConf parses values as YAML: e.g. patterns=[*] is not valid
             raise not_yaml(item, error) from None
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return move_keys(OmegaConf.from_dotlist(list(overrides)), "overrides", announce=True)
     except OmegaConfBaseException as error:
         raise UserError(f"overrides: {str(error).splitlines()[0]}") from None
     except yaml.YAMLError as error:  # one that parses but does not build, e.g. a list as a mapping's key
@@ -228,7 +230,8 @@ def merge_config(layers: Sequence[Any], source: str | Sequence[str] = "overrides
     merged = OmegaConf.structured(recipe_schema())
     required: set[str] = set()
     for layer, source in zip(layers, sources, strict=True):
-        layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
+        # A layer may name keys by their old paths (fedssl.config.moved), e.g. a saved config.
+        layer = move_keys(OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer, source)
         # Not OmegaConf.missing_keys: it resolves ${...} within the layer alone,
         # where a key the interpolation names (given by another layer) is not found.
         leaves = leaf_values(OmegaConf.to_container(layer))
@@ -296,8 +299,14 @@ def recipe_defaults() -> dict[str, Any]:
 # config written before holds no value for them, and its run behaved as this one.
 BEHAVIOUR_BEFORE_THE_KEY = {
     "train.drop_last": False,  # every pass trained on its last, short batch
-    "federation.update_clip.multiple": 0.0,  # no update was clipped
+    "federation.robust.update_clip.multiple": 0.0,  # no update was clipped
 }
+
+
+def saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by any fedssl (a run directory's, a checkpoint's) with every
+    key at its current path (`fedssl.config.moved`)."""
+    return move_keys(config, "the saved config")
 
 
 def saved_defaults() -> dict[str, Any]:

@@ -167,31 +167,46 @@ class UpdateClipConfig:
 
 
 @dataclass
-class FederationConfig:
-    backend: str = "inprocess"  # where clients run: inprocess (one process) | flower (Flower's simulation engine)
-    rounds: int = 10  # communication rounds
-    clients: int = 10  # population size
-    clients_per_round: int = 10  # clients sampled each round (ignored when client_fraction is set)
-    client_fraction: Optional[float] = None  # share of the population sampled each round, in (0, 1]
-    eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
+class ExecutionConfig:
     device: str = "cpu"  # torch device for training: cpu | cuda | auto
     concurrency: str = "auto"  # how a round's clients train: sequential (one after another) | vmap (together, torch.func.vmap over stacked weights; where the algorithm or model cannot, one at a time, logged) | auto (vmap on CUDA, else sequential)
     concurrent_clients: int = 64  # vmap: at most this many clients train at once (bounds device memory)
     workers: str = "auto"  # CPU worker processes that train a round's clients, one torch thread each: a count (0 or 1: in this process) | auto (min(cores, clients per round) on a CPU of 2+ cores when a round holds 1,000+ SGD steps, else 0)
     states_in_memory: int = 100  # clients whose kept state (personal layers, ...) stays in memory; the rest are spilled to disk
-    eval_clients: int = 0  # clients scored on their own test split at each evaluation: 0 every client; n > 0 a fresh sample of n training clients each evaluation (and every held-out client), for populations too large to score whole
     state_dir: str = ""  # where spilled client states go, one file per client (default: a temporary directory)
+
+
+@dataclass
+class RobustConfig:
     aggregator: str = "mean"  # how FedAvg-family servers combine updates: mean (example-weighted) | median | trimmed_mean | krum | multi_krum
     trim_fraction: float = 0.1  # trimmed_mean: share of the largest and of the smallest values dropped per coordinate (beta)
     byzantine: int = 1  # krum, multi_krum: f, the attackers tolerated; needs clients_per_round >= 2f + 3
     krum_select: int = 0  # multi_krum: m, how many best-scored updates are averaged (0: n - f)
     min_clients: int = 1  # a round needs this many usable updates, else it is retried (round_retries) or the run stops
     round_retries: int = 0  # times a round with too few usable updates is redrawn from the clients that did not fail
+    max_update_ratio: float = 1000.0  # an update whose distance from the weights it was sent exceeds this x max(their norm, 1) is dropped and counted (e.g. a rogue x1e30 update)
+    update_clip: UpdateClipConfig = field(default_factory=UpdateClipConfig)  # the norm bound on every update, from the recent updates' norms; clipped updates are counted in clipped_clients
+
+
+@dataclass
+class EvaluationConfig:
+    eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
+    eval_clients: int = 0  # clients scored on their own test split at each evaluation: 0 every client; n > 0 a fresh sample of n training clients each evaluation (and every held-out client), for populations too large to score whole
     holdout_clients: float = 0.0  # clients that never train, scored at evaluation as unseen people (unseen_acc): a share of federation.clients if < 1, else a count; drawn from the seed
     holdout_steps: int = 20  # steps each held-out client adapts on its labeled images (head fine-tune, or the algorithm's own adaptation) before it is scored on the rest of its data
     linear_probe: bool = False  # evaluate: linear_acc, a logistic-regression probe on the global model's frozen features of the training clients' labeled split, scored on the server test set
-    max_update_ratio: float = 1000.0  # an update whose distance from the weights it was sent exceeds this x max(their norm, 1) is dropped and counted (e.g. a rogue x1e30 update)
-    update_clip: UpdateClipConfig = field(default_factory=UpdateClipConfig)  # the norm bound on every update, from the recent updates' norms; clipped updates are counted in clipped_clients
+
+
+@dataclass
+class FederationConfig:
+    backend: str = "inprocess"  # where clients run: inprocess (one process) | flower (Flower's simulation engine)
+    rounds: int = 10  # communication rounds
+    clients: int = 10  # population size
+    clients_per_round: int = 10  # clients sampled each round (ignored when client_fraction is set)
+    client_fraction: Optional[float] = None  # share of the population sampled each round, in (0, 1]
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)  # how this process trains a round's clients
+    robust: RobustConfig = field(default_factory=RobustConfig)  # what the server does against faulty and rogue clients
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # when and on whom the global model is scored
     flower: FlowerConfig = field(default_factory=FlowerConfig)  # backend=flower: client resources and timeouts
     system: SystemConfig = field(default_factory=SystemConfig)  # device profiles, simulated time and round policies
     uplink: UplinkConfig = field(default_factory=UplinkConfig)  # compressed updates and a lossy link, client to server (docs/communication.md)

@@ -51,26 +51,26 @@ def validate_sections(cfg: RecipeConfig) -> None:
 
 
 def validate_robustness(cfg: RecipeConfig) -> None:
-    """Robust aggregation and faulty clients: the aggregator must have enough updates."""
-    fed = cfg.federation
-    AGGREGATORS.get(fed.aggregator, key="federation.aggregator")
-    require(0 <= fed.trim_fraction < 0.5, "federation.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
-    require(fed.byzantine >= 0, "federation.byzantine", f"must be >= 0, got {fed.byzantine}")
-    require(fed.krum_select >= 0, "federation.krum_select", f"must be >= 0, got {fed.krum_select}")
-    require(fed.round_retries >= 0, "federation.round_retries", f"must be >= 0, got {fed.round_retries}")
-    require(fed.max_update_ratio > 0, "federation.max_update_ratio", f"must be > 0, got {fed.max_update_ratio}")
-    require(fed.update_clip.multiple >= 0, "federation.update_clip.multiple",
-            f"must be >= 0 (0: no clipping), got {fed.update_clip.multiple}")
-    require(fed.update_clip.window >= 1, "federation.update_clip.window", f"must be >= 1, got {fed.update_clip.window}")
-    per_round = clients_per_round(fed)
-    require(1 <= fed.min_clients <= per_round, "federation.min_clients",
-            f"must be between 1 and the {per_round} clients sampled per round, got {fed.min_clients}")
-    if fed.aggregator in ("krum", "multi_krum"):
-        require(per_round >= 2 * fed.byzantine + 3, "federation.byzantine",
-                f"krum with f={fed.byzantine} needs at least 2f + 3 = {2 * fed.byzantine + 3} clients per round, "
+    """Robust aggregation and faulty clients (`federation.robust`): the aggregator must have enough updates."""
+    robust, key = cfg.federation.robust, "federation.robust"
+    AGGREGATORS.get(robust.aggregator, key=f"{key}.aggregator")
+    require(0 <= robust.trim_fraction < 0.5, f"{key}.trim_fraction", f"must be in [0, 0.5), got {robust.trim_fraction}")
+    require(robust.byzantine >= 0, f"{key}.byzantine", f"must be >= 0, got {robust.byzantine}")
+    require(robust.krum_select >= 0, f"{key}.krum_select", f"must be >= 0, got {robust.krum_select}")
+    require(robust.round_retries >= 0, f"{key}.round_retries", f"must be >= 0, got {robust.round_retries}")
+    require(robust.max_update_ratio > 0, f"{key}.max_update_ratio", f"must be > 0, got {robust.max_update_ratio}")
+    clip = robust.update_clip
+    require(clip.multiple >= 0, f"{key}.update_clip.multiple", f"must be >= 0 (0: no clipping), got {clip.multiple}")
+    require(clip.window >= 1, f"{key}.update_clip.window", f"must be >= 1, got {clip.window}")
+    per_round = clients_per_round(cfg.federation)
+    require(1 <= robust.min_clients <= per_round, f"{key}.min_clients",
+            f"must be between 1 and the {per_round} clients sampled per round, got {robust.min_clients}")
+    if robust.aggregator in ("krum", "multi_krum"):
+        require(per_round >= 2 * robust.byzantine + 3, f"{key}.byzantine",
+                f"krum with f={robust.byzantine} needs at least 2f + 3 = {2 * robust.byzantine + 3} clients per round, "
                 f"got {per_round}")
-        require(fed.krum_select <= per_round - fed.byzantine, "federation.krum_select",
-                f"multi-krum averages at most n - f = {per_round - fed.byzantine} updates, got {fed.krum_select}")
+        require(robust.krum_select <= per_round - robust.byzantine, f"{key}.krum_select",
+                f"multi-krum averages at most n - f = {per_round - robust.byzantine} updates, got {robust.krum_select}")
 
 
 def codec_stages(entries: Sequence[Any], key: str) -> list[Any]:
@@ -114,8 +114,8 @@ def validate_links(cfg: RecipeConfig) -> None:
     require(ch.packet_bytes >= 1, f"{key}.packet_bytes", f"must be >= 1, got {ch.packet_bytes}")
     require(ch.retransmissions >= 0, f"{key}.retransmissions", f"must be >= 0, got {ch.retransmissions}")
     if ch.strategy == "mean" and lossy(ch):
-        require(fed.aggregator == "mean" and cfg.privacy.mechanism == "none", f"{key}.strategy",
-                "mean averages each coordinate over the clients it reached; it needs federation.aggregator=mean and "
+        require(fed.robust.aggregator == "mean" and cfg.privacy.mechanism == "none", f"{key}.strategy",
+                "mean averages each coordinate over the clients it reached; it needs federation.robust.aggregator=mean and "
                 "no privacy.mechanism (use drop or fill)")
 
 
@@ -143,11 +143,11 @@ def validate_privacy(cfg: RecipeConfig) -> None:
     # A delta of 1/n would allow a mechanism that publishes one of the n clients' data outright.
     require(0 < p.delta < 1 / population, "privacy.delta",
             f"must be in (0, 1/federation.clients = {1 / population:.3g}), and far below it; got {p.delta}")
-    require(cfg.federation.aggregator == "mean", "privacy.mechanism",
+    require(cfg.federation.robust.aggregator == "mean", "privacy.mechanism",
             f"{p.mechanism} DP clips and averages the deltas itself; it cannot be combined with "
-            f"federation.aggregator={cfg.federation.aggregator}")
+            f"federation.robust.aggregator={cfg.federation.robust.aggregator}")
     # A retry redraws from the clients that did not fail: not the Poisson sampling the accountant assumes.
-    require(cfg.federation.round_retries == 0, "federation.round_retries",
+    require(cfg.federation.robust.round_retries == 0, "federation.robust.round_retries",
             f"must be 0 with privacy.mechanism={p.mechanism}: a redrawn round is not the Poisson sampling "
             "the privacy accountant assumes")
 
@@ -184,30 +184,36 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         )
     else:
         require(0 < fed.client_fraction <= 1, "federation.client_fraction", f"must be in (0, 1], got {fed.client_fraction}")
-    require(fed.eval_every >= 1, "federation.eval_every", f"must be >= 1, got {fed.eval_every}")
-    held = fed.holdout_clients
-    require(held >= 0 and (held < 1 or held == int(held)), "federation.holdout_clients",
+    evaluation = fed.evaluation
+    require(evaluation.eval_every >= 1, "federation.evaluation.eval_every", f"must be >= 1, got {evaluation.eval_every}")
+    held = evaluation.holdout_clients
+    require(held >= 0 and (held < 1 or held == int(held)), "federation.evaluation.holdout_clients",
             f"must be a share in [0, 1) or a whole count, got {held}")
-    require(len(held_out_clients(fed, cfg.seed)) + clients_per_round(fed) <= fed.clients, "federation.holdout_clients",
+    require(len(held_out_clients(fed, cfg.seed)) + clients_per_round(fed) <= fed.clients,
+            "federation.evaluation.holdout_clients",
             f"holding out {len(held_out_clients(fed, cfg.seed))} of {fed.clients} clients leaves fewer than the "
             f"{clients_per_round(fed)} a round samples")
-    require(fed.holdout_steps >= 0, "federation.holdout_steps", f"must be >= 0, got {fed.holdout_steps}")
+    require(evaluation.holdout_steps >= 0, "federation.evaluation.holdout_steps",
+            f"must be >= 0, got {evaluation.holdout_steps}")
     check_choice(fed.backend, BACKENDS, "federation.backend")
     require(fed.flower.num_cpus > 0, "federation.flower.num_cpus", f"must be > 0, got {fed.flower.num_cpus}")
     require(fed.flower.num_gpus >= 0, "federation.flower.num_gpus", f"must be >= 0, got {fed.flower.num_gpus}")
     require(fed.flower.round_timeout > 0, "federation.flower.round_timeout", f"must be > 0, got {fed.flower.round_timeout}")
     require(fed.flower.connect_timeout > 0, "federation.flower.connect_timeout", f"must be > 0, got {fed.flower.connect_timeout}")
-    check_choice(fed.device, DEVICES, "federation.device")
-    check_choice(fed.concurrency, CONCURRENCY, "federation.concurrency")
-    require(fed.concurrent_clients >= 1, "federation.concurrent_clients", f"must be >= 1, got {fed.concurrent_clients}")
-    require(fed.workers == "auto" or (fed.workers.isdigit() and fed.workers.isascii()), "federation.workers",
-            f"must be auto or a count of worker processes >= 0, got {fed.workers!r}")
+    execution = fed.execution
+    check_choice(execution.device, DEVICES, "federation.execution.device")
+    check_choice(execution.concurrency, CONCURRENCY, "federation.execution.concurrency")
+    require(execution.concurrent_clients >= 1, "federation.execution.concurrent_clients",
+            f"must be >= 1, got {execution.concurrent_clients}")
+    workers = execution.workers
+    require(workers == "auto" or (workers.isdigit() and workers.isascii()), "federation.execution.workers",
+            f"must be auto or a count of worker processes >= 0, got {workers!r}")
     OPTIMIZERS.get(train.optimizer, key="train.optimizer")
     check_choice(train.precision, PRECISIONS, "train.precision")
     check_choice(train.memory_format, MEMORY_FORMATS, "train.memory_format")
-    # Lightning would train at bf16-mixed instead; federation.device: auto is checked where it resolves.
-    require(not (train.precision == "16-mixed" and fed.device == "cpu"), "train.precision",
-            "16-mixed (float16 autocast with loss scaling) needs a CUDA device, and federation.device is cpu; "
+    # Lightning would train at bf16-mixed instead; federation.execution.device: auto is checked where it resolves.
+    require(not (train.precision == "16-mixed" and execution.device == "cpu"), "train.precision",
+            "16-mixed (float16 autocast with loss scaling) needs a CUDA device, and federation.execution.device is cpu; "
             "use bf16-mixed or 32 there")
     require(train.lr > 0, "train.lr", f"must be > 0, got {train.lr}")
     require(train.batch_size >= 1, "train.batch_size", f"must be >= 1, got {train.batch_size}")
@@ -225,10 +231,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     require(0 < ssl.tau <= 1, "algorithm.ssl.tau", f"must be in (0, 1], got {ssl.tau}")
     require(ssl.unlabeled_ratio >= 1, "algorithm.ssl.unlabeled_ratio", f"must be >= 1, got {ssl.unlabeled_ratio}")
     require(ssl.server_steps >= 0, "algorithm.ssl.server_steps", f"must be >= 0, got {ssl.server_steps}")
-    require(cfg.federation.states_in_memory >= 0, "federation.states_in_memory",
-            f"must be >= 0, got {cfg.federation.states_in_memory}")
-    require(cfg.federation.eval_clients >= 0, "federation.eval_clients",
-            f"must be >= 0 (0: every client), got {cfg.federation.eval_clients}")
+    require(execution.states_in_memory >= 0, "federation.execution.states_in_memory",
+            f"must be >= 0, got {execution.states_in_memory}")
+    require(evaluation.eval_clients >= 0, "federation.evaluation.eval_clients",
+            f"must be >= 0 (0: every client), got {evaluation.eval_clients}")
     validate_sections(cfg)
     validate_robustness(cfg)
     validate_privacy(cfg)

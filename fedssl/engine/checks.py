@@ -149,7 +149,7 @@ def check_update(update: Update, reference: Arrays, dense: bool = True, max_exam
     if math.isfinite(max_ratio):
         distance, scale = update_distance(update, reference), max(weights_norm(reference), 1.0)
         if not distance <= max_ratio * scale:  # `not <=`: an infinite distance fails too
-            return (f"it moved the weights by {distance:.3g}, more than federation.max_update_ratio={max_ratio:g} "
+            return (f"it moved the weights by {distance:.3g}, more than federation.robust.max_update_ratio={max_ratio:g} "
                     f"x {scale:.3g} (the norm of the weights it was sent)")
     return None
 

@@ -25,16 +25,16 @@ def evaluate(server: Server, state: ServerState, round_index: int = 0
     """The global model on the server test set (accuracy, loss, macro-F1, per-class
     recall and the confusion matrix `global_confusion`, all from one pass), and
     each client's row (`Clients.score`): every client's, or with
-    `federation.eval_clients` a sample of the training clients drawn for
+    `federation.evaluation.eval_clients` a sample of the training clients drawn for
     `round_index` (and every held-out client). The metrics include what the evaluation cost and dropped
     (`bytes_down`, `bytes_up`, `dropped_clients`), for the round to add to its own."""
     weights = server.algorithm.global_weights(state)
     server.trainer.learner.load_arrays(weights)
     tested = score(server.model, server.test.images, server.test.labels)
-    probe = {"linear_acc": linear_probe(server)} if server.cfg.federation.linear_probe else {}
+    probe = {"linear_acc": linear_probe(server)} if server.cfg.federation.evaluation.linear_probe else {}
     fed = server.cfg.federation
     scored = server.clients.score(weights, sorted(
-        evaluation_cohort(fed.clients, fed.eval_clients, server.cfg.seed, round_index, server.held_out)
+        evaluation_cohort(fed.clients, fed.evaluation.eval_clients, server.cfg.seed, round_index, server.held_out)
         + sorted(server.held_out)))
     # Held-out clients never trained: they are reported apart, as unseen people.
     unseen = unseen_metrics(scored.rows, server.held_out)

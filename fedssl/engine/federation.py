@@ -42,7 +42,7 @@ class Federation(Server):
         """Build from the recipe; `data` replaces the recipe's data source (benchmarks);
         `clients` makes the clients (default: in this process, sharing the server's
         learner and image pool)."""
-        device = resolve_device(cfg.federation.device)
+        device = resolve_device(cfg.federation.execution.device)
         if data is None:
             data = build_federated_data(load_source(cfg.data), cfg.data, cfg.federation.clients, cfg.seed)
         algorithm, trainer = build_trainer(cfg, data, device)  # the recipe checked against its capabilities

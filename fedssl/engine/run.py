@@ -13,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fedssl.algorithms.aggregate import ServerState
-from fedssl.config.load import BEHAVIOUR_BEFORE_THE_KEY, saved_defaults, to_dict, to_yaml
+from fedssl.config.load import BEHAVIOUR_BEFORE_THE_KEY, saved_config, saved_defaults, to_dict, to_yaml
 from fedssl.config.schema import RecipeConfig
 from fedssl.errors import UserError
 from fedssl.engine.checkpoint import load_checkpoint, restore_rng_states, save_checkpoint
@@ -29,8 +29,9 @@ from fedssl.tracking.run_logger import RunLogger, read_metrics
 TRAFFIC = ("bytes_up", "bytes_down", "dropped_clients")
 CLIPPED = "clipped_clients"  # updates a round clipped to its norm bound (fedssl.engine.update_bound); summed too
 # Keys that may differ between a killed run and its resumption.
-RESUMABLE_CHANGES = ("federation.rounds", "federation.eval_every", "logging.", "output_dir",
-                     "federation.states_in_memory", "federation.state_dir")
+# At their current paths: a saved config is read with its keys moved (`saved_config`).
+RESUMABLE_CHANGES = ("federation.rounds", "federation.evaluation.eval_every", "logging.", "output_dir",
+                     "federation.execution.states_in_memory", "federation.execution.state_dir")
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None,
@@ -40,10 +41,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], defaults: di
     A key the killed run's config lacks was added to fedssl since it started; the
     run behaved as its default (`defaults`, the schema's values) or, for a key
     whose default differs from what fedssl did before (`saved_defaults`), as
-    that, so only another value is a change. Privacy settings other than the
-    mechanism change nothing while it is `none`."""
+    that, so only another value is a change. A key the killed run saved at an
+    older path (`fedssl.config.moved`) is compared at its current one. Privacy
+    settings other than the mechanism change nothing while it is `none`."""
     if defaults is None:
-        saved, current, defaults = without_inert_privacy(saved), without_inert_privacy(current), saved_defaults()
+        saved, current = without_inert_privacy(saved_config(saved)), without_inert_privacy(current)
+        defaults = saved_defaults()
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"
         old, new = saved.get(key, defaults.get(key)), current.get(key)
@@ -171,7 +174,7 @@ def run_round(federation: Federation, progress: Progress, round_index: int, bar:
     fed, rows = federation.cfg.federation, []
     began = time.perf_counter()
     progress.state, metrics = federation.fit_round(round_index, progress.state)
-    if round_index % fed.eval_every == 0 or round_index == fed.rounds:
+    if round_index % fed.evaluation.eval_every == 0 or round_index == fed.rounds:
         evaluated, rows = federation.evaluate(progress.state, round_index)
         metrics = add_evaluation(metrics, evaluated)
         bar.set_postfix(acc=f"{evaluated['global_acc']:.3f}")

@@ -36,7 +36,7 @@ class Server:
     privacy: CentralDP | None = None  # user-level DP (privacy.mechanism: central)
     system: SystemHeterogeneity | None = None  # device profiles and round policy (federation.system)
     links: Links | None = None  # the codecs on each link (federation.uplink, federation.downlink); default: the recipe's
-    bound: UpdateBound | None = None  # the norm bound on every update (federation.update_clip); default: the recipe's
+    bound: UpdateBound | None = None  # the norm bound on every update (federation.robust.update_clip); default: the recipe's
 
     def __post_init__(self) -> None:
         if self.links is None:
@@ -44,12 +44,12 @@ class Server:
         if self.bound is None:
             # Not under DP: its own clip bounds every update within the accountant, and a
             # bound set by other clients' norms would be a release the accountant does not count.
-            clip = self.cfg.federation.update_clip
+            clip = self.cfg.federation.robust.update_clip
             self.bound = UpdateBound(0.0 if self.privacy else clip.multiple, clip.window)
 
     @cached_property
     def held_out(self) -> frozenset[int]:
-        """Clients that never train (`federation.holdout_clients`): scored as unseen people."""
+        """Clients that never train (`federation.evaluation.holdout_clients`): scored as unseen people."""
         return held_out_clients(self.cfg.federation, self.cfg.seed)
 
     @property
@@ -71,9 +71,9 @@ class Server:
     @property
     def averages_as_they_come(self) -> bool:
         """Whether the server's aggregate is the plain weighted mean of the updates
-        (an averaging algorithm, `federation.aggregator: mean`, no DP), so that a
+        (an averaging algorithm, `federation.robust.aggregator: mean`, no DP), so that a
         round can fold each update into a running average instead of holding all."""
-        return (self.algorithm.capabilities.averages_updates and self.cfg.federation.aggregator == "mean"
+        return (self.algorithm.capabilities.averages_updates and self.cfg.federation.robust.aggregator == "mean"
                 and self.privacy is None)
 
     def initial_state(self) -> ServerState:

@@ -38,10 +38,10 @@ SERVER_ID = -1  # the server's "client id": the folded average, and training on 
 
 # The stages that read each client's update on its own, and what for.
 READS_EACH_UPDATE = {
-    "check": "each update's names, shapes, values, example count and distance are checked (federation.max_update_ratio)",
-    "bound": "each update's norm is clipped to the recent rounds' median (federation.update_clip)",
+    "check": "each update's names, shapes, values, example count and distance are checked (federation.robust.max_update_ratio)",
+    "bound": "each update's norm is clipped to the recent rounds' median (federation.robust.update_clip)",
     "receive": "a lossy uplink places each update's delivered coordinates (federation.uplink.channel)",
-    "fold": "a robust federation.aggregator compares the updates (anything but mean)",
+    "fold": "a robust federation.robust.aggregator compares the updates (anything but mean)",
 }
 
 
@@ -91,7 +91,7 @@ def check(server: Server, client_id: int, update: Update, payload: Payload) -> s
         return f"its node answered for client {update.client_id}"
     return check_update(update, payload.arrays, dense=server.algorithm.capabilities.dense_updates,
                         max_examples=server.clients.holdings[client_id].examples,
-                        max_ratio=server.cfg.federation.max_update_ratio)
+                        max_ratio=server.cfg.federation.robust.max_update_ratio)
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ of the stages in `fedssl.engine.stages`.
 An update that raised or fails its checks (non-finite values, arrays of a wrong
 name, shape or dtype, too many examples, too far from what was sent) is dropped
 with a warning naming the client. With fewer usable updates than
-federation.min_clients (or than the aggregator needs), the round is drawn again
-from the clients that did not fail, up to federation.round_retries times, and then
+federation.robust.min_clients (or than the aggregator needs), the round is drawn again
+from the clients that did not fail, up to federation.robust.round_retries times, and then
 the run stops. Under DP a Poisson draw may pick fewer clients than min_clients:
 that is no fault, and the round is released as drawn. Only the accepted draw's
 clients keep what they learned (`Clients.accept`).
@@ -50,17 +50,17 @@ class Draws:
 def synchronous_round(server: Server, round_index: int, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
     """Draw, train, check and fold a cohort (redrawn while too few updates are usable),
     then aggregate: the new server state and the round's metrics."""
-    fed = server.cfg.federation
-    needed = max(fed.min_clients, minimum_updates(fed))
+    fed, robust = server.cfg.federation, server.cfg.federation.robust
+    needed = max(robust.min_clients, minimum_updates(robust))
     traffic, draws = Traffic(), Draws()
-    for attempt in range(fed.round_retries + 1):
+    for attempt in range(robust.round_retries + 1):
         sampled, fold, clip = train_cohort(server, round_index, attempt, state, traffic, draws)
         if len(fold.receipts) >= (min(needed, len(sampled)) if server.privacy else needed):
             break
-        if attempt < fed.round_retries:
+        if attempt < robust.round_retries:
             log.warning("round %d: %d usable updates of %d sampled clients, fewer than %d; drawing the round again "
                         "(retry %d of %d)", round_index, len(fold.receipts), len(sampled), needed, attempt + 1,
-                        fed.round_retries)
+                        robust.round_retries)
     else:
         raise too_few(server, round_index, len(fold.receipts), len(sampled), needed, draws)
     server.clients.accept([u.client_id for u in fold.receipts])
@@ -115,12 +115,12 @@ def train_cohort(server: Server, round_index: int, attempt: int, state: ServerSt
 def too_few(server: Server, round_index: int, usable: int, sampled: int, needed: int, draws: Draws) -> UserError:
     """The error that stops a run whose round got too few usable updates, chained to a
     client's exception, so that a bug in a learner keeps its traceback in Python."""
-    fed = server.cfg.federation
+    robust = server.cfg.federation.robust
     reasons = "; ".join(f"client {c}: {why}" for c, why in draws.failed.items()) or "no client failed"
     if draws.plans:  # clients the round policy left out
         reasons += "; " + server.system.left_out(draws.plans)
-    retried = f" after {fed.round_retries} retries" if fed.round_retries else ""
-    error = UserError(f"federation.min_clients: round {round_index} got {usable} usable updates of {sampled} sampled "
+    retried = f" after {robust.round_retries} retries" if robust.round_retries else ""
+    error = UserError(f"federation.robust.min_clients: round {round_index} got {usable} usable updates of {sampled} sampled "
                       f"clients{retried}, fewer than the {needed} it needs ({reasons})")
     error.__cause__ = draws.raised[0] if draws.raised else None
     return error

@@ -5,8 +5,8 @@ Sun, Kairouz, Suresh and McMahan, "Can You Really Backdoor Federated Learning?"
 (2019), show that norm clipping stops model replacement, where one client scales
 its update so that it outweighs the others in the mean (Bagdasaryan et al.,
 "How To Backdoor Federated Learning", 2020). The bound here is set from the
-evidence rather than by hand: `federation.update_clip.multiple` x the median L2
-norm of the updates accepted in the last `federation.update_clip.window` rounds
+evidence rather than by hand: `federation.robust.update_clip.multiple` x the median L2
+norm of the updates accepted in the last `federation.robust.update_clip.window` rounds
 (before any round was accepted, the median of the round's own updates, held until
 they have all arrived). An update longer than the bound is scaled down to it
 (clipped, not dropped: an honest client with a large step still helps), and
@@ -16,7 +16,7 @@ with equal counts) of 1.5 honest step lengths (the default multiple), whatever i
 scale or sign.
 
 `faults.check_update` still drops what no bound makes usable (non-finite values,
-an update past `federation.max_update_ratio`). The norm is `faults.update_distance`,
+an update past `federation.robust.max_update_ratio`). The norm is `faults.update_distance`,
 the distance an update moved the floating arrays it was sent (a sparse delta's
 values, FedMatch); integer buffers (BatchNorm's `num_batches_tracked`) are counters
 and left as they are. What this does not stop: a sign-flipped update within the
@@ -25,7 +25,7 @@ measures the cost), a coordinated minority sending updates just within it, a slo
 drift, a backdoor or flipped labels within it. Honest updates are too close to
 orthogonal for a direction test to tell a flipped one apart (their cosine with the
 median of the others spans about -0.2 to +0.6 on the quickstart), and the robust
-`federation.aggregator`s lose as much to a sign flip (BENCHMARKS.md).
+`federation.robust.aggregator`s lose as much to a sign flip (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class UpdateBound:
     resumed run bounds its next round as the killed one would have.
 
     Args:
-        multiple: `federation.update_clip.multiple` (0: no clipping).
-        window: `federation.update_clip.window`, the rounds whose norms are kept.
+        multiple: `federation.robust.update_clip.multiple` (0: no clipping).
+        window: `federation.robust.update_clip.window`, the rounds whose norms are kept.
     """
 
     def __init__(self, multiple: float, window: int):

@@ -1,6 +1,6 @@
 """Few-shot evaluation: unseen people and the linear probe.
 
-Unseen people (`federation.holdout_clients`): whole clients that never train. At
+Unseen people (`federation.evaluation.holdout_clients`): whole clients that never train. At
 evaluation each adapts from the global model with its own labeled images (the
 algorithm's `unseen_weights`: by default the classifier fine-tuned on them,
 `fine_tune_head`) and is scored on the rest of its data (its unlabeled images and
@@ -9,7 +9,7 @@ its local test split). `unseen_acc` is the mean over held-out clients, beside
 what a practitioner asks before deploying to a new person: how well does the model
 do for someone it never saw, given a few of their labeled images.
 
-The linear probe (`federation.linear_probe`): `linear_acc`, a logistic regression on
+The linear probe (`federation.evaluation.linear_probe`): `linear_acc`, a logistic regression on
 the global model's frozen features (`features`) of the training clients' labeled
 split, scored on the server's test set, the linear evaluation of FedU (Zhuang et
 al., ICCV 2021) and FedEMA (Zhuang et al., ICLR 2022). With `data.labels.per_class`

@@ -1,7 +1,7 @@
 """The run's clients in this process (`fedssl.clients.Clients`): one learner reused
 for every client, trained by an executor (`fedssl.inprocess.executors`: one client
-after another, a cohort at once with `federation.concurrency: vmap`, or in worker
-processes with `federation.workers`) and scored on it (`fedssl.inprocess.scoring`).
+after another, a cohort at once with `federation.execution.concurrency: vmap`, or in worker
+processes with `federation.execution.workers`) and scored on it (`fedssl.inprocess.scoring`).
 Each client's round decodes its payload and encodes its update as it would on a
 node of its own (`federation.downlink`, `federation.uplink`). A Flower node runs one
 of these over its own clients and nothing of the server's.
@@ -43,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("federation.device: cuda was asked for but no CUDA device is available")
+        raise UserError("federation.execution.device: cuda was asked for but no CUDA device is available")
     return torch.device(name)
 
 
@@ -114,17 +114,17 @@ class InProcessClients:
               trainer: ClientTrainer | None = None) -> InProcessClients:
         """The clients of `data`; `algorithm` and `trainer` are the server's where it
         shares them (in process), else built here (a Flower node)."""
-        device = resolve_device(cfg.federation.device)
+        device = resolve_device(cfg.federation.execution.device)
         if trainer is None:
             algorithm, trainer = build_trainer(cfg, data, device)
-        store = ClientStateStore(cfg.federation.states_in_memory, cfg.federation.state_dir or None)
+        store = ClientStateStore(cfg.federation.execution.states_in_memory, cfg.federation.execution.state_dir or None)
         clients = cls(cfg, data, algorithm, trainer, store, Links.build(cfg))
         clients.executor = executor_for(clients, device)
         return clients
 
     @cached_property
     def held_out(self) -> frozenset[int]:
-        """Clients that never train, scored as unseen people (`federation.holdout_clients`)."""
+        """Clients that never train, scored as unseen people (`federation.evaluation.holdout_clients`)."""
         return held_out_clients(self.cfg.federation, self.cfg.seed)
 
     @cached_property

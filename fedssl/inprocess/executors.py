@@ -1,7 +1,7 @@
 """How `InProcessClients.fit` trains a round's clients: one after another
 (`Sequential`), a cohort at once with torch.func.vmap (`Vmap`,
-`federation.concurrency`, `fedssl.inprocess.vmap`), or in worker processes
-(`Workers`, `federation.workers`, `fedssl.inprocess.workers`).
+`federation.execution.concurrency`, `fedssl.inprocess.vmap`), or in worker processes
+(`Workers`, `federation.execution.workers`, `fedssl.inprocess.workers`).
 
 Each yields (client, its update as it travels back or the exception it raised,
 what it would keep) in the payloads' order, whichever: the engine aggregates in
@@ -85,7 +85,7 @@ class Vmap:
 
     clients: InProcessClients
     cohort: CohortTrainer
-    chunk: int  # federation.concurrent_clients: how many clients one cohort stacks
+    chunk: int  # federation.execution.concurrent_clients: how many clients one cohort stacks
 
     def fit(self, round_index: int, payloads: dict[int, Payload]) -> Iterator[Fitted]:
         ids = list(payloads)
@@ -138,40 +138,40 @@ class Workers:
 
 
 def executor_for(clients: InProcessClients, device: torch.device) -> Executor:
-    """The executor `federation.concurrency` and `federation.workers` ask for; asking
+    """The executor `federation.execution.concurrency` and `federation.execution.workers` ask for; asking
     for both, or for workers where they cannot train, is a `UserError`."""
     cohort = cohort_trainer(clients.cfg, clients.trainer, device)
     count = workers_for(clients, device, cohort)
     if cohort is not None:
-        return Vmap(clients, cohort, clients.cfg.federation.concurrent_clients)
+        return Vmap(clients, cohort, clients.cfg.federation.execution.concurrent_clients)
     if count:  # forked when the first round trains (a Flower node, which never calls `fit`, starts none)
         return Workers(clients, WorkerPool(clients.train, count))
     return Sequential(clients)
 
 
 def workers_for(clients: InProcessClients, device: torch.device, cohort: CohortTrainer | None) -> int:
-    """`federation.workers` resolved (`fedssl.inprocess.workers.worker_count`), 0: in
+    """`federation.execution.workers` resolved (`fedssl.inprocess.workers.worker_count`), 0: in
     this process; a count above 1 where workers cannot train is a `UserError`."""
-    fed = clients.cfg.federation
+    fed, execution = clients.cfg.federation, clients.cfg.federation.execution
     per_round = min(clients_per_round(fed), fed.clients - len(clients.held_out))
-    count = worker_count(fed.workers, device, per_round, mean_round_steps(clients, per_round))
+    count = worker_count(execution.workers, device, per_round, mean_round_steps(clients, per_round))
     if count > 1 and device.type != "cpu":
-        raise UserError(f"federation.workers: {count} worker processes train on the CPU, and federation.device is "
-                        f"{device.type}; there, federation.concurrency: vmap trains clients together (or set workers: 0)")
+        raise UserError(f"federation.execution.workers: {count} worker processes train on the CPU, and "
+                        f"federation.execution.device is {device.type}; there, federation.execution.concurrency: vmap trains clients together (or set workers: 0)")
     if count > 1 and multiprocessing.current_process().daemon:  # which multiprocessing forbids children
-        if fed.workers == "auto":
+        if execution.workers == "auto":
             return 0
-        raise UserError(f"federation.workers: {count} worker processes cannot be started from a daemonic process "
+        raise UserError(f"federation.execution.workers: {count} worker processes cannot be started from a daemonic process "
                         f"(a multiprocessing pool's worker); set workers: 0 there")
     if count > 1 and cohort is not None:
-        raise UserError(f"federation.workers: {count} worker processes train clients one at a time, and "
-                        f"federation.concurrency is {fed.concurrency}, which trains them together; set one of the two")
+        raise UserError(f"federation.execution.workers: {count} worker processes train clients one at a time, and "
+                        f"federation.execution.concurrency is {execution.concurrency}, which trains them together; set one of the two")
     return count if count > 1 else 0
 
 
 def mean_round_steps(clients: InProcessClients, per_round: int) -> int:
     """The SGD steps of a round of `per_round` clients of average size (what decides
-    whether workers pay for their start under `federation.workers: auto`)."""
+    whether workers pay for their start under `federation.execution.workers: auto`)."""
     learner, data, train = clients.trainer.learner, clients.data, clients.cfg.train
     unlabeled_batch = clients.trainer.source.unlabeled_batch(learner)
     steps = sum(round_steps(len(c.labeled), len(c.unlabeled) if learner.uses_unlabeled else 0, train, unlabeled_batch)

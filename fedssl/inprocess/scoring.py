@@ -86,7 +86,7 @@ class Scorer:
         it kept and its training data."""
         if client_id in self.held_out:
             client = self.local_client(client_id, kept=False)  # it never trained: it kept nothing
-            steps, lr = self.cfg.federation.holdout_steps, self.cfg.train.lr
+            steps, lr = self.cfg.federation.evaluation.holdout_steps, self.cfg.train.lr
             tune = lambda arrays: fine_tune_head(self.trainer.learner.model, arrays, client.batches(steps), lr)
             return self.algorithm.unseen_weights(weights, client, tune)
         if self.algorithm.capabilities.personalized:

@@ -72,12 +72,12 @@ class RoundFabric(Fabric):
 
 
 def client_fabric(device: torch.device, precision: str) -> RoundFabric:
-    """The run's one Fabric on `device` (`federation.device`) at `precision`
+    """The run's one Fabric on `device` (`federation.execution.device`) at `precision`
     (`train.precision`), or a `UserError` where the device cannot train at it."""
     if precision == "16-mixed" and device.type != "cuda":
         # Lightning would silently train at bf16-mixed instead: say so rather than run what was not asked for.
         raise UserError(f"train.precision: 16-mixed (float16 autocast with loss scaling) needs a CUDA device, and "
-                        f"federation.device is {device.type}; use bf16-mixed or 32 there")
+                        f"federation.execution.device is {device.type}; use bf16-mixed or 32 there")
     if precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"train.precision: bf16-mixed needs a GPU with bfloat16 support, and "
                         f"{torch.cuda.get_device_name(device)} has none; use 16-mixed or 32")

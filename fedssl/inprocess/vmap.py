@@ -111,7 +111,7 @@ class CohortTrainer:
     def fit(self, clients: list[tuple[int, np.ndarray, Payload]]) -> list[Update]:
         """Train every (client id, labeled indices, payload) at once; their updates, in
         the given order, as `ClientTrainer.fit` makes them (the caller chunks a large
-        cohort, `federation.concurrent_clients`)."""
+        cohort, `federation.execution.concurrent_clients`)."""
         train, pool = self.cfg.train, self.trainer.pool
         device = pool.labels.device
         steps = [capped(round_steps(len(labeled), 0, train, 0), payload) for _, labeled, payload in clients]
@@ -206,14 +206,14 @@ class CohortTrainer:
 
 
 def cohort_trainer(cfg: RecipeConfig, trainer: ClientTrainer, device: torch.device) -> CohortTrainer | None:
-    """The cohort trainer `federation.concurrency` asks for, or None (one client at a
+    """The cohort trainer `federation.execution.concurrency` asks for, or None (one client at a
     time). Where vmap is asked for but cannot be used, one log line says why."""
-    mode = cfg.federation.concurrency
+    mode = cfg.federation.execution.concurrency
     if mode == "sequential" or (mode == "auto" and device.type != "cuda"):
         return None  # auto: on a CPU the sequential loop already matches an ideal loop (BENCHMARKS.md)
     reason = blocker(cfg, trainer)
     if reason:
         log.log(logging.WARNING if mode == "vmap" else logging.INFO,
-                "federation.concurrency=%s: training clients one at a time: %s", mode, reason)
+                "federation.execution.concurrency=%s: training clients one at a time: %s", mode, reason)
         return None
     return CohortTrainer(trainer, cfg)

@@ -1,4 +1,4 @@
-"""A round's clients trained by worker processes on the CPU (`federation.workers`).
+"""A round's clients trained by worker processes on the CPU (`federation.execution.workers`).
 
 On a CPU, one client's batch-10 step splits poorly over two threads: the
 in-process loop ran the standard workload at 0.88-1.15x an ideal loop, while
@@ -57,7 +57,7 @@ def worker_count(setting: str, device: torch.device, clients_per_round: int, rou
                  cores: int | None = None) -> int:
     """How many worker processes train a round's clients (0: in this process).
 
-    `setting` is `federation.workers` ("auto" or a count, validated). A count of 0
+    `setting` is `federation.execution.workers` ("auto" or a count, validated). A count of 0
     or 1 trains in this process; a count above `clients_per_round` is capped to it
     (a worker trains one client at a time, so the others would only idle), and a
     warning says so — once, as this is resolved once per run. `auto` uses min(cores,
@@ -69,7 +69,7 @@ def worker_count(setting: str, device: torch.device, clients_per_round: int, rou
     if setting != "auto":
         count = int(setting)
         if count > clients_per_round:
-            log.warning("federation.workers: %d worker processes capped to the %d clients a round trains",
+            log.warning("federation.execution.workers: %d worker processes capped to the %d clients a round trains",
                         count, clients_per_round)
             return clients_per_round
         return count
@@ -79,7 +79,7 @@ def worker_count(setting: str, device: torch.device, clients_per_round: int, rou
     return min(cores, clients_per_round)
 
 
-# A round of fewer SGD steps trains in this process under `federation.workers: auto`:
+# A round of fewer SGD steps trains in this process under `federation.execution.workers: auto`:
 # starting two workers costs about as much as this many steps (measured, docs/running.md).
 MIN_AUTO_STEPS = 1000
 
