@@ -9,6 +9,7 @@ from typing import Any, Sequence
 from omegaconf import MISSING, OmegaConf
 
 from fedssl.config.load import load_recipe, to_dict
+from fedssl.config.moved import moved_key
 from fedssl.config.schema import RecipeConfig
 from fedssl.config.validate import check_run_name
 from fedssl.errors import UserError
@@ -26,10 +27,10 @@ def named_after(cfg: RecipeConfig, keys: Sequence[str]) -> RecipeConfig:
         return cfg
     resolved = OmegaConf.create(to_dict(cfg))
     values = []
-    for key in keys:
-        if OmegaConf.select(resolved, key, default=MISSING) is MISSING:
+    for key in keys:  # the name is made of the key as given, whose last part did not move
+        if OmegaConf.select(resolved, moved_key(key), default=MISSING) is MISSING:
             raise UserError(f"--name-from: unknown key {key!r}")
-        values.append(f"{key}={OmegaConf.select(resolved, key)}")
+        values.append(f"{key}={OmegaConf.select(resolved, moved_key(key))}")
     wcfg = cfg.logging.wandb
     grouped = replace(cfg.logging, wandb=replace(wcfg, group=wcfg.group or cfg.name))
     return replace(cfg, name=check_run_name(run_name(cfg.name, values)), logging=grouped)

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from fedssl.config.load import all_keys
+from fedssl.config.moved import moved_key
 from fedssl.config.validate import MAX_SEED, check_run_name
 from fedssl.errors import UserError
 from fedssl.registry import did_you_mean
@@ -46,10 +47,12 @@ class Param:
 
 def parse_param(text: str) -> Param:
     """'train.lr=0.01,0.05' -> Param('train.lr', (0.01, 0.05)); values are YAML scalars.
-    'train.lr=0.001..0.1' and 'train.lr=log:0.001..0.1' are ranges."""
+    'train.lr=0.001..0.1' and 'train.lr=log:0.001..0.1' are ranges. A key at its
+    old path (`fedssl.config.moved`) is kept at its new one."""
     key, sep, values = text.partition("=")
     if not sep or not key or not values:
         raise UserError(f"--param {text!r} must look like key=value1,value2,... or key=MIN..MAX")
+    key = moved_key(key)
     if key not in all_keys():
         raise UserError(f"--param: unknown key {key!r}{did_you_mean(key, all_keys())}")
     if key in ("name", "seed"):

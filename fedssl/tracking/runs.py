@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from fedssl.config.moved import move_keys
 from fedssl.errors import UserError
 from fedssl.tracking.run_logger import read_metrics
 
@@ -37,7 +38,7 @@ def read_run_dir(run_dir: Path) -> RunRecord:
     try:
         return RunRecord(
             source=str(run_dir),
-            config=yaml.safe_load(files["config.yaml"].read_text()),
+            config=move_keys(yaml.safe_load(files["config.yaml"].read_text())),  # older runs: old key paths
             summary=json.loads(files["summary.json"].read_text()),
             history=read_metrics(files["metrics.jsonl"]),
         )
@@ -71,7 +72,7 @@ def read_wandb_group(project: str, group: str) -> list[RunRecord]:
     records = [
         RunRecord(
             source=f"{project}/{run.id}",
-            config=dict(run.config),
+            config=move_keys(dict(run.config)),
             summary={k: last_value(v) for k, v in run.summary_metrics.items() if not k.startswith("_")},
             history=[{"round": row["_step"], **row} for row in run.scan_history()],
         )
