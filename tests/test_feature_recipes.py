@@ -19,7 +19,7 @@ FEATURES = {
     "fednova_partial_fashion_mnist": ("sim_time", lambda cfg: cfg.algorithm.name == "fednova"
                                       and cfg.federation.system.policy == "partial"),
     "fedbuff_fashion_mnist": ("sim_time", lambda cfg: cfg.algorithm.name == "fedbuff"),
-    "fedavg_unseen_faces": ("unseen_acc", lambda cfg: cfg.federation.holdout_clients == 2),
+    "fedavg_unseen_faces": ("unseen_acc", lambda cfg: cfg.federation.evaluation.holdout_clients == 2),
     "personal_fedper_dp_faces": ("epsilon", lambda cfg: cfg.privacy.mechanism == "central"
                                  and cfg.privacy.target_epsilon == 8.0),
 }
@@ -35,7 +35,7 @@ def test_a_feature_recipe_says_what_it_is_named_for(recipe):
 @pytest.mark.parametrize("recipe", FEATURES)
 def test_a_feature_recipe_runs_one_shrunk_round(recipe, tmp_path):
     data = [] if recipe.endswith("_faces") else ON_FACES
-    cfg = load_recipe(recipe, [*data, "data.num_samples=1000", "federation.rounds=1", "federation.eval_every=1",
+    cfg = load_recipe(recipe, [*data, "data.num_samples=1000", "federation.rounds=1", "federation.evaluation.eval_every=1",
                                "train.local_steps=2", f"output_dir={tmp_path}", "logging.progress=false",
                                "logging.wandb.mode=disabled"])
     summary = run_federation(cfg, tmp_path / "run")

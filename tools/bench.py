@@ -73,14 +73,15 @@ def random_source(num_samples: int, seed: int = 0, num_test: int = 100) -> Sourc
 
 
 def workload(clients: int, device: str, concurrency: str, precision: str = "32", workers: int = 0,
-             memory_format: str = "auto", **federation) -> dict:
-    """The standard workload's recipe, as a config layer (`workers`: federation.workers;
+             memory_format: str = "auto", states_in_memory: int | None = None, **federation) -> dict:
+    """The standard workload's recipe, as a config layer (`workers`: federation.execution.workers;
     0, in process, unless a row asks for worker processes)."""
     return {
         "data": {"image_size": 28, "partition": {"scheme": "iid", "local_test_fraction": 0.0}},
         "train": {"lr": 0.01, "batch_size": BATCH, "local_epochs": 1, "precision": precision, "memory_format": memory_format},
-        "federation": {"clients": clients, "clients_per_round": clients, "device": device,
-                       "concurrency": concurrency, "workers": str(workers), **federation},
+        "federation": {"clients": clients, "clients_per_round": clients, **federation, "execution": {
+            "device": device, "concurrency": concurrency, "workers": str(workers),
+            **({} if states_in_memory is None else {"states_in_memory": states_in_memory})}},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
     }
 
@@ -122,8 +123,8 @@ def round_batches(federation: Federation) -> tuple[list[int], list[torch.Tensor]
 def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: int, precision: str = "32",
             workers: int = 0, memory_format: str = "auto") -> dict:
     """Best-of-`repeats` seconds of one fedssl round and of the ideal loop (alternated);
-    `chunk`: federation.concurrent_clients (0: the recipe default); `workers`:
-    federation.workers (the first round also forks them)."""
+    `chunk`: federation.execution.concurrent_clients (0: the recipe default); `workers`:
+    federation.execution.workers (the first round also forks them)."""
     cfg = merge_config([workload(clients, device, concurrency, precision, workers, memory_format,
                                  **({"concurrent_clients": chunk} if chunk else {}))])
     data = build_federated_data(random_source(TOTAL_IMAGES), cfg.data, clients, cfg.seed)
@@ -145,7 +146,7 @@ def measure(clients: int, device: str, concurrency: str, repeats: int, chunk: in
     executor = federation.clients.executor
     return {
         "clients": clients, "samples": TOTAL_IMAGES // clients, "steps": sum(steps),
-        "concurrency": f"vmap ({cfg.federation.concurrent_clients} at once)" if isinstance(executor, Vmap)
+        "concurrency": f"vmap ({cfg.federation.execution.concurrent_clients} at once)" if isinstance(executor, Vmap)
         else f"workers ({executor.pool.size} processes)" if isinstance(executor, Workers) else "sequential",
         "fedssl": min(fl_times), "ideal": min(ideal_times), "host_mb": peak_host_mb(),
         "device_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
@@ -232,7 +233,7 @@ def fabric_call_costs(calls: int = 20_000) -> dict[str, float]:
 
 def personal_memory(clients: int, per_round: int, samples: int, rounds: int, device: str) -> dict:
     """FedPer over `clients` clients, `per_round` sampled each round, every personal
-    head kept in memory (federation.states_in_memory = clients), then evaluated."""
+    head kept in memory (federation.execution.states_in_memory = clients), then evaluated."""
     cfg = merge_config([workload(clients, device, "auto", states_in_memory=clients, clients_per_round=per_round), {
         "algorithm": {"name": "fedper"},
         "data": {"partition": {"local_test_fraction": 0.2}},
@@ -267,7 +268,7 @@ def flower_cost(rounds: int, device: str, num_cpus: float) -> dict:
 
     cfg = merge_config([workload(20, device, "sequential"), {
         "data": {"source": "synthetic_faces", "num_samples": TOTAL_IMAGES * 5 // 4, "test_fraction": 0.2, "channels": 1},
-        "federation": {"rounds": rounds, "eval_every": rounds, "flower": {"num_cpus": num_cpus}},
+        "federation": {"rounds": rounds, "evaluation": {"eval_every": rounds}, "flower": {"num_cpus": num_cpus}},
     }])
     with tempfile.TemporaryDirectory() as tmp:
         run_federation(cfg, Path(tmp) / "inprocess")
@@ -282,7 +283,7 @@ def flower_cost(rounds: int, device: str, num_cpus: float) -> dict:
 
 def in_child(function, *args):
     """Run `function(*args)` in a fresh process (its peak memory is then its own), not
-    a daemon, so that it may fork worker processes of its own (federation.workers)."""
+    a daemon, so that it may fork worker processes of its own (federation.execution.workers)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
 
@@ -312,9 +313,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="sequential,vmap",
                         help="comma-separated: sequential, vmap; none: only the --workers row")
     parser.add_argument("--concurrent-clients", type=int, default=0,
-                        help="vmap: federation.concurrent_clients (0: the recipe default)")
+                        help="vmap: federation.execution.concurrent_clients (0: the recipe default)")
     parser.add_argument("--workers", type=int, default=-1,
-                        help="a row of this many worker processes (federation.workers); default: one per core on a "
+                        help="a row of this many worker processes (federation.execution.workers); default: one per core on a "
                              "CPU of 2+ cores, none elsewhere; 0: no workers row")
     parser.add_argument("--repeats", type=int, default=2, help="rounds timed per row (best of)")
     parser.add_argument("--personal", action="store_true", help="only the FedPer memory check")
@@ -386,7 +387,7 @@ def main() -> None:
     modes = [m.strip() for m in args.concurrency.split(",") if m.strip() and m.strip() != "none"]
     workers = args.workers if args.workers >= 0 else (usable_cores() if device.type == "cpu" else 0)
     if workers == 1 or (workers and device.type != "cpu"):
-        parser.error("--workers: 0 (no row) or 2+ worker processes, on a CPU (federation.workers)")
+        parser.error("--workers: 0 (no row) or 2+ worker processes, on a CPU (federation.execution.workers)")
     if set(modes) - {"sequential", "vmap"} or not (modes or workers):
         parser.error(f"--concurrency: give sequential, vmap, both or none (with --workers), got {args.concurrency!r}")
     if workers:

@@ -28,7 +28,7 @@ from fedssl.tracking.run_logger import read_metrics
 # One CPU budget for every run: FedAvg CNN, 10 clients, 5 per round, 20 rounds of 10 local steps
 # (the dataset's settings below come after, and may override these).
 COMMON = ["algorithm.name=fedavg", "model.name=fedavg_cnn", "federation.clients=10", "federation.clients_per_round=5",
-          "federation.rounds=20", "federation.eval_every=5", "train.local_steps=10", "train.batch_size=32",
+          "federation.rounds=20", "federation.evaluation.eval_every=5", "train.local_steps=10", "train.batch_size=32",
           "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0.0", "logging.progress=false"]
 SETTINGS = {
     "fashion_mnist": ("fedavg_fashion_mnist", ["data.partition.scheme=dirichlet", "data.partition.alpha=0.5",

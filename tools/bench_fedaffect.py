@@ -25,7 +25,7 @@ from fedssl.launch import complete
 from fedssl.tracking.runs import read_run_dir
 
 # What every variant shares: the held-out people and the metrics.
-COMMON = ["federation.holdout_clients=2", "federation.linear_probe=true", "federation.eval_every=5"]
+COMMON = ["federation.evaluation.holdout_clients=2", "federation.evaluation.linear_probe=true", "federation.evaluation.eval_every=5"]
 STEPS = 8  # SGD steps of a FixMatch round on ssl_fixmatch_faces (765 unlabeled images / (3 x 32))
 # A 2-core CPU: half the images (so a round's pass over them is 4 steps) and 20 rounds.
 CPU_BUDGET = ["data.num_samples=5000", "federation.rounds=20", "algorithm.selfsup.pretrain_rounds=14"]

@@ -4,7 +4,7 @@ The FedAvg CNN (and its BatchNorm variant, FedMatch's labels-at-server model) tr
 on batches of 10 (the standard workload, PFLlib), 64 (the semi-supervised recipes'
 labeled batch) and 448 (their unlabeled batch: 64 x mu = 7), contiguous against
 channels-last, the two alternated so that both see the same machine. One thread,
-as a worker process (`federation.workers`) trains. Prints a markdown table of the
+as a worker process (`federation.execution.workers`) trains. Prints a markdown table of the
 median milliseconds per step over `--repeats` rounds of about 6,000 images each.
 
     OMP_NUM_THREADS=1 python tools/bench_layout.py [--repeats 5] [--threads 1]

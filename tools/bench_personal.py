@@ -70,7 +70,7 @@ ENTRY_OVERRIDES = {"mocha_independent": ["algorithm.mocha.omega_every=0"]}
 CPU_BUDGETS = {
     "faces": ["data.num_identities=20", "federation.clients=20", "federation.clients_per_round=20",
               "data.num_samples=5000", "data.image_size=24", "train.batch_size={batch}",
-              "federation.rounds=30", "federation.eval_every=5", "algorithm.meta.adapt_steps={adapt}"],
+              "federation.rounds=30", "federation.evaluation.eval_every=5", "algorithm.meta.adapt_steps={adapt}"],
     "fashion_mnist": ["federation.rounds=3"],
 }
 # The recipes as written; Fashion-MNIST for the 100 rounds issue 20 asks of PFLlib's

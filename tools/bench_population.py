@@ -5,11 +5,11 @@ cross-device `draw` partition (each client draws `--samples` images from the poo
 by its own seeded generator; 20 by default, a fifth of them its local test split),
 `--per-round` clients sampled each round (100), batch 10, one local epoch, the
 FedAvg CNN, evaluated on the server test set and on `--per-round` sampled clients
-(`federation.eval_clients`) after the last round. Each population runs the run loop
+(`federation.evaluation.eval_clients`) after the last round. Each population runs the run loop
 (a round: sampling, training, checks, aggregation; then the checkpoint, clients'
 states included) in a fresh process, so its peak resident memory is its own.
 FedPer runs too: its clients keep a personal head (client state), of which only
-`federation.states_in_memory` (100) stay in memory and the rest are spilled.
+`federation.execution.states_in_memory` (100) stay in memory and the rest are spilled.
 
 Printed per (algorithm, population): the median wall and CPU time of rounds 2..k
 (round and checkpoint), the evaluation's wall and CPU time, the setup time (data, the
@@ -54,8 +54,9 @@ def recipe(clients: int, algorithm: str, per_round: int, samples: int, rounds: i
         "model": {"name": "fedavg_cnn"},
         "train": {"lr": 0.01, "batch_size": 10, "local_epochs": 1},
         "algorithm": {"name": algorithm},
-        "federation": {"clients": clients, "clients_per_round": per_round, "eval_clients": per_round,
-                       "rounds": rounds, "device": "cpu", "concurrency": "sequential"},
+        "federation": {"clients": clients, "clients_per_round": per_round, "rounds": rounds,
+                       "evaluation": {"eval_clients": per_round},
+                       "execution": {"device": "cpu", "concurrency": "sequential"}},
         "logging": {"wandb": {"mode": "disabled"}, "progress": False},
     }
 

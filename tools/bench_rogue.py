@@ -1,6 +1,6 @@
 """Rogue-client report: FedAvg with one rogue client among the five sampled each
 round, boosted or sign-flipped at several scales, with and without the default
-norm bound (`federation.update_clip`, Sun et al. 2019), against the clean run.
+norm bound (`federation.robust.update_clip`, Sun et al. 2019), against the clean run.
 
     python tools/bench_rogue.py [--scales 2 10 100 990 1e30] [--seeds 0 1] [--settings off default] [--out DIR] [--threads 1]
 
@@ -8,8 +8,8 @@ The rogue is the lowest-numbered client of each round's cohort (so exactly one o
 the five, a different person from round to round): it trains honestly, then sends
 received + s x (trained - received), s = scale for a boosted update (model
 replacement, Bagdasaryan et al. 2020) and s = -scale for a sign flip. "off" runs
-with `federation.update_clip.multiple=0`, fedssl's default before the bound (the
-`federation.max_update_ratio` drop alone); "default" with the schema's default;
+with `federation.robust.update_clip.multiple=0`, fedssl's default before the bound (the
+`federation.robust.max_update_ratio` drop alone); "default" with the schema's default;
 "trimmed_mean" and "median" with that robust aggregator beside the default bound. The
 recipe is the quickstart shrunk to 10 rounds (below), run once per seed (the seed
 draws the partition, the cohorts and the rogue); the table gives the mean over
@@ -42,10 +42,10 @@ from fedssl.tracking.run_logger import read_metrics
 RECIPE = "recipes/quickstart.yaml"
 # The quickstart at 10 rounds, smaller images and fewer of them; in process (the rogue
 # algorithm is registered in this process only), no W&B, no progress bar.
-BUDGET = ["federation.rounds=10", "data.num_samples=6000", "data.image_size=32", "federation.workers=0",
+BUDGET = ["federation.rounds=10", "data.num_samples=6000", "data.image_size=32", "federation.execution.workers=0",
           "logging.wandb.mode=disabled", "logging.progress=false", "algorithm.name=rogue_fedavg"]
-SETTINGS = {"off": ["federation.update_clip.multiple=0"], "default": [],
-            "trimmed_mean": ["federation.aggregator=trimmed_mean"], "median": ["federation.aggregator=median"]}
+SETTINGS = {"off": ["federation.robust.update_clip.multiple=0"], "default": [],
+            "trimmed_mean": ["federation.robust.aggregator=trimmed_mean"], "median": ["federation.robust.aggregator=median"]}
 
 
 class RogueLearner(SupervisedLearner):

@@ -32,14 +32,14 @@ COMMON = [
     "federation.clients_per_round=10", "federation.system.profile=mobile", "federation.system.speed=30",
     "logging.progress=false", "logging.wandb.mode=disabled",
 ]
-SYNC = [f"federation.rounds={ROUNDS}", "federation.eval_every=3"]
+SYNC = [f"federation.rounds={ROUNDS}", "federation.evaluation.eval_every=3"]
 VARIANTS = {
     "fedavg_wait_all": SYNC,
     "fedavg_deadline": SYNC + ["federation.system.policy=deadline", f"federation.system.deadline={DEADLINE}"],
     "fedavg_partial": SYNC + ["federation.system.policy=partial", f"federation.system.deadline={DEADLINE}"],
     "fednova_partial": SYNC + ["algorithm.name=fednova", "federation.system.policy=partial",
                                f"federation.system.deadline={DEADLINE}"],
-    "fedbuff": [f"federation.rounds={2 * ROUNDS}", "federation.eval_every=6", "algorithm.name=fedbuff",
+    "fedbuff": [f"federation.rounds={2 * ROUNDS}", "federation.evaluation.eval_every=6", "algorithm.name=fedbuff",
                 "algorithm.fedbuff.buffer_size=5", "algorithm.fedbuff.concurrency=10"],
 }
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fedssl.config import schema
+from fedssl.config.moved import MOVED_KEYS
 
 FIELD_LINE = re.compile(r"^\s+(\w+): [^=]+= (.+?)\s+#\s*(.*)$")
 
@@ -69,9 +70,24 @@ overrides any of them as `key=value` ([running](running.md#overrides-and-errors)
 """
 
 
+def moved_note() -> str:
+    """Which keys moved to which section (`fedssl.config.moved.MOVED_KEYS`), in a few lines."""
+    sections: dict[str, list[str]] = {}
+    for old, new in MOVED_KEYS.items():
+        sections.setdefault(new.rpartition(".")[0], []).append(old.rpartition(".")[2])
+    groups = "; ".join(f"`{section}`: {', '.join(keys)}" for section, keys in sections.items())
+    return ("**Moved keys.** The keys of `federation` once sat in one flat section; those of how clients are "
+            f"trained, of robustness and of evaluation now have their own sections, under the same names ({groups}). "
+            "A key's old path (federation.aggregator for `federation.robust.aggregator`) still works wherever a key "
+            "is given: recipes and their bases, overrides, `fedssl sweep --param`, `--name-from`, and the config of "
+            "a run or checkpoint written before; a recipe or override that uses one logs one INFO line naming the "
+            "new paths, and giving one key by both paths at once is an error. The mapping is "
+            "`fedssl/config/moved.py`.\n")
+
+
 def page() -> str:
-    """The whole reference page: a short header, then the table."""
-    return f"{HEADER}\n{markdown()}\n"
+    """The whole reference page: a short header, the keys that moved, then the table."""
+    return f"{HEADER}\n{moved_note()}\n{markdown()}\n"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ a recipe says only what differs. A chain that comes back to a recipe is refused.
 Every mistake a user can make here (a missing file, YAML that does not parse, an
 unknown key, a value of the wrong type) becomes a `UserError` naming the file or
 the dotted key, with the closest valid key for a misspelling.
+
+A key that moved (`fedssl.config.moved`) may be given at its old path in a recipe
+file, an override or a saved config: each is rewritten to the new paths as it is
+read, each file of a base chain on its own.
 """
 
 from __future__ import annotations

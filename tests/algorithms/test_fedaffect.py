@@ -210,8 +210,8 @@ def test_a_run_logs_linear_acc_and_resumes_bit_identically(tiny_recipe, tmp_path
     """BYOL with FedEMA keeps a target network and a last online network per client:
     a run killed after round 2 and resumed ends exactly where an uninterrupted one does."""
     common = [*FEW_SHOT, "algorithm.selfsup.update=fedema", "algorithm.selfsup.method=byol",
-              "algorithm.selfsup.pretrain_rounds=2", "federation.linear_probe=true", "train.local_steps=1",
-              "federation.clients_per_round=2", "federation.eval_every=3"]
+              "algorithm.selfsup.pretrain_rounds=2", "federation.evaluation.linear_probe=true", "train.local_steps=1",
+              "federation.clients_per_round=2", "federation.evaluation.eval_every=3"]
     whole = run_federation(load_recipe(tiny_recipe, [*common, "federation.rounds=3"]), tmp_path / "whole")
     run_federation(load_recipe(tiny_recipe, [*common, "federation.rounds=2"]), tmp_path / "resumed")
     resumed = run_federation(load_recipe(tiny_recipe, [*common, "federation.rounds=3"]), tmp_path / "resumed",
@@ -261,7 +261,7 @@ def test_flower_simulation_runs_fedaffect_as_the_inprocess_loop(tiny_recipe):
     client is adapted and scored on its node; both backends end at the same scores."""
     from fedssl.launch import launch
 
-    overrides = [*FEW_SHOT, "algorithm.selfsup.update=fedema", "federation.rounds=2", "federation.holdout_clients=1"]
+    overrides = [*FEW_SHOT, "algorithm.selfsup.update=fedema", "federation.rounds=2", "federation.evaluation.holdout_clients=1"]
     _, _, flower = launch(str(tiny_recipe), [*overrides, "name=flower", "federation.backend=flower"])
     _, _, local = launch(str(tiny_recipe), [*overrides, "name=local"])
     for key in ("global_acc", "client_acc_mean", "personal_acc", "unseen_acc", "unseen_global_acc"):

@@ -47,7 +47,7 @@ def test_the_buffer_round_trips_through_tensors():
 @pytest.mark.slow
 def test_a_killed_fedbuff_run_resumes_to_the_same_run(tiny_recipe, tmp_path):
     overrides = ["algorithm.name=fedbuff", "algorithm.fedbuff.buffer_size=2", "algorithm.fedbuff.concurrency=3",
-                 "federation.system.profile=mobile", "federation.rounds=4", "federation.eval_every=4"]
+                 "federation.system.profile=mobile", "federation.rounds=4", "federation.evaluation.eval_every=4"]
     cfg = load_recipe(tiny_recipe, overrides)
     run_federation(cfg, tmp_path / "whole")
     run_federation(load_recipe(tiny_recipe, overrides + ["federation.rounds=2"]), tmp_path / "killed")

@@ -219,7 +219,7 @@ def test_fedma_refuses_server_side_training(tiny_recipe):
 
 @pytest.mark.slow
 def test_a_resumed_fedma_run_ends_exactly_as_an_uninterrupted_one(tiny_recipe, tmp_path):
-    fedma = [*FEDMA, "federation.eval_every=10"]  # evaluated after the last round only
+    fedma = [*FEDMA, "federation.evaluation.eval_every=10"]  # evaluated after the last round only
     run_federation(load_recipe(tiny_recipe, [*fedma, "federation.rounds=4"]), tmp_path / "whole")
     # stopped after round 2, mid-way through the layer-wise pass (widths grown, clients' layers held)
     run_federation(load_recipe(tiny_recipe, [*fedma, "federation.rounds=2"]), tmp_path / "resumed")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedssl.config.load import load_recipe
-from fedssl.config.schema import FederationConfig
+from fedssl.config.schema import RobustConfig
 from fedssl.choices import AGGREGATORS
 from fedssl.errors import UserError
 from fedssl.algorithms.base import ALGORITHMS
@@ -52,12 +52,12 @@ def test_krum_picks_the_best_scored_update_and_multi_krum_averages_the_m_best():
     assert torch.equal(krum(LINE, 1)["w"], torch.tensor([1.0]))  # tie 1 vs 2: the earlier
     assert torch.equal(multi_krum(LINE, 1, 3)["w"], torch.tensor([1.0]))  # 1, 2, 0
     assert torch.equal(multi_krum(LINE, 1, 4)["w"], torch.tensor([1.5]))  # 1, 2, 0, 3: the outlier never
-    with pytest.raises(UserError, match="federation.byzantine"):
+    with pytest.raises(UserError, match="federation.robust.byzantine"):
         krum(LINE[:4], 1)  # n = 4 < 2f + 3
 
 
 def test_combine_knows_every_aggregator_a_recipe_may_name():
-    cfg = FederationConfig()
+    cfg = RobustConfig()
     for name in AGGREGATORS.names():
         cfg.aggregator, cfg.byzantine = name, 1
         assert combine(LINE, cfg)["w"].shape == (1,)
@@ -66,12 +66,12 @@ def test_combine_knows_every_aggregator_a_recipe_may_name():
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["federation.aggregator=mode"], "federation.aggregator"),
-    (["federation.aggregator=krum"], "federation.byzantine"),  # 3 per round < 2f + 3 = 5
-    (["federation.aggregator=multi_krum", "federation.clients_per_round=6", "federation.krum_select=6"],
-     "federation.krum_select"),
-    (["federation.trim_fraction=0.5"], "federation.trim_fraction"),
-    (["federation.min_clients=4"], "federation.min_clients"),  # more than the 3 sampled
+    (["federation.robust.aggregator=mode"], "federation.robust.aggregator"),
+    (["federation.robust.aggregator=krum"], "federation.robust.byzantine"),  # 3 per round < 2f + 3 = 5
+    (["federation.robust.aggregator=multi_krum", "federation.clients_per_round=6", "federation.robust.krum_select=6"],
+     "federation.robust.krum_select"),
+    (["federation.robust.trim_fraction=0.5"], "federation.robust.trim_fraction"),
+    (["federation.robust.min_clients=4"], "federation.robust.min_clients"),  # more than the 3 sampled
 ])
 def test_bad_robustness_settings_name_their_key(tiny_recipe, overrides, key):
     with pytest.raises(UserError, match=key):
@@ -79,9 +79,9 @@ def test_bad_robustness_settings_name_their_key(tiny_recipe, overrides, key):
 
 
 def test_a_robust_aggregator_is_refused_where_the_server_does_not_average(tiny_recipe):
-    cfg = load_recipe(tiny_recipe, ["federation.aggregator=median", "algorithm.name=fedmatch",
+    cfg = load_recipe(tiny_recipe, ["federation.robust.aggregator=median", "algorithm.name=fedmatch",
                                     "data.labels.mode=client", "data.labels.per_class=2"])
-    with pytest.raises(UserError, match="federation.aggregator: median .*algorithm.name=fedmatch"):
+    with pytest.raises(UserError, match="federation.robust.aggregator: median .*algorithm.name=fedmatch"):
         Federation.build(cfg)
 
 
@@ -116,12 +116,12 @@ LEARNS = ["algorithm.name=poisoned_fedavg", "data.num_samples=1000", "data.parti
           "federation.clients_per_round=6", "train.lr=0.1", "train.local_epochs=3"]
 
 
-def accuracies(recipe, aggregator, rounds=6, bounds=("federation.max_update_ratio=1e30", "federation.update_clip.multiple=0")):
-    # The 10x attack passes the default federation.max_update_ratio; the updates of the
+def accuracies(recipe, aggregator, rounds=6, bounds=("federation.robust.max_update_ratio=1e30", "federation.robust.update_clip.multiple=0")):
+    # The 10x attack passes the default federation.robust.max_update_ratio; the updates of the
     # model it diverges do not (under the mean, by round 3 none does, which stops the
     # run). The bounds are lifted here so that the aggregators alone are compared.
-    federation = Federation.build(load_recipe(recipe, [*LEARNS, f"federation.aggregator={aggregator}",
-                                                       "federation.trim_fraction=0.2", "federation.byzantine=1",
+    federation = Federation.build(load_recipe(recipe, [*LEARNS, f"federation.robust.aggregator={aggregator}",
+                                                       "federation.robust.trim_fraction=0.2", "federation.robust.byzantine=1",
                                                        *bounds]))
     state, accs = federation.initial_state(), []
     for round_index in range(1, rounds + 1):

@@ -131,6 +131,6 @@ def test_a_killed_supernode_is_dropped_and_the_run_finishes(tiny_recipe, tmp_pat
 
 @pytest.mark.slow
 def test_a_killed_supernode_below_min_clients_stops_with_a_clear_message(tiny_recipe, tmp_path):
-    with pytest.raises(flower_loopback.RunFailed, match=r"federation.min_clients: round 2 got 1 usable updates of 2 sampled clients.*client 0: (it did not answer|its node replied with an error: .*Node Unavailable)"):
-        run_loopback(tiny_recipe, tmp_path, KILLED + ["federation.min_clients=2", "name=stopped"],
+    with pytest.raises(flower_loopback.RunFailed, match=r"federation.robust.min_clients: round 2 got 1 usable updates of 2 sampled clients.*client 0: (it did not answer|its node replied with an error: .*Node Unavailable)"):
+        run_loopback(tiny_recipe, tmp_path, KILLED + ["federation.robust.min_clients=2", "name=stopped"],
                      after_start=kill_first_node_after_round_one(tmp_path / "runs" / "stopped"))

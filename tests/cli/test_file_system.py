@@ -46,7 +46,7 @@ def test_a_name_too_long_for_a_folder_is_refused(tiny_recipe, tmp_path, capsys):
 def test_an_output_dir_or_state_dir_that_is_a_file_is_refused(tiny_recipe, tmp_path, capsys):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
-    for key, value in (("output_dir", a_file), ("output_dir", a_file / "runs"), ("federation.state_dir", a_file)):
+    for key, value in (("output_dir", a_file), ("output_dir", a_file / "runs"), ("federation.execution.state_dir", a_file)):
         code, err = run_cli(capsys, "run", tiny_recipe, f"{key}={value}")
         assert_user_error(code, err, f"{key}: cannot use {value} as a folder")
     assert a_file.read_text() == "keep me"

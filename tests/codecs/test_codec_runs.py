@@ -122,7 +122,7 @@ def test_a_flower_run_with_error_feedback_refuses_to_resume(tiny_recipe):
     (["federation.downlink.codecs=[{name: topk}]"], r"federation.downlink.codecs: error feedback"),
     (["federation.uplink.channel.loss=1.5"], r"federation.uplink.channel.loss: must be a probability"),
     (["federation.uplink.channel.strategy=average"], r"federation.uplink.channel.strategy: unknown value 'average'"),
-    (["federation.uplink.channel.loss=0.1", "federation.uplink.channel.strategy=mean", "federation.aggregator=median"],
+    (["federation.uplink.channel.loss=0.1", "federation.uplink.channel.strategy=mean", "federation.robust.aggregator=median"],
      r"federation.uplink.channel.strategy: mean averages each coordinate"),
 ])
 def test_recipe_mistakes_name_their_key(tiny_recipe, overrides, message):

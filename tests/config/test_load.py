@@ -94,9 +94,9 @@ def test_required_value_left_out(tmp_path):
         ("train.lr=0", "train.lr"),
         ("data.channels=2", "data.channels"),
         ("data.augment_backend=kornia", "data.augment_backend"),
-        ("federation.concurrency=parallel", "federation.concurrency"),
-        ("federation.concurrent_clients=0", "federation.concurrent_clients"),
-        ("federation.max_update_ratio=0", "federation.max_update_ratio"),
+        ("federation.execution.concurrency=parallel", "federation.execution.concurrency"),
+        ("federation.execution.concurrent_clients=0", "federation.execution.concurrent_clients"),
+        ("federation.robust.max_update_ratio=0", "federation.robust.max_update_ratio"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, override, key):

@@ -19,7 +19,7 @@ LOSSY = ["federation.uplink.channel.loss=0.5", "federation.uplink.channel.packet
 
 
 @pytest.mark.parametrize("overrides, line", [
-    (["algorithm.name=fedmatch", "federation.aggregator=median"], "federation.aggregator: median is not available"),
+    (["algorithm.name=fedmatch", "federation.robust.aggregator=median"], "federation.robust.aggregator: median is not available"),
     (["algorithm.name=fednova", "privacy.mechanism=central"], "privacy.mechanism: central is not available"),
     (["algorithm.name=fedmatch", "federation.uplink.codecs=[{name: quantize}]"], "federation.uplink.codecs: "),
     (["algorithm.name=fedma", *LOSSY], "federation.uplink.channel: algorithm.name=fedma does not average"),

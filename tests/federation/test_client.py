@@ -219,7 +219,7 @@ def test_float16_loss_scaling_starts_afresh_for_every_client(tiny_recipe, monkey
     monkeypatch.setattr(client_module, "client_fabric",
                         lambda device, precision: RoundFabric(accelerator="cpu", devices=1,
                                                               plugins=[MixedPrecision("16-mixed", "cpu")]))
-    federation = build(tiny_recipe, "train.precision=16-mixed", "federation.device=auto")
+    federation = build(tiny_recipe, "train.precision=16-mixed", "federation.execution.device=auto")
     scaler = federation.trainer.fabric.strategy.precision.scaler
     learner, trackers = federation.trainer.learner, []
     inner = learner.training_step
@@ -245,11 +245,11 @@ def test_float16_loss_scaling_starts_afresh_for_every_client(tiny_recipe, monkey
 
 
 def test_float16_on_a_cpu_is_a_user_error(tiny_recipe):
-    with pytest.raises(UserError, match="train.precision: 16-mixed .* needs a CUDA device, and federation.device is cpu"):
+    with pytest.raises(UserError, match="train.precision: 16-mixed .* needs a CUDA device, and federation.execution.device is cpu"):
         load_recipe(tiny_recipe, ["train.precision=16-mixed"])
     if not torch.cuda.is_available():  # auto resolves to the CPU: caught where the device is known
         with pytest.raises(UserError, match="train.precision: 16-mixed .* needs a CUDA device"):
-            build(tiny_recipe, "train.precision=16-mixed", "federation.device=auto")
+            build(tiny_recipe, "train.precision=16-mixed", "federation.execution.device=auto")
 
 
 def test_an_unknown_precision_names_the_choices(tiny_recipe):
@@ -303,8 +303,8 @@ def test_an_unknown_memory_format_names_the_choices(tiny_recipe):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 def test_every_precision_trains_on_cuda(tiny_recipe, precision):
-    federation = build(tiny_recipe, "federation.device=cuda", f"train.precision={precision}",
-                       "federation.concurrency=sequential")
+    federation = build(tiny_recipe, "federation.execution.device=cuda", f"train.precision={precision}",
+                       "federation.execution.concurrency=sequential")
     update, _ = fit_with_the_loop(federation, 0, first_payload(federation, 0))
     assert all(torch.isfinite(value).all() and value.is_cuda for value in update.arrays.values())
     assert update.metrics["train_loss"] > 0
@@ -325,5 +325,5 @@ def test_the_command_line_refuses_float16_on_a_cpu_with_one_line(tiny_recipe, tm
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "fedssl: error: train.precision: 16-mixed (float16 autocast with loss scaling) needs a CUDA device, and "
-        "federation.device is cpu; use bf16-mixed or 32 there"]
+        "federation.execution.device is cpu; use bf16-mixed or 32 there"]
     assert not (tmp_path / "runs" / "tiny").exists()  # refused before anything was written

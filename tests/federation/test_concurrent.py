@@ -15,7 +15,7 @@ from fedssl.run_dir import CHECKPOINT
 
 # The cohort trains contiguous weights; the sequential path it is compared with does
 # too (on a CPU it would otherwise train channels-last: the same model, other rounding).
-VMAP = ["federation.concurrency=vmap", "train.memory_format=contiguous"]
+VMAP = ["federation.execution.concurrency=vmap", "train.memory_format=contiguous"]
 
 
 def build(recipe, *overrides: str) -> Federation:
@@ -76,9 +76,9 @@ def test_clients_with_different_step_counts_stop_at_their_own(tiny_recipe):
 @pytest.mark.slow
 def test_a_two_round_run_ends_with_the_same_weights_either_way(tiny_recipe, tmp_path):
     overrides = ["federation.rounds=2", "federation.clients_per_round=4"]
-    sequential = run_federation(load_recipe(tiny_recipe, [*overrides, "federation.concurrency=sequential"]), tmp_path / "seq")
+    sequential = run_federation(load_recipe(tiny_recipe, [*overrides, "federation.execution.concurrency=sequential"]), tmp_path / "seq")
     # concurrent_clients=3: the 4 sampled clients train in two chunks
-    together = run_federation(load_recipe(tiny_recipe, [*overrides, *VMAP, "federation.concurrent_clients=3"]),
+    together = run_federation(load_recipe(tiny_recipe, [*overrides, *VMAP, "federation.execution.concurrent_clients=3"]),
                               tmp_path / "vmap")
     assert together["global_acc"] == pytest.approx(sequential["global_acc"], abs=1e-6)
     assert together["global_loss"] == pytest.approx(sequential["global_loss"], rel=1e-5)
@@ -104,12 +104,12 @@ def test_what_cannot_be_vectorized_trains_one_at_a_time_and_says_why(tiny_recipe
 
 
 def test_auto_trains_one_at_a_time_on_the_cpu(tiny_recipe):
-    assert isinstance(build(tiny_recipe, "federation.concurrency=auto").clients.executor, Sequential)
+    assert isinstance(build(tiny_recipe, "federation.execution.concurrency=auto").clients.executor, Sequential)
 
 
 def test_a_failing_cohort_is_retrained_one_client_at_a_time(tiny_recipe, monkeypatch, caplog):
     federation = build(tiny_recipe, *VMAP, "federation.clients_per_round=4")
-    expected = build(tiny_recipe, "federation.concurrency=sequential", "federation.clients_per_round=4")
+    expected = build(tiny_recipe, "federation.execution.concurrency=sequential", "federation.clients_per_round=4")
 
     def fail(clients):
         raise RuntimeError("CUDA out of memory")
@@ -142,8 +142,8 @@ def test_vectorized_training_equals_sequential_training_on_the_gpu(tiny_recipe, 
     # TF32 would round the two paths' (differently shaped) convolutions differently
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    federation = build(tiny_recipe, "federation.device=cuda", "train.momentum=0.9", "train.weight_decay=0.001")
-    assert isinstance(federation.clients.executor, Vmap)  # federation.concurrency: auto picks vmap on CUDA
+    federation = build(tiny_recipe, "federation.execution.device=cuda", "train.momentum=0.9", "train.weight_decay=0.001")
+    assert isinstance(federation.clients.executor, Vmap)  # federation.execution.concurrency: auto picks vmap on CUDA
     together, one_by_one = train_both_ways(federation)
     for vectorized, sequential in zip(together, one_by_one):
         assert vectorized.arrays["fc.weight"].is_cuda
@@ -154,7 +154,7 @@ def test_clients_without_labels_train_the_sequential_way(tiny_recipe, caplog):
     # labels at the server: no client holds labeled data, so nothing is stacked
     overrides = ["data.labels.mode=server", "data.labels.server_per_class=3", "federation.clients_per_round=4"]
     federation = build(tiny_recipe, *VMAP, *overrides)
-    expected = build(tiny_recipe, "federation.concurrency=sequential", *overrides)
+    expected = build(tiny_recipe, "federation.execution.concurrency=sequential", *overrides)
     _, metrics = federation.fit_round(1, federation.initial_state())
     _, reference = expected.fit_round(1, expected.initial_state())
     assert metrics["clients"] == reference["clients"] == 4 and "together" not in caplog.text

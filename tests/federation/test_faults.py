@@ -70,11 +70,11 @@ def test_an_update_too_far_from_what_it_was_sent_is_refused():
     # ||sent|| = sqrt(6 x 0.25) ~ 1.22 over the floating arrays; a move of d in every entry of w is sqrt(6) d away
     moved = lambda d: Update(7, {"w": sent["w"] + d, "b": sent["b"], "bn.num_batches_tracked": torch.tensor(9)}, 5)
     assert check_update(moved(0.49), sent, max_ratio=1.0) is None  # 1.20 <= 1 x 1.22
-    assert "it moved the weights by 1.47, more than federation.max_update_ratio=1 x 1.22" in check_update(
+    assert "it moved the weights by 1.47, more than federation.robust.max_update_ratio=1 x 1.22" in check_update(
         moved(0.6), sent, max_ratio=1.0)
     huge = Update(7, {"w": sent["w"] * 1e30, "b": sent["b"], "bn.num_batches_tracked": torch.tensor(3)}, 5)
-    assert check_update(huge, sent) is None  # no bound unless one is given (the loop gives federation.max_update_ratio)
-    assert "it moved the weights by 1.22e+30, more than federation.max_update_ratio=1000" in check_update(
+    assert check_update(huge, sent) is None  # no bound unless one is given (the loop gives federation.robust.max_update_ratio)
+    assert "it moved the weights by 1.22e+30, more than federation.robust.max_update_ratio=1000" in check_update(
         huge, sent, max_ratio=1000.0)
     # below a weight norm of 1 the bound is the ratio itself: a model sent as zeros may still learn
     zero = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
@@ -237,8 +237,8 @@ def test_the_global_model_is_the_average_of_the_good_updates_only(tiny_recipe, r
 
 def test_too_few_usable_updates_stop_the_run_with_the_reasons(tiny_recipe, register):
     register("faulty", faulty_fedavg("raise", clients=(3, 4, 5)))
-    federation = Federation.build(load_recipe(tiny_recipe, [*ALL_SAMPLED, "federation.min_clients=4"]))
-    with pytest.raises(UserError, match=r"federation.min_clients: round 1 got 3 usable updates of 6 sampled "
+    federation = Federation.build(load_recipe(tiny_recipe, [*ALL_SAMPLED, "federation.robust.min_clients=4"]))
+    with pytest.raises(UserError, match=r"federation.robust.min_clients: round 1 got 3 usable updates of 6 sampled "
                                         r"clients, fewer than the 4 it needs \(client 3: it raised ValueError"):
         federation.fit_round(1, federation.initial_state())
 
@@ -246,7 +246,7 @@ def test_too_few_usable_updates_stop_the_run_with_the_reasons(tiny_recipe, regis
 def test_a_round_with_too_few_updates_is_redrawn_from_clients_that_did_not_fail(tiny_recipe, register, caplog):
     register("faulty", faulty_fedavg("raise", clients=(0, 1, 2, 3, 4)))  # only client 5 is healthy
     cfg = load_recipe(tiny_recipe, ["algorithm.name=faulty", "federation.clients_per_round=1",
-                                    "federation.round_retries=5"])
+                                    "federation.robust.round_retries=5"])
     federation = Federation.build(cfg)
     with caplog.at_level(logging.WARNING, logger="fedssl.engine.federation"):
         _, metrics = federation.fit_round(1, federation.initial_state())
@@ -257,9 +257,9 @@ def test_a_round_with_too_few_updates_is_redrawn_from_clients_that_did_not_fail(
 
 def test_below_min_clients_the_cli_exits_2_with_one_clear_line(tiny_recipe, register, capsys):
     register("faulty", faulty_fedavg("nan"))
-    code = main(["run", str(tiny_recipe), *ALL_SAMPLED, "federation.min_clients=6"])
+    code = main(["run", str(tiny_recipe), *ALL_SAMPLED, "federation.robust.min_clients=6"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("fedssl: error: federation.min_clients: round 1 got 5 usable updates of 6")
+    assert err[-1].startswith("fedssl: error: federation.robust.min_clients: round 1 got 5 usable updates of 6")
     assert "client 5: non-finite values in 'fc.bias'" in err[-1]
     assert not any("Traceback" in line for line in err)

@@ -1,4 +1,4 @@
-"""Unseen people (`federation.holdout_clients`): held-out clients never train, and at
+"""Unseen people (`federation.evaluation.holdout_clients`): held-out clients never train, and at
 evaluation adapt with their labeled images and are scored on the rest (`unseen_acc`)."""
 
 import numpy as np
@@ -15,8 +15,8 @@ FEW_LABELS = ["data.labels.mode=client", "data.labels.per_class=2", "algorithm.s
 
 
 def test_held_out_clients_are_a_share_or_a_count_drawn_from_the_seed(tiny_recipe):
-    share = load_recipe(tiny_recipe, ["federation.holdout_clients=0.34"]).federation
-    count = load_recipe(tiny_recipe, ["federation.holdout_clients=2"]).federation
+    share = load_recipe(tiny_recipe, ["federation.evaluation.holdout_clients=0.34"]).federation
+    count = load_recipe(tiny_recipe, ["federation.evaluation.holdout_clients=2"]).federation
     assert len(held_out_clients(share, 0)) == len(held_out_clients(count, 0)) == 2
     assert held_out_clients(count, 0) == held_out_clients(count, 0) <= set(range(6))
     assert {frozenset(held_out_clients(count, seed)) for seed in range(5)} != {held_out_clients(count, 0)}
@@ -26,13 +26,13 @@ def test_held_out_clients_are_a_share_or_a_count_drawn_from_the_seed(tiny_recipe
 @pytest.mark.parametrize("value, message", [("4", "leaves fewer than the 3 a round samples"),
                                             ("1.5", "a share in"), ("-1", "a share in")])
 def test_a_holdout_that_leaves_too_few_clients_is_refused(tiny_recipe, value, message):
-    with pytest.raises(UserError, match=f"federation.holdout_clients: .*{message}"):
-        load_recipe(tiny_recipe, [f"federation.holdout_clients={value}"])
+    with pytest.raises(UserError, match=f"federation.evaluation.holdout_clients: .*{message}"):
+        load_recipe(tiny_recipe, [f"federation.evaluation.holdout_clients={value}"])
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedaffect", "fedper"])
 def test_held_out_clients_never_train_and_none_of_their_images_reach_training(tiny_recipe, algorithm):
-    cfg = load_recipe(tiny_recipe, [f"algorithm.name={algorithm}", *FEW_LABELS, "federation.holdout_clients=2",
+    cfg = load_recipe(tiny_recipe, [f"algorithm.name={algorithm}", *FEW_LABELS, "federation.evaluation.holdout_clients=2",
                                     "federation.rounds=4"])
     federation = Federation.build(cfg)
     held = federation.held_out
@@ -61,7 +61,7 @@ def test_held_out_clients_never_train_and_none_of_their_images_reach_training(ti
 
 
 def test_unseen_acc_of_a_model_that_ignores_its_input_is_the_held_out_majority_class_rate(tiny_recipe):
-    cfg = load_recipe(tiny_recipe, [*FEW_LABELS, "federation.holdout_clients=2", "federation.holdout_steps=0"])
+    cfg = load_recipe(tiny_recipe, [*FEW_LABELS, "federation.evaluation.holdout_clients=2", "federation.evaluation.holdout_steps=0"])
     federation = Federation.build(cfg)
     labels = federation.data.pool.labels
     # each held-out client is scored on everything but the labeled images it adapts with
@@ -78,7 +78,7 @@ def test_unseen_acc_of_a_model_that_ignores_its_input_is_the_held_out_majority_c
 
 
 def test_a_held_out_client_adapts_its_head_on_its_labeled_images(tiny_recipe):
-    cfg = load_recipe(tiny_recipe, [*FEW_LABELS, "federation.holdout_clients=2", "federation.holdout_steps=5"])
+    cfg = load_recipe(tiny_recipe, [*FEW_LABELS, "federation.evaluation.holdout_clients=2", "federation.evaluation.holdout_steps=5"])
     federation = Federation.build(cfg)
     metrics, rows = federation.evaluate(federation.initial_state())
     held = [r for r in rows if r["held_out"]]

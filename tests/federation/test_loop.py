@@ -77,7 +77,7 @@ def test_corrupt_checkpoint_is_a_user_error(tmp_path):
 
 @pytest.mark.parametrize("aggregator", ["mean", "median"])
 def test_a_round_averages_updates_as_they_come_only_where_its_aggregate_is_the_mean(tiny_recipe, aggregator):
-    federation = Federation.build(load_recipe(tiny_recipe, [f"federation.aggregator={aggregator}"]))
+    federation = Federation.build(load_recipe(tiny_recipe, [f"federation.robust.aggregator={aggregator}"]))
     state = federation.initial_state()
     sampled = draw(federation, 1, attempt=0, failed=set())
     payloads = {c: federation.algorithm.payload(1, state, c) for c in sampled}

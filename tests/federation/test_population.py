@@ -23,7 +23,7 @@ def resident_mb() -> float:
 @pytest.mark.slow
 def test_a_population_of_100000_trains_and_scores_only_its_cohorts(tiny_recipe):
     cfg = load_recipe(tiny_recipe, [*DRAW, "federation.clients=100000", "federation.clients_per_round=3",
-                                    "federation.eval_clients=4", "federation.holdout_clients=2"])
+                                    "federation.evaluation.eval_clients=4", "federation.evaluation.holdout_clients=2"])
     federation = Federation.build(cfg)
     state, metrics = federation.fit_round(1, federation.initial_state())
     assert metrics["clients"] == 3
@@ -45,8 +45,8 @@ def test_memory_stays_flat_as_clients_are_trained(tiny_recipe, tmp_path, device)
     4 kept in memory must not grow host memory by what the other 60 would hold, nor
     device memory at all beyond a round's working set."""
     cfg = load_recipe(tiny_recipe, [*DRAW, "algorithm.name=ditto", "federation.clients=5000",
-                                    "federation.clients_per_round=8", "federation.states_in_memory=4",
-                                    f"federation.state_dir={tmp_path / 'spill'}", f"federation.device={device}"])
+                                    "federation.clients_per_round=8", "federation.execution.states_in_memory=4",
+                                    f"federation.execution.state_dir={tmp_path / 'spill'}", f"federation.execution.device={device}"])
     federation = Federation.build(cfg)
     state, host, allocated = federation.initial_state(), [], []
     for round_index in range(1, 9):

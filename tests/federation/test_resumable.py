@@ -11,11 +11,11 @@ from fedssl.engine.run import check_resumable
 def test_a_key_added_since_the_run_started_is_unchanged_at_its_default():
     current = recipe_defaults()
     saved = recipe_defaults()
-    del saved["federation"]["max_update_ratio"]  # as a config written before the key existed
+    del saved["federation"]["robust"]["max_update_ratio"]  # as a config written before the key existed
     check_resumable(saved, current)
 
-    current["federation"]["max_update_ratio"] = 10.0
-    with pytest.raises(UserError, match=r"federation.max_update_ratio was 1000.0 in the killed run and is 10.0 now"):
+    current["federation"]["robust"]["max_update_ratio"] = 10.0
+    with pytest.raises(UserError, match=r"federation.robust.max_update_ratio was 1000.0 in the killed run and is 10.0 now"):
         check_resumable(saved, current)
 
 

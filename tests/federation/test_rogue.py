@@ -1,6 +1,6 @@
 """One rogue client among five sampled never wins (issue 29): by default its update,
 at any scale or sign-flipped, is clipped to a multiple of the recent median norm
-(`fedssl.engine.update_bound`) or, beyond `federation.max_update_ratio`,
+(`fedssl.engine.update_bound`) or, beyond `federation.robust.max_update_ratio`,
 dropped, and either way counted. These tests use only what a run writes, so that
 they say the same of a fedssl without the bound (where they fail)."""
 
@@ -89,13 +89,13 @@ def test_an_absurd_rogue_is_still_dropped_and_counted(tiny_recipe, tmp_path, reg
 def test_without_the_bound_the_rogue_wins(tiny_recipe, tmp_path, register):
     register(990.0)  # it passes max_update_ratio, and the model it moved diverges: every update NaN or absurd
     with pytest.raises(UserError, match="round 3 got 0 usable updates"):
-        run_federation(load_recipe(tiny_recipe, [*FIVE, "federation.update_clip.multiple=0"]), tmp_path / "run")
+        run_federation(load_recipe(tiny_recipe, [*FIVE, "federation.robust.update_clip.multiple=0"]), tmp_path / "run")
 
 
 @pytest.mark.slow
 def test_a_resumed_run_bounds_its_rounds_as_the_uninterrupted_one(tiny_recipe, tmp_path, register):
     register(990.0)
-    window = "federation.update_clip.window=1"  # round 3's bound is round 2's alone: the state must come back
+    window = "federation.robust.update_clip.window=1"  # round 3's bound is round 2's alone: the state must come back
     whole = run_federation(load_recipe(tiny_recipe, [*FIVE, window]), tmp_path / "whole")
     run_federation(load_recipe(tiny_recipe, [*FIVE, window, "federation.rounds=2"]), tmp_path / "killed")
     resumed = run_federation(load_recipe(tiny_recipe, [*FIVE, window]), tmp_path / "killed", resume=True)

@@ -474,7 +474,7 @@ def test_the_smoke_cases_cover_every_registered_algorithm():
 def test_every_algorithm_runs_two_rounds(tiny_recipe, tmp_path, algorithm, overrides):
     # one client held out: it never trains and is scored as an unseen person (unseen_acc)
     cfg = load_recipe(tiny_recipe, [*SMALL, f"algorithm.name={algorithm}", *overrides, "federation.rounds=2",
-                                    "federation.holdout_clients=1"])
+                                    "federation.evaluation.holdout_clients=1"])
     summary = run_federation(cfg, tmp_path / "run")
     assert summary["algorithm"] == algorithm and summary["rounds"] == 2
     assert 0.0 <= summary["global_acc"] <= 1.0 and math.isfinite(summary["global_loss"])

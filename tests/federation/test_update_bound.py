@@ -91,5 +91,5 @@ def test_under_dp_the_dp_clip_is_the_bound(tiny_recipe):
 
 @pytest.mark.parametrize("key, value", [("multiple", -1), ("multiple", "nan"), ("window", 0)])
 def test_the_bound_settings_are_checked(tiny_recipe, key, value):
-    with pytest.raises(UserError, match=f"federation.update_clip.{key}"):
-        load_recipe(tiny_recipe, [f"federation.update_clip.{key}={value}"])
+    with pytest.raises(UserError, match=f"federation.robust.update_clip.{key}"):
+        load_recipe(tiny_recipe, [f"federation.robust.update_clip.{key}={value}"])

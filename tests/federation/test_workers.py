@@ -1,4 +1,4 @@
-"""Clients trained by worker processes (`federation.workers`): the same run as in
+"""Clients trained by worker processes (`federation.execution.workers`): the same run as in
 process, bit for bit, whatever the algorithm; dead workers, errors and interrupts
 leave no process behind."""
 
@@ -53,7 +53,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("overrides", [
-    ["federation.aggregator=median", "federation.clients_per_round=4"],  # FedAvg, robust aggregation
+    ["federation.robust.aggregator=median", "federation.clients_per_round=4"],  # FedAvg, robust aggregation
     ["algorithm.name=fixmatch"],  # semi-supervised: weak and strong augmentation
     ["algorithm.name=ditto"],  # a personal model in the client state store
     ["algorithm.name=fedmatch", "algorithm.fedmatch.helpers=1"],  # helper models in the payload (round 2)
@@ -62,14 +62,14 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_workers_train_exactly_as_the_process_itself(tiny_recipe, tmp_path, overrides):
     rounds = ["federation.rounds=2", *overrides]
-    run(tiny_recipe, tmp_path / "sequential", *rounds, "federation.workers=0")
-    run(tiny_recipe, tmp_path / "workers", *rounds, "federation.workers=2")
+    run(tiny_recipe, tmp_path / "sequential", *rounds, "federation.execution.workers=0")
+    run(tiny_recipe, tmp_path / "workers", *rounds, "federation.execution.workers=2")
     assert_same_run(tmp_path / "sequential", tmp_path / "workers")
 
 
 @pytest.mark.slow
 def test_a_run_with_workers_resumes_to_the_same_run(tiny_recipe, tmp_path):
-    overrides = ["algorithm.name=fedper", "federation.workers=2"]
+    overrides = ["algorithm.name=fedper", "federation.execution.workers=2"]
     run(tiny_recipe, tmp_path / "whole", *overrides)
     run(tiny_recipe, tmp_path / "killed", *overrides, "federation.rounds=2")  # as if killed after round 2
     run(tiny_recipe, tmp_path / "killed", *overrides, resume=True)
@@ -96,7 +96,7 @@ def dying(monkeypatch):
 
 
 def test_a_dead_worker_stands_for_its_client_and_the_round_goes_on(tiny_recipe, tmp_path, dying, caplog):
-    overrides = ["algorithm.name=dying", "federation.clients_per_round=6", "federation.rounds=2", "federation.workers=2"]
+    overrides = ["algorithm.name=dying", "federation.clients_per_round=6", "federation.rounds=2", "federation.execution.workers=2"]
     with caplog.at_level(logging.WARNING):
         run(tiny_recipe, tmp_path / "run", *overrides)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -106,9 +106,9 @@ def test_a_dead_worker_stands_for_its_client_and_the_round_goes_on(tiny_recipe, 
 
 
 def test_a_stopped_run_leaves_no_worker_behind(tiny_recipe, tmp_path, dying):
-    overrides = ["algorithm.name=dying", "federation.clients_per_round=6", "federation.min_clients=6",
-                 "federation.workers=2"]
-    with pytest.raises(UserError, match="federation.min_clients: round 1 got 5 usable updates"):
+    overrides = ["algorithm.name=dying", "federation.clients_per_round=6", "federation.robust.min_clients=6",
+                 "federation.execution.workers=2"]
+    with pytest.raises(UserError, match="federation.robust.min_clients: round 1 got 5 usable updates"):
         run(tiny_recipe, tmp_path / "run", *overrides)
     assert not multiprocessing.active_children()
 
@@ -138,7 +138,7 @@ def as_from_a_terminal() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_workers_end_with_an_interrupted_or_killed_run(tiny_recipe, sig):
     process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "run", str(tiny_recipe), "federation.rounds=500",
-                                "federation.workers=2", "federation.clients_per_round=6"],
+                                "federation.execution.workers=2", "federation.clients_per_round=6"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 120
@@ -169,21 +169,21 @@ def test_auto_uses_the_cores_only_where_a_round_is_worth_forking_for():
 
 @pytest.mark.parametrize("value", ["-1", "two", "1.5"])
 def test_a_bad_worker_count_names_the_key(tiny_recipe, value):
-    with pytest.raises(UserError, match=r"^federation.workers: must be auto or a count"):
-        load_recipe(tiny_recipe, [f"federation.workers={value}"])
+    with pytest.raises(UserError, match=r"^federation.execution.workers: must be auto or a count"):
+        load_recipe(tiny_recipe, [f"federation.execution.workers={value}"])
 
 
 def test_workers_are_refused_with_a_cohort_trainer(tiny_recipe):
-    with pytest.raises(UserError, match=r"^federation.workers: 2 worker processes .* federation.concurrency is vmap"):
-        Federation.build(load_recipe(tiny_recipe, ["federation.workers=2", "federation.concurrency=vmap"]))
+    with pytest.raises(UserError, match=r"^federation.execution.workers: 2 worker processes .* federation.execution.concurrency is vmap"):
+        Federation.build(load_recipe(tiny_recipe, ["federation.execution.workers=2", "federation.execution.concurrency=vmap"]))
 
 
 def test_a_worker_count_above_the_clients_per_round_is_capped_and_said_once(tiny_recipe, caplog):
     with caplog.at_level(logging.WARNING, logger="fedssl"):
-        federation = Federation.build(load_recipe(tiny_recipe, ["federation.workers=99"]))
+        federation = Federation.build(load_recipe(tiny_recipe, ["federation.execution.workers=99"]))
     try:
         assert federation.clients.executor.pool.size == 3  # tiny: 3 clients a round
     finally:
         federation.close()
     capped = [r.getMessage() for r in caplog.records if "capped" in r.getMessage()]
-    assert capped == ["federation.workers: 99 worker processes capped to the 3 clients a round trains"]
+    assert capped == ["federation.execution.workers: 99 worker processes capped to the 3 clients a round trains"]

@@ -114,11 +114,11 @@ def test_without_a_directory_a_temporary_one_is_used(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedper", "ditto"])
 def test_a_resumed_run_with_spilled_states_ends_exactly_as_an_uninterrupted_one(tiny_recipe, tmp_path, algorithm):
-    spill = [f"algorithm.name={algorithm}", "federation.states_in_memory=1", "train.local_steps=2"]
-    whole = load_recipe(tiny_recipe, [*spill, "federation.rounds=3", f"federation.state_dir={tmp_path / 'whole'}"])
+    spill = [f"algorithm.name={algorithm}", "federation.execution.states_in_memory=1", "train.local_steps=2"]
+    whole = load_recipe(tiny_recipe, [*spill, "federation.rounds=3", f"federation.execution.state_dir={tmp_path / 'whole'}"])
     run_federation(whole, tmp_path / "uninterrupted")
 
-    first = load_recipe(tiny_recipe, [*spill, "federation.rounds=2", f"federation.state_dir={tmp_path / 'first'}"])
+    first = load_recipe(tiny_recipe, [*spill, "federation.rounds=2", f"federation.execution.state_dir={tmp_path / 'first'}"])
     run_federation(first, tmp_path / "resumed")
     killed = load_checkpoint(tmp_path / "resumed" / CHECKPOINT)
     # more states than fit in memory: the checkpoint names one snapshot file per client instead of holding them
@@ -128,8 +128,8 @@ def test_a_resumed_run_with_spilled_states_ends_exactly_as_an_uninterrupted_one(
     files = {p.name for p in (tmp_path / "resumed" / CLIENT_STATES).iterdir()}
     assert {f"client{c}-r{r}.pt" for c, r in zip(snapshots["clients"].tolist(), snapshots["rounds"].tolist())} <= files
     # resumed with another spill directory and limit: where states live never changes results
-    again = load_recipe(tiny_recipe, [*spill, "federation.rounds=3", "federation.states_in_memory=2",
-                                      f"federation.state_dir={tmp_path / 'again'}"])
+    again = load_recipe(tiny_recipe, [*spill, "federation.rounds=3", "federation.execution.states_in_memory=2",
+                                      f"federation.execution.state_dir={tmp_path / 'again'}"])
     run_federation(again, tmp_path / "resumed", resume=True)
 
     a = load_checkpoint(tmp_path / "uninterrupted" / CHECKPOINT)
@@ -143,5 +143,5 @@ def test_a_resumed_run_with_spilled_states_ends_exactly_as_an_uninterrupted_one(
 
 
 def test_a_negative_memory_limit_names_the_key(tiny_recipe):
-    with pytest.raises(UserError, match="federation.states_in_memory"):
-        load_recipe(tiny_recipe, ["federation.states_in_memory=-1"])
+    with pytest.raises(UserError, match="federation.execution.states_in_memory"):
+        load_recipe(tiny_recipe, ["federation.execution.states_in_memory=-1"])

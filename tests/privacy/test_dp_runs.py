@@ -103,9 +103,9 @@ def test_dp_is_refused_where_the_algorithm_does_not_average_full_weights(tiny_re
 
 @pytest.mark.parametrize("overrides, key", [
     (["privacy.mechanism=central", "privacy.delta=0.2"], "privacy.delta"),  # >= 1/6 clients
-    (["privacy.mechanism=central", "privacy.delta=0.01", "federation.aggregator=median"], "privacy.mechanism"),
+    (["privacy.mechanism=central", "privacy.delta=0.01", "federation.robust.aggregator=median"], "privacy.mechanism"),
     (["privacy.mechanism=local"], "privacy.mechanism"),
-    (["privacy.mechanism=central", "privacy.delta=0.01", "federation.round_retries=1"], "federation.round_retries"),
+    (["privacy.mechanism=central", "privacy.delta=0.01", "federation.robust.round_retries=1"], "federation.robust.round_retries"),
     (["privacy.accountant=moments"], "privacy.accountant"),
     (["privacy.clip=0"], "privacy.clip"),
     (["privacy.target_epsilon=-1"], "privacy.target_epsilon"),
