@@ -47,15 +47,30 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedssl.launch import launch
+    from fedssl.launch import finished_summary, launch_resolved, resolve
 
-    cfg, run_dir, summary = launch(args.recipe, args.overrides, args.resume, args.overwrite, args.name_from)
-    print(
-        f"{cfg.name}: global_acc {summary['global_acc']:.4f}, global_f1_macro {summary['global_f1_macro']:.4f}, "
-        f"client_acc_mean {summary['client_acc_mean']:.4f} "
-        f"after {summary['rounds']} rounds in {summary['seconds']:.1f}s; run directory {run_dir}"
-    )
+    cfg = resolve(args.recipe, args.overrides, args.name_from)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    summary = finished_summary(cfg, run_dir) if args.resume else None
+    if summary is not None:  # nothing to train: say so rather than evaluate it again
+        print(f"{cfg.name}: already complete (all {cfg.federation.rounds} rounds ran); nothing to resume, "
+              "its run directory is left as it was")
+    else:
+        summary = launch_resolved(cfg, args.resume, args.overwrite)
+    print(summary_line(cfg.name, summary, run_dir))
     return 0
+
+
+def summary_line(name: str, summary: dict, run_dir: Path) -> str:
+    """The line `fedssl run` ends with, from a summary just computed or read back
+    from summary.json (where a NaN was written as null)."""
+    def value(key: str, digits: int = 4) -> str:
+        number = summary.get(key)
+        return f"{number:.{digits}f}" if isinstance(number, (int, float)) else "nan"
+
+    return (f"{name}: global_acc {value('global_acc')}, global_f1_macro {value('global_f1_macro')}, "
+            f"client_acc_mean {value('client_acc_mean')} "
+            f"after {summary.get('rounds')} rounds in {value('seconds', 1)}s; run directory {run_dir}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
