@@ -70,12 +70,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def format_cell(metric: str, values: Sequence[float]) -> str:
+    """The mean of `values`, and their spread only when there are several: a single
+    seed has none, and `± 0.0000` would read as seeds that agreed exactly."""
     mean, std = mean_std(values)
+    spread = len(values) > 1
     if metric.startswith("bytes"):
-        return f"{mean / 1e6:.2f} ± {std / 1e6:.2f} MB"
-    if metric == "seconds":
-        return f"{mean:.1f} ± {std:.1f}"
-    return f"{mean:.4f} ± {std:.4f}"
+        return f"{mean / 1e6:.2f}" + (f" ± {std / 1e6:.2f}" if spread else "") + " MB"
+    digits = 1 if metric == "seconds" else 4
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if spread else "")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -105,7 +107,8 @@ def rank_variants(variants: dict[str, list[RunRecord]], metric: str) -> dict[str
 
 def comparison_table(variants: dict[str, list[RunRecord]], ranked_by: str | None = None) -> str:
     """Markdown: one row per variant, mean ± std over its seeds of each final metric
-    (and of `ranked_by`, the metric the rows are ordered by, which comes first)."""
+    (and of `ranked_by`, the metric the rows are ordered by, which comes first); the
+    mean alone where a single seed has the metric (`format_cell`)."""
     def present(metric: str) -> bool:
         return any(_finite(r.summary.get(metric)) for runs in variants.values() for r in runs)
 

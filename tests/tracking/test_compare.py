@@ -77,6 +77,14 @@ def test_table_shows_only_metrics_some_run_has():
     assert "0.6000 ± 0.1414" in table and "4.0000 ± 1.4142" in table
 
 
+def test_a_single_seed_shows_its_mean_without_a_spread():
+    records = [record(0, 0.1, 0.5, bytes_up=2e6, seconds=10.0), record(1, 0.1, 0.7, bytes_up=4e6, seconds=12.0),
+               record(0, 0.2, 0.9, bytes_up=3e6, seconds=11.0)]
+    rows = {line.split(" | ")[0]: line for line in comparison_table(group_variants(records)).splitlines()[2:]}
+    assert rows["| fedavg lr=0.2"] == "| fedavg lr=0.2 | 1 | 0.9000 | 3.00 MB | 11.0 |"
+    assert rows["| fedavg lr=0.1"] == "| fedavg lr=0.1 | 2 | 0.6000 ± 0.1414 | 3.00 ± 1.41 MB | 11.0 ± 1.4 |"
+
+
 def test_variants_rank_by_any_metric_best_first():
     records = [record(0, 0.1, 0.5, global_f1_macro=0.2, global_loss=1.0), record(0, 0.2, 0.4, global_f1_macro=0.3, global_loss=0.8),
                record(0, 0.3, 0.9)]
