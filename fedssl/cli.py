@@ -118,7 +118,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedssl.extras import require
     from fedssl.io import atomic_write_text, ensure_dir
-    from fedssl.tracking.compare import comparison_table, group_variants, plot_curves, rank_variants
+    from fedssl.tracking.compare import check_axis, comparison_table, group_variants, plot_curves, rank_variants
     from fedssl.tracking.runs import find_group, read_run_dir, read_wandb_group
 
     if not args.run_dirs and not args.group:
@@ -132,6 +132,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         run_dirs = [Path(d) for d in args.run_dirs] or find_group(Path(args.runs_root), args.group)
         records = [read_run_dir(d) for d in run_dirs]
     variants = rank_variants(group_variants(records), args.metric)
+    check_axis(variants, args.x)  # before anything is written
     table = comparison_table(variants, args.metric)
     out = ensure_dir(Path(args.out), "--out")
     atomic_write_text(out / "comparison.md", table + "\n")

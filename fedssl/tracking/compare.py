@@ -140,8 +140,32 @@ def curve(runs: Sequence[RunRecord], metric: str, x: str = "round") -> tuple[np.
     return xs.mean(axis=0), values.mean(axis=0), std
 
 
+def check_axis(variants: dict[str, list[RunRecord]], x: str) -> None:
+    """Refuse an x axis some runs never recorded: their curves would be empty, and
+    the plot would silently leave them out (only runs with device profiles,
+    `federation.system`, record simulated time).
+
+    Raises:
+        UserError: a run has no finite `x` in any round (naming how many and one).
+    """
+    if x == "round":
+        return
+    runs = [r for members in variants.values() for r in members]
+    lacking = [r for r in runs if not any(_finite(row.get(x)) for row in r.history)]
+    if lacking:
+        why = ("simulated time is recorded only by runs with device profiles (federation.system)"
+               if x == "sim_time" else f"their rounds have no {x}")
+        raise UserError(f"--x {x}: {len(lacking)} of {len(runs)} runs never recorded {x}, e.g. {lacking[0].source} "
+                        f"({why}); plot them against --x round")
+
+
 def plot_curves(variants: dict[str, list[RunRecord]], path: Path, metric: str = "global_acc", x: str = "round") -> None:
-    """PNG: `metric` against round (or `x`, e.g. sim_time), one line per variant, a band of ± one std over seeds."""
+    """PNG: `metric` against round (or `x`, e.g. sim_time), one line per variant, a band of ± one std over seeds.
+
+    Raises:
+        UserError: some run never recorded `x` (`check_axis`).
+    """
+    check_axis(variants, x)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

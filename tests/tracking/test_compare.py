@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from cli_support import assert_user_error, run_cli
 
 from fedssl.errors import UserError
 from fedssl.sweep import Param, grid, parse_param, run_name, wandb_sweep_config
@@ -83,6 +85,29 @@ def test_a_single_seed_shows_its_mean_without_a_spread():
     rows = {line.split(" | ")[0]: line for line in comparison_table(group_variants(records)).splitlines()[2:]}
     assert rows["| fedavg lr=0.2"] == "| fedavg lr=0.2 | 1 | 0.9000 | 3.00 MB | 11.0 |"
     assert rows["| fedavg lr=0.1"] == "| fedavg lr=0.1 | 2 | 0.6000 ± 0.1414 | 3.00 ± 1.41 MB | 11.0 ± 1.4 |"
+
+
+def write_run_dir(root: Path, run: RunRecord) -> Path:
+    """`run` as the run directory compare reads."""
+    run_dir = root / run.source
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(run.config))
+    (run_dir / "summary.json").write_text(json.dumps(run.summary))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in run.history))
+    return run_dir
+
+
+def test_compare_refuses_sim_time_for_runs_that_never_recorded_it(tmp_path, capsys):
+    timed = record(0, 0.1, 0.5)
+    timed = RunRecord("timed", timed.config, timed.summary, [row | {"sim_time": 10.0 * row["round"]} for row in timed.history])
+    untimed = [write_run_dir(tmp_path, run) for run in (record(1, 0.1, 0.7), record(0, 0.2, 0.9))]
+    out = tmp_path / "comparison"
+    code, err = run_cli(capsys, "compare", write_run_dir(tmp_path, timed), *untimed, "--x", "sim_time", "--out", out)
+    assert_user_error(code, err, "--x sim_time", "2 of 3 runs", "device profiles")
+    assert not out.exists()  # refused before anything was written
+    code, err = run_cli(capsys, "compare", tmp_path / "timed", "--x", "sim_time", "--out", out)
+    assert code == 0, err
+    assert (out / "global_acc.png").is_file()
 
 
 def test_variants_rank_by_any_metric_best_first():
