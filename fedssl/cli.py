@@ -53,7 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.output_dir) / cfg.name
     summary = finished_summary(cfg, run_dir) if args.resume else None
     if summary is not None:  # nothing to train: say so rather than evaluate it again
-        print(f"{cfg.name}: already complete (all {cfg.federation.rounds} rounds ran); nothing to resume, "
+        rounds = cfg.federation.rounds
+        print(f"{cfg.name}: already complete (round {rounds} of {rounds} done); nothing to resume, "
               "its run directory is left as it was")
     else:
         summary = launch_resolved(cfg, args.resume, args.overwrite)

@@ -48,7 +48,7 @@ def test_resuming_a_finished_run_prints_its_summary_and_writes_nothing(tiny_reci
     forbid_training(monkeypatch)
     code, resumed, err = run_with_output(capsys, "run", *recipe, "--resume")
     assert code == 0, err
-    assert len(resumed) == 2 and "already complete" in resumed[0] and "all 1 rounds" in resumed[0]
+    assert len(resumed) == 2 and "already complete" in resumed[0] and "round 1 of 1 done" in resumed[0]
     assert resumed[1] == ran[-1]  # the line the run itself ended with
     assert snapshot(run_dir) == before  # nothing written: no metrics line, no W&B run, no lock file left
 
