@@ -19,6 +19,23 @@ def fedssl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedssl.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+def start(*args: str) -> subprocess.Popen:
+    """`fedssl args` started in a process of its own, running beside the test."""
+    return subprocess.Popen([sys.executable, "-m", "fedssl.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def fedssl_beside(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Independent `fedssl` commands run at once (each process mostly imports: on two
+    cores two of them take about the time of one); their results in order."""
+    return [finish(process) for process in [start(*args) for args in commands]]
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -115,15 +132,24 @@ def test_config_prints_the_resolved_recipe_as_yaml(tmp_path):
 
 @pytest.mark.slow
 def test_config_errors_as_run_does():
-    assert_user_error(fedssl("config", "quickstart", "federation.roundz=2"), "federation.roundz", "federation.rounds")
-    assert_user_error(fedssl("config", "ssl_fixmatch_fer2013"), "data.path")
+    misspelt, no_data = fedssl_beside(("config", "quickstart", "federation.roundz=2"), ("config", "ssl_fixmatch_fer2013"))
+    assert_user_error(misspelt, "federation.roundz", "federation.rounds")
+    assert_user_error(no_data, "data.path")
+
+
+@pytest.fixture(scope="module")
+def finished_run(module_tiny_recipe) -> tuple[Path, Path]:
+    """The tiny recipe run by `fedssl run` (W&B offline) once for the tests that read
+    it or are refused on it: its recipe and run directory. Each such test leaves it as
+    it was (a refused command changes nothing; test_run_dir.py shows it byte for byte)."""
+    result = fedssl("run", str(module_tiny_recipe), "logging.wandb.mode=offline")
+    assert result.returncode == 0, result.stderr
+    return module_tiny_recipe, module_tiny_recipe.parent / "runs" / "tiny"
 
 
 @pytest.mark.slow
-def test_run_writes_the_run_directory(tiny_recipe, tmp_path):
-    result = fedssl("run", str(tiny_recipe), "logging.wandb.mode=offline")
-    assert result.returncode == 0, result.stderr
-    run_dir = tmp_path / "runs" / "tiny"
+def test_run_writes_the_run_directory(finished_run):
+    tiny_recipe, run_dir = finished_run
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2, 3]
     assert all(0.0 <= m["global_acc"] <= 1.0 for m in metrics)
@@ -143,33 +169,40 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_recipe, tmp_path):
-    rounds = ["federation.rounds=12"]
-    assert fedssl("run", str(tiny_recipe), *rounds, "name=whole").returncode == 0
+    # The killed run is killed at its first checkpoint: 5 rounds (several seconds) left
+    # to kill it in, and 5 to resume. The uninterrupted run trains beside it.
+    rounds = ["federation.rounds=6"]
+    whole = start("run", str(tiny_recipe), *rounds, "name=whole")
+    try:
+        killed_dir = tmp_path / "runs" / "killed"
+        process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "run", str(tiny_recipe), *rounds, "name=killed"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not (killed_dir / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        killed_at = load_checkpoint(killed_dir / "checkpoint.pt")["round"]
+        assert killed_at < 6, "the run finished before it could be killed"
 
-    killed_dir = tmp_path / "runs" / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "fedssl.cli", "run", str(tiny_recipe), *rounds, "name=killed"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (killed_dir / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = load_checkpoint(killed_dir / "checkpoint.pt")["round"]
-    assert killed_at < 12, "the run finished before it could be killed"
-
-    result = fedssl("run", str(tiny_recipe), "--resume", *rounds, "name=killed")  # overrides may follow flags
-    assert result.returncode == 0, result.stderr
+        result = fedssl("run", str(tiny_recipe), "--resume", *rounds, "name=killed")  # overrides may follow flags
+        assert result.returncode == 0, result.stderr
+        done = finish(whole)
+        assert done.returncode == 0, done.stderr
+    finally:
+        whole.kill()
+        whole.wait()
     whole, resumed = final_weights(tmp_path / "runs" / "whole"), final_weights(killed_dir)
     assert whole.keys() == resumed.keys()
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name
     metrics = [json.loads(line)["round"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == list(range(1, 13))
+    assert metrics == list(range(1, 7))
 
 
 @pytest.mark.slow
-def test_resume_under_a_changed_recipe_is_refused(tiny_recipe):
-    assert fedssl("run", str(tiny_recipe), "federation.rounds=1").returncode == 0
+def test_resume_under_a_changed_recipe_is_refused(finished_run):
+    tiny_recipe, _ = finished_run
     assert_user_error(fedssl("run", str(tiny_recipe), "train.lr=0.5", "--resume"), "train.lr")
 
 

@@ -22,6 +22,12 @@ def fedssl(*args):
     return subprocess.run([sys.executable, "-m", "fedssl.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+def start(*args):
+    """`fedssl args` in a process of its own, beside the test; `.communicate()` it."""
+    return subprocess.Popen([sys.executable, "-m", "fedssl.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 @pytest.mark.slow
 def test_local_sweep_then_compare(tiny_recipe, tmp_path):
     runs = tmp_path / "runs"
@@ -32,8 +38,14 @@ def test_local_sweep_then_compare(tiny_recipe, tmp_path):
     sweep_config = yaml.safe_load((runs / "tiny-sweep.sweep.yaml").read_text())
     assert sweep_config["parameters"] == {"train.lr": {"values": [0.01, 0.1]}, "seed": {"values": [0, 1]}}
 
+    # the same sweep again (it keeps the finished runs) beside the comparison, which only reads them
+    again = start("sweep", str(tiny_recipe), "federation.rounds=2", "--param", "train.lr=0.01,0.1", "--seeds", "2",
+                  "--local")
     out = tmp_path / "comparison"
     compare = fedssl("compare", "--group", "tiny-sweep", "--runs-root", str(runs), "--out", str(out))
+    again_out, again_err = again.communicate(timeout=600)
+    assert again.returncode == 0, again_err
+    assert again_out.count("finished before, kept") == 4
     assert compare.returncode == 0, compare.stderr
     table = (out / "comparison.md").read_text()
     for lr in ("0.01", "0.1"):
@@ -54,9 +66,6 @@ def test_local_sweep_then_compare(tiny_recipe, tmp_path):
     with Image.open(out / "global_acc.png") as image:
         image.verify()
         assert image.format == "PNG"
-
-    again = fedssl("sweep", str(tiny_recipe), "federation.rounds=2", "--param", "train.lr=0.01,0.1", "--seeds", "2", "--local")
-    assert again.stdout.count("finished before, kept") == 4
 
 
 def record(seed, lr, acc, **summary):
