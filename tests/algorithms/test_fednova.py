@@ -1,5 +1,5 @@
 """FedNova's normalized average against hand-computed numbers (a run whose deadline
-leaves clients partial work is in tests/federation/test_syshet.py)."""
+leaves clients partial work is in tests/simulation/test_syshet.py)."""
 
 import pytest
 import torch

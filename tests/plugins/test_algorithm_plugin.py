@@ -65,8 +65,8 @@ def test_the_tests_parametrized_over_the_registry_smoke_test_it_with_no_settings
     assert ALGORITHMS.get("toy").smoke == ()
     tests = HERE.parent
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
-                          "-k", "toy", str(tests / "federation" / "test_ssl_learning.py"),
-                          str(tests / "federation" / "test_locality.py")],
+                          "-k", "toy", str(tests / "algorithms" / "test_every_algorithm.py"),
+                          str(tests / "engine" / "test_locality.py")],
                          cwd=tests.parent, capture_output=True, text=True)
-    # test_ssl_learning's two rounds; test_locality's, in process and on Flower
+    # test_every_algorithm's two rounds; test_locality's, in process and on Flower
     assert run.returncode == 0 and re.search(r"\b3 passed\b", run.stdout), run.stdout[-4000:] + run.stderr[-2000:]

@@ -1,6 +1,6 @@
 """The default norm bound on updates (Sun et al. 2019), by hand-computed numbers:
 clipping, the median, the window and its checkpoint. A run with a rogue client is
-tests/federation/test_rogue.py."""
+tests/engine/test_rogue.py."""
 
 import pytest
 import torch

@@ -27,7 +27,7 @@ def test_federated_training_beats_chance(tiny_recipe, tmp_path):
 
 
 def test_a_failing_client_is_named_and_dropped(tiny_recipe, monkeypatch, caplog):
-    # (tests/federation/test_faults.py covers each kind of fault, min_clients and retries)
+    # (tests/engine/test_checks.py covers each kind of fault, min_clients and retries)
     federation = Federation.build(load_recipe(tiny_recipe, ["federation.clients_per_round=6"]))
     fit = federation.trainer.fit
 
